@@ -1,0 +1,369 @@
+"""The agent daemon: one per member cluster, between the hub (over NATS) and a Backend.
+
+It reports heartbeats, inventory and datasets; consumes its cluster's dispatch commands from
+a durable JetStream consumer, acknowledging a command only once the backend has accepted
+the workload; and reports workload state changes through the outbox. Commands are
+idempotent by (job, generation), so a redelivered command never creates a second workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry import trace
+
+from fedplane import __version__, bus, logs, telemetry
+from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
+from fedplane.agent.outbox import Outbox
+from fedplane.config import AgentConfig, load_agent
+from fedplane.core.model import Taint
+from fedplane.v1 import agent_pb2 as agent_pb
+from fedplane.v1 import types_pb2 as pb
+
+log = logs.get("fedplane.agent")
+_TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+
+def make_backend(config: AgentConfig) -> Backend:
+    kind = config.backend.get("type", "simulated")
+    if kind == "simulated":
+        from fedplane.agent.simulated import SimulatedBackend
+
+        return SimulatedBackend(config.simulated())
+    if kind == "kubernetes":
+        from fedplane.agent.kubernetes_backend import KubernetesBackend, KubernetesBackendConfig
+
+        settings = {k: v for k, v in config.backend.items() if k != "type"}
+        settings.setdefault("hub_id", config.hub_id)
+        return KubernetesBackend(KubernetesBackendConfig.from_mapping(settings))
+    raise ValueError(f"backend.type: unknown backend {kind!r} (use simulated or kubernetes)")
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: Backend) -> None:
+        if not bus.valid_cluster_name(config.cluster):
+            raise ValueError(
+                f"cluster: {config.cluster!r} must be a DNS label (lowercase letters, digits, '-')"
+            )
+        self.config = config
+        self.cluster = config.cluster
+        self.backend = backend
+        self.agent_id = uuid.uuid4().hex[:12]
+        self.taints = [Taint.parse(t) for t in config.taints]
+        state_dir = Path(config.state_dir) if config.state_dir else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_path = state_dir / "generations.json" if state_dir else None
+        self.outbox = Outbox(state_dir / "outbox.log" if state_dir else None)
+        # Highest generation seen per job: the idempotency record for commands.
+        self.generations: dict[str, int] = {}
+        if self._state_path and self._state_path.exists():
+            self.generations = {k: int(v) for k, v in json.loads(self._state_path.read_text()).items()}
+        self._traces: dict[str, dict[str, str]] = {}
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._overrun: set[str] = set()
+        self._max_run: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seq = 0
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.connected = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.backend.start(self._on_workload_event, self._changed.set)
+        self._changed.set()
+        self.nc = await bus.connect(
+            self.config.nats_url,
+            f"fedplane-agent-{self.cluster}",
+            on_disconnect=self._on_disconnect,
+            on_reconnect=self._on_reconnect,
+        )
+        self.js = self.nc.jetstream()
+        self.connected.set()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
+            asyncio.create_task(self._inventory_loop(), name="agent-inventory"),
+            asyncio.create_task(self._command_loop(), name="agent-commands"),
+            asyncio.create_task(self.outbox.run(self._publish_status), name="agent-outbox"),
+        ]
+        log.info(
+            "agent started", cluster=self.cluster, agent_id=self.agent_id, queued_updates=len(self.outbox)
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for handle in self._deadlines.values():
+            handle.cancel()
+        await self.backend.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    async def _on_disconnect(self) -> None:
+        self.connected.clear()
+        log.warning("disconnected from NATS; working offline", cluster=self.cluster)
+
+    async def _on_reconnect(self) -> None:
+        self.connected.set()
+        self._changed.set()
+        log.info("reconnected to NATS; replaying", cluster=self.cluster, queued_updates=len(self.outbox))
+
+    # ------------------------------------------------------------------ reports
+    async def _heartbeat_loop(self) -> None:
+        assert self.js is not None
+        while True:
+            beat = agent_pb.Heartbeat(
+                cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=_now()
+            )
+            try:
+                await self.js.publish(
+                    bus.subject("heartbeat", self.cluster), beat.SerializeToString(), timeout=5
+                )
+            except Exception as exc:
+                log.debug("heartbeat not sent", error=str(exc))
+            await asyncio.sleep(self.config.heartbeat_interval_seconds)
+
+    async def _inventory_loop(self) -> None:
+        """Report on change (coalesced over a short window) and at least every interval."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.config.inventory_interval_seconds)
+            await asyncio.sleep(0.05)
+            self._changed.clear()
+            try:
+                await self.publish_reports()
+            except Exception as exc:
+                log.debug("inventory not sent", error=str(exc))
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    async def publish_reports(self) -> None:
+        assert self.js is not None
+        snapshot = await self.backend.inventory()
+        datasets = await self.backend.datasets()
+        self._seq += 1
+        inventory = agent_pb.Inventory(
+            cluster=self.cluster,
+            agent_id=self.agent_id,
+            sequence=self._seq,
+            time=_now(),
+            labels=self.config.labels,
+            taints=[pb.Taint(key=t.key, value=t.value, effect=t.effect) for t in self.taints],
+            nodes=snapshot.nodes,
+            cost=self.config.cost,
+            accounted_jobs=snapshot.accounted_jobs,
+        )
+        report = agent_pb.DataLocalityReport(
+            cluster=self.cluster, agent_id=self.agent_id, sequence=self._seq, time=_now(), datasets=datasets
+        )
+        await asyncio.gather(
+            self.js.publish(bus.subject("datasets", self.cluster), report.SerializeToString(), timeout=5),
+            self.js.publish(bus.subject("inventory", self.cluster), inventory.SerializeToString(), timeout=5),
+        )
+
+    # ------------------------------------------------------------------ commands
+    async def _command_loop(self) -> None:
+        assert self.js is not None
+        sub = None
+        while sub is None:
+            try:
+                sub = await self.js.pull_subscribe(
+                    bus.subject("cmd", self.cluster),
+                    durable=bus.consumer_name(self.cluster),
+                    stream=bus.COMMANDS_STREAM,
+                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=120, max_deliver=-1),
+                )
+            except Exception as exc:
+                log.info("waiting for the hub's command stream", error=str(exc))
+                await asyncio.sleep(1.0)
+        while True:
+            try:
+                msgs = await sub.fetch(32, timeout=1)
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("command fetch failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._handle_message(msg)
+
+    async def _handle_message(self, msg: Any) -> None:
+        command = agent_pb.DispatchCommand.FromString(msg.data)
+        ctx = bus.trace_headers(msg)
+        action = command.WhichOneof("action") or ""
+        with telemetry.tracer().start_as_current_span(
+            f"agent.{action}",
+            context=telemetry.extract(ctx),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"job.id": command.job_id, "cluster": self.cluster, "generation": command.generation},
+        ):
+            try:
+                done = await self.handle(command, telemetry.inject())
+            except Exception:
+                log.exception("command failed; will be redelivered", job_id=command.job_id)
+                done = False
+        with contextlib.suppress(Exception):
+            if done:
+                await msg.ack()
+            else:
+                await msg.nak(delay=2)
+
+    async def handle(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
+        """Apply one command; True when it may be acknowledged."""
+        job_id, generation = command.job_id, command.generation
+        known = self.generations.get(job_id, 0)
+        if command.HasField("create"):
+            if generation <= known:
+                log.info(
+                    "duplicate or stale dispatch ignored", job_id=job_id, generation=generation, known=known
+                )
+                return True
+            request = CreateRequest(
+                job_id,
+                generation,
+                command.create.spec,
+                list(command.create.assignments),
+                command.create.hub_id,
+            )
+            self._traces[job_id] = trace_ctx
+            try:
+                await self.backend.create(request)
+            except BackendError as exc:
+                if not exc.permanent:
+                    log.warning("backend refused workload for now", job_id=job_id, error=str(exc))
+                    return False
+                self._remember(job_id, generation)
+                self._report(WorkloadEvent(job_id, generation, pb.FAILED, exc.reason, str(exc)))
+                return True
+            self._remember(job_id, generation)
+            if command.create.spec.max_run_seconds > 0:
+                self._max_run[job_id] = command.create.spec.max_run_seconds
+            log.info("workload created", job_id=job_id, generation=generation)
+            return True
+        if command.HasField("delete"):
+            if generation < known:
+                return True
+            self._traces.setdefault(job_id, trace_ctx)
+            await self.backend.delete(job_id, generation, command.delete.reason)
+            log.info("workload deleted", job_id=job_id, generation=generation, reason=command.delete.reason)
+            return True
+        return True
+
+    def _remember(self, job_id: str, generation: int) -> None:
+        self.generations[job_id] = generation
+        if self._state_path is not None:
+            tmp = self._state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.generations))
+            tmp.replace(self._state_path)
+
+    # ------------------------------------------------------------------ status
+    def _on_workload_event(self, event: WorkloadEvent) -> None:
+        if event.state == pb.RUNNING and event.job_id in self._max_run:
+            limit = self._max_run[event.job_id]
+            loop = asyncio.get_running_loop()
+            self._deadlines[event.job_id] = loop.call_later(
+                limit, lambda: asyncio.ensure_future(self._overran(event.job_id, event.generation, limit))
+            )
+        if event.state in _TERMINAL:
+            handle = self._deadlines.pop(event.job_id, None)
+            if handle is not None:
+                handle.cancel()
+            self._max_run.pop(event.job_id, None)
+            if event.job_id in self._overrun and event.state == pb.CANCELLED:
+                self._overrun.discard(event.job_id)
+                event = WorkloadEvent(
+                    event.job_id,
+                    event.generation,
+                    pb.FAILED,
+                    "MaxRunTimeExceeded",
+                    "ran longer than max_run_seconds",
+                )
+        self._report(event)
+
+    async def _overran(self, job_id: str, generation: int, limit: int) -> None:
+        log.warning("workload exceeded its maximum run time", job_id=job_id, limit_seconds=limit)
+        self._overrun.add(job_id)
+        await self.backend.delete(job_id, generation, f"exceeded max run time of {limit}s")
+
+    def _report(self, event: WorkloadEvent) -> None:
+        update = agent_pb.StatusUpdate(
+            cluster=self.cluster,
+            job_id=event.job_id,
+            generation=event.generation,
+            state=event.state,
+            reason=event.reason,
+            message=event.message,
+            time=_now(),
+        )
+        with telemetry.tracer().start_as_current_span(
+            "agent.status",
+            context=telemetry.extract(self._traces.get(event.job_id)),
+            attributes={"job.id": event.job_id, "state": pb.JobState.Name(event.state)},
+        ):
+            self.outbox.put(update, telemetry.inject())
+        if event.state in _TERMINAL:
+            self._traces.pop(event.job_id, None)
+
+    async def _publish_status(self, update: agent_pb.StatusUpdate, trace_ctx: dict[str, str]) -> None:
+        if self.js is None or not self.connected.is_set():
+            raise ConnectionError("not connected")
+        msg_id = f"{update.job_id}:{update.generation}:{pb.JobState.Name(update.state)}"
+        await self.js.publish(
+            bus.subject("status", self.cluster),
+            update.SerializeToString(),
+            headers=bus.headers("StatusUpdate", msg_id, trace_ctx),
+            timeout=5,
+        )
+
+
+async def run(config: AgentConfig) -> None:
+    agent = Agent(config, make_backend(config))
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("agent stopping", cluster=config.cluster)
+    await agent.stop()
+
+
+def main(config_path: str) -> None:
+    config = load_agent(config_path)
+    logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    telemetry.configure(
+        f"fedplane-agent-{config.cluster}", config.telemetry.exporter, config.telemetry.endpoint or None
+    )
+    started = time.monotonic()
+    try:
+        asyncio.run(run(config))
+    finally:
+        telemetry.shutdown()
+        log.info("agent exited", uptime_seconds=round(time.monotonic() - started, 1))

@@ -1,0 +1,201 @@
+"""Hub and agent configuration, from YAML files with environment overrides.
+
+Unknown keys are errors: a misspelt setting silently ignored is worse than a refusal to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class TelemetryConfig:
+    # otlp | console | none
+    exporter: str = "none"
+    endpoint: str = ""
+    log_format: str = "json"
+    log_level: str = "info"
+
+
+@dataclasses.dataclass
+class WeightsConfig:
+    data_locality: float = 3.0
+    headroom: float = 1.0
+    cost: float = 1.0
+    preference: float = 2.0
+
+
+@dataclasses.dataclass
+class HubConfig:
+    listen: str = "127.0.0.1:50051"
+    etcd_endpoint: str = "127.0.0.1:2379"
+    # Every etcd key of this federation lives under this prefix.
+    etcd_prefix: str = "/fedplane"
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Identity stamped on workloads in member clusters (fedplane.io/hub label).
+    hub_id: str = "fedplane"
+    # A cluster with no heartbeat for this long gets no new placements.
+    heartbeat_timeout_seconds: float = 30.0
+    # Events arriving within this window are placed in one batch.
+    batch_window_seconds: float = 0.02
+    # How long the JetStream streams keep commands and status updates.
+    stream_max_age_seconds: float = 7 * 24 * 3600
+    weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+
+
+@dataclasses.dataclass
+class NodeShape:
+    """A group of identical simulated nodes."""
+
+    name: str = "node"
+    count: int = 1
+    resources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gpu_type: str = ""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    taints: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SimulatedBackendConfig:
+    nodes: list[NodeShape] = dataclasses.field(default_factory=list)
+    # dataset id -> size (quantity such as 150Gi, or bytes)
+    datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Run time of a workload without a fedplane.io/simulated-duration annotation.
+    default_duration_seconds: float = 10.0
+    # Probability that a workload fails instead of succeeding.
+    failure_rate: float = 0.0
+    # Delay between creation and admission / admission and running.
+    start_delay_seconds: float = 0.2
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    cluster: str = ""
+    nats_url: str = "nats://127.0.0.1:4222"
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Cluster-wide taints, "key=value:Effect".
+    taints: list[str] = dataclasses.field(default_factory=list)
+    # Relative cost per unit of capacity (lower is cheaper); 0 = unknown.
+    cost: float = 0.0
+    heartbeat_interval_seconds: float = 5.0
+    inventory_interval_seconds: float = 30.0
+    # Status updates not yet acknowledged by JetStream are kept here across restarts.
+    state_dir: str = ""
+    hub_id: str = "fedplane"
+    # Delete workloads the hub no longer assigns here (orphans) every this many seconds; 0 = never.
+    gc_interval_seconds: float = 60.0
+    backend: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "simulated"})
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+
+    def simulated(self) -> SimulatedBackendConfig:
+        settings = {k: v for k, v in self.backend.items() if k != "type"}
+        return from_mapping(SimulatedBackendConfig, settings, "backend")
+
+
+def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, converting nested dataclasses and naming bad keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    assert dataclasses.is_dataclass(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        here = f"{where}.{key}" if where else str(key)
+        if name not in fields:
+            raise ConfigError(f"{here}: unknown setting (known: {', '.join(sorted(fields))})")
+        kwargs[name] = _convert(hints[name], value, here)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return from_mapping(hint, value, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        _, item = typing.get_args(hint)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is Any or isinstance(hint, types.UnionType):
+        return value
+    return value
+
+
+def load(cls: type[T], path: str | os.PathLike[str] | None, env_prefix: str) -> T:
+    """Load a config file (or defaults) and apply FEDPLANE_<SECTION>_<KEY> string overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        data = loaded or {}
+    config = from_mapping(cls, data, str(path or ""))
+    assert dataclasses.is_dataclass(config)
+    for f in dataclasses.fields(config):
+        env = os.environ.get(f"{env_prefix}{f.name.upper()}")
+        if env is not None and f.type in ("str", "float", "int", str, float, int):
+            setattr(config, f.name, _convert(typing.get_type_hints(cls)[f.name], _coerce(env), f.name))
+    return config
+
+
+def _coerce(text: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_hub(path: str | os.PathLike[str] | None) -> HubConfig:
+    return load(HubConfig, path, "FEDPLANE_HUB_")
+
+
+def load_agent(path: str | os.PathLike[str]) -> AgentConfig:
+    config = load(AgentConfig, path, "FEDPLANE_AGENT_")
+    if not config.cluster:
+        raise ConfigError(f"{path}: cluster: the cluster name is required")
+    return config

@@ -1,0 +1,302 @@
+"""Filter-and-score placement of gangs onto clusters, on real node shapes.
+
+Hard filters first (health, cordon, selector, taints, preferred-group strictness, required
+data, GPU type, the gang fitting on actual nodes), then a weighted score that is reported
+component by component so that every decision can be explained.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fedplane.core.model import (
+    GPU_PRODUCT_LABEL,
+    Assignment,
+    ClusterView,
+    JobRequest,
+    NodeView,
+    PodSetRequest,
+    untolerated,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    data_locality: float = 3.0
+    headroom: float = 1.0
+    cost: float = 1.0
+    preference: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    total: float = 0.0
+    data_locality: float = 0.0
+    headroom: float = 0.0
+    cost: float = 0.0
+    preference: float = 0.0
+
+
+@dataclass(slots=True)
+class Verdict:
+    cluster: str
+    feasible: bool
+    reasons: list[str] = field(default_factory=list)
+    score: Score = field(default_factory=Score)
+    group_rank: int = 0
+    assignments: list[Assignment] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Decision:
+    """The outcome for one job: a chosen cluster, or none with every cluster's reasons."""
+
+    job_id: str
+    cluster: str | None
+    verdicts: list[Verdict]
+
+    @property
+    def chosen(self) -> Verdict | None:
+        return next((v for v in self.verdicts if v.cluster == self.cluster), None)
+
+    def summary(self) -> str:
+        if self.cluster is not None:
+            chosen = self.chosen
+            assert chosen is not None
+            return f"placed on {self.cluster} (score {chosen.score.total:.3f})"
+        if not self.verdicts:
+            return "no clusters are registered"
+        counts = Counter(reason for v in self.verdicts for reason in v.reasons[:1])
+        parts = [
+            f"{v.cluster}: {v.reasons[0]}"
+            for v in sorted(self.verdicts, key=lambda v: v.cluster)
+            if v.reasons
+        ]
+        if len(counts) == 1 and len(self.verdicts) > 1:
+            return f"no cluster fits: {next(iter(counts))} (all {len(self.verdicts)} clusters)"
+        return "no cluster fits: " + "; ".join(parts)
+
+
+def group_rank(job: JobRequest, cluster: ClusterView) -> int:
+    """Index of the first preferred group holding the cluster; len(groups) when in none."""
+    for index, group in enumerate(job.groups):
+        if group.contains(cluster):
+            return index
+    return len(job.groups)
+
+
+def _pods_fitting(node: NodeView, requests: dict[str, int]) -> int:
+    fits: int | None = None
+    for resource, amount in requests.items():
+        if amount <= 0:
+            continue
+        n = node.free.get(resource, 0) // amount
+        if fits is None or n < fits:
+            fits = n
+            if fits == 0:
+                return 0
+    return fits if fits is not None else 1 << 30
+
+
+def fit_gang(
+    job: JobRequest, cluster: ClusterView, *, tolerate_node: bool = True
+) -> tuple[list[Assignment], str]:
+    """Assign every pod set's pods to nodes, or say why the gang does not fit.
+
+    Pods of a set are identical, so the number that fit on a node is exact; nodes that can
+    take the fewest pods are filled first (best fit), leaving whole nodes for later gangs.
+    Works on copies of the free capacity: the cluster is not modified.
+    """
+    free = {node.name: dict(node.free) for node in cluster.nodes}
+    assignments: list[Assignment] = []
+    for pod_set in sorted(job.pod_sets, key=_pod_set_order):
+        requests = dict(pod_set.requests)
+        needed = pod_set.min_count or pod_set.count
+        candidates: list[tuple[int, str]] = []
+        for node in cluster.nodes:
+            if not node.schedulable:
+                continue
+            if tolerate_node and untolerated(node.taints, job.tolerations):
+                continue
+            if pod_set.gpu_type and node.labels.get(GPU_PRODUCT_LABEL, "") != pod_set.gpu_type:
+                continue
+            view = NodeView(node.name, free[node.name])
+            n = min(_pods_fitting(view, requests), pod_set.count)
+            if n > 0:
+                candidates.append((n, node.name))
+        placeable = sum(n for n, _ in candidates)
+        if placeable < needed:
+            return [], _shortfall(pod_set, needed, placeable, cluster, requests, free)
+        remaining = pod_set.count
+        for n, name in sorted(candidates):
+            if remaining == 0:
+                break
+            take = min(n, remaining)
+            remaining -= take
+            node_free = free[name]
+            for resource, amount in requests.items():
+                node_free[resource] = node_free.get(resource, 0) - amount * take
+            assignments.append(Assignment(pod_set.name, name, take))
+    return assignments, ""
+
+
+def _pod_set_order(pod_set: PodSetRequest) -> tuple[int, str]:
+    # GPU and large sets first: they have the fewest places to go.
+    return (-(pod_set.requests.get("nvidia.com/gpu", 0) * 1000 + len(pod_set.requests)), pod_set.name)
+
+
+def _shortfall(
+    pod_set: PodSetRequest,
+    needed: int,
+    placeable: int,
+    cluster: ClusterView,
+    requests: dict[str, int],
+    free: dict[str, dict[str, int]],
+) -> str:
+    """Explain a gang misfit, distinguishing too little capacity from capacity in the wrong shape."""
+    if pod_set.gpu_type and not any(
+        n.labels.get(GPU_PRODUCT_LABEL) == pod_set.gpu_type for n in cluster.nodes
+    ):
+        products = sorted(
+            {n.labels[GPU_PRODUCT_LABEL] for n in cluster.nodes if GPU_PRODUCT_LABEL in n.labels}
+        )
+        have = ", ".join(products) if products else "no GPUs"
+        return f"pod set {pod_set.name}: no node has GPU type {pod_set.gpu_type} (cluster has {have})"
+    short = []
+    for resource, amount in requests.items():
+        if amount <= 0:
+            continue
+        total_free = sum(f.get(resource, 0) for f in free.values())
+        if total_free < amount * needed:
+            short.append(f"{resource} {total_free} free < {amount * needed} needed")
+    if short:
+        return f"pod set {pod_set.name}: insufficient capacity ({', '.join(short)})"
+    return (
+        f"pod set {pod_set.name}: only {placeable} of {needed} pods fit on the nodes "
+        f"(enough capacity in total, but fragmented across nodes)"
+    )
+
+
+def filter_cluster(job: JobRequest, cluster: ClusterView) -> list[str]:
+    """Cluster-level hard filters; the reasons a cluster is out (empty = passes)."""
+    reasons: list[str] = []
+    if not cluster.ready:
+        reasons.append(
+            f"cluster not ready{': ' + cluster.not_ready_reason if cluster.not_ready_reason else ''}"
+        )
+    if cluster.cordoned:
+        reasons.append("cluster is cordoned")
+    for key, value in job.cluster_selector.items():
+        actual = cluster.labels.get(key)
+        if actual != value:
+            has = f"has {key}={actual}" if actual is not None else f"has no {key} label"
+            reasons.append(f"selector {key}={value} not matched (cluster {has})")
+    for taint in untolerated(cluster.taints, job.tolerations):
+        reasons.append(f"cluster taint {taint} not tolerated")
+    if job.strict_groups and job.groups and group_rank(job, cluster) == len(job.groups):
+        reasons.append("not in any preferred cluster group (strict)")
+    for dataset in job.datasets:
+        if dataset.required and dataset.id not in cluster.datasets:
+            reasons.append(f"required dataset {dataset.id} not present")
+    return reasons
+
+
+def evaluate(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()) -> list[Verdict]:
+    """Every cluster's verdict for the job, best first (feasible ones ordered by preference, score)."""
+    verdicts: list[Verdict] = []
+    feasible_costs = []
+    for cluster in clusters:
+        reasons = filter_cluster(job, cluster)
+        assignments: list[Assignment] = []
+        if not reasons:
+            assignments, misfit = fit_gang(job, cluster)
+            if misfit:
+                reasons.append(misfit)
+        verdict = Verdict(cluster.name, not reasons, reasons, Score(), group_rank(job, cluster), assignments)
+        verdicts.append(verdict)
+        if verdict.feasible and cluster.cost > 0:
+            feasible_costs.append(cluster.cost)
+    cheapest = min(feasible_costs) if feasible_costs else 0.0
+    by_name = {c.name: c for c in clusters}
+    for verdict in verdicts:
+        if verdict.feasible:
+            verdict.score = _score(job, by_name[verdict.cluster], verdict, cheapest, weights)
+    verdicts.sort(key=_rank_key)
+    return verdicts
+
+
+def _rank_key(verdict: Verdict) -> tuple[bool, int, float, str]:
+    return (not verdict.feasible, verdict.group_rank, -verdict.score.total, verdict.cluster)
+
+
+def _score(
+    job: JobRequest, cluster: ClusterView, verdict: Verdict, cheapest: float, weights: Weights
+) -> Score:
+    wanted = sum(d.size for d in job.datasets)
+    locality = (
+        sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted if wanted > 0 else 0.0
+    )
+    headroom = _headroom(job, cluster, verdict.assignments)
+    cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
+    preference = 1.0 - verdict.group_rank / len(job.groups) if job.groups else 0.0
+    weight_sum = weights.data_locality + weights.headroom + weights.cost + weights.preference
+    total = (
+        weights.data_locality * locality
+        + weights.headroom * headroom
+        + weights.cost * cost
+        + weights.preference * preference
+    ) / (weight_sum or 1.0)
+    return Score(
+        round(total, 6), round(locality, 6), round(headroom, 6), round(cost, 6), round(preference, 6)
+    )
+
+
+def _headroom(job: JobRequest, cluster: ClusterView, assignments: Iterable[Assignment]) -> float:
+    """Fraction of the scarcest requested resource left free in the cluster after placement."""
+    requests = {p.name: p.requests for p in job.pod_sets}
+    used: dict[str, int] = {}
+    for a in assignments:
+        for resource, amount in requests[a.pod_set].items():
+            used[resource] = used.get(resource, 0) + amount * a.count
+    if not used:
+        return 1.0
+    free = cluster.total("free")
+    allocatable = cluster.total("allocatable") or free
+    fractions = [
+        max(0, free.get(r, 0) - amount) / allocatable[r]
+        for r, amount in used.items()
+        if allocatable.get(r, 0) > 0
+    ]
+    return min(fractions) if fractions else 0.0
+
+
+def deduct(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignment]) -> None:
+    """Take the assigned pods' requests out of the cluster's node free capacity (in place)."""
+    requests = {p.name: p.requests for p in job.pod_sets}
+    nodes = {n.name: n for n in cluster.nodes}
+    for a in assignments:
+        node = nodes[a.node]
+        for resource, amount in requests[a.pod_set].items():
+            node.free[resource] = node.free.get(resource, 0) - amount * a.count
+
+
+def place_batch(
+    jobs: Iterable[JobRequest], clusters: Sequence[ClusterView], weights: Weights = Weights()
+) -> list[Decision]:
+    """Place jobs in priority then submission order, deducting capacity as it goes.
+
+    Works on copies: a job placed earlier in the batch reduces what later jobs see, so
+    capacity is never promised twice. A job that fits nowhere does not block later ones.
+    """
+    working = [c.copy() for c in clusters]
+    by_name = {c.name: c for c in working}
+    decisions: list[Decision] = []
+    for job in sorted(jobs, key=lambda j: (-j.priority, j.seq, j.id)):
+        verdicts = evaluate(job, working, weights)
+        best = verdicts[0] if verdicts and verdicts[0].feasible else None
+        if best is not None:
+            deduct(by_name[best.cluster], job, best.assignments)
+        decisions.append(Decision(job.id, best.cluster if best else None, verdicts))
+    return decisions

@@ -1,0 +1,86 @@
+"""Translation between the wire messages and the placement core's plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedplane.core import model
+from fedplane.core.placement import Score, Verdict
+from fedplane.v1 import types_pb2 as pb
+
+
+def job_request(job: pb.Job, seq: int) -> model.JobRequest:
+    spec = job.spec
+    c = spec.constraints
+    return model.JobRequest(
+        id=job.id,
+        pod_sets=tuple(
+            model.PodSetRequest(
+                name=p.name,
+                count=p.count,
+                min_count=p.min_count,
+                requests=dict(p.requests.quantities),
+                gpu_type=p.gpu_type,
+            )
+            for p in spec.pod_sets
+        ),
+        priority=spec.priority,
+        seq=seq,
+        cluster_selector=dict(c.cluster_selector),
+        tolerations=tuple(
+            model.Toleration(t.key, t.operator or "Equal", t.value, t.effect) for t in c.tolerations
+        ),
+        groups=tuple(
+            model.ClusterGroup(frozenset(g.clusters), dict(g.match_labels)) for g in c.preferred_groups
+        ),
+        strict_groups=c.strict_groups,
+        datasets=tuple(model.DatasetRequest(d.id, d.size_bytes, d.required) for d in spec.datasets),
+    )
+
+
+def taints(items: Iterable[pb.Taint]) -> tuple[model.Taint, ...]:
+    return tuple(model.Taint(t.key, t.value, t.effect or "NoSchedule") for t in items)
+
+
+def taint_pb(taint: model.Taint) -> pb.Taint:
+    return pb.Taint(key=taint.key, value=taint.value, effect=taint.effect)
+
+
+def node_view(node: pb.Node) -> model.NodeView:
+    return model.NodeView(
+        name=node.name,
+        free=dict(node.free.quantities),
+        allocatable=dict(node.allocatable.quantities),
+        labels=dict(node.labels),
+        taints=taints(node.taints),
+        schedulable=node.ready and not node.unschedulable,
+    )
+
+
+def score_pb(score: Score) -> pb.ScoreBreakdown:
+    return pb.ScoreBreakdown(
+        total=score.total,
+        data_locality=score.data_locality,
+        headroom=score.headroom,
+        cost=score.cost,
+        preference=score.preference,
+    )
+
+
+def assignments_pb(assignments: Iterable[model.Assignment]) -> list[pb.NodeAssignment]:
+    return [pb.NodeAssignment(pod_set=a.pod_set, node=a.node, count=a.count) for a in assignments]
+
+
+def assignments_core(assignments: Iterable[pb.NodeAssignment]) -> list[model.Assignment]:
+    return [model.Assignment(a.pod_set, a.node, a.count) for a in assignments]
+
+
+def verdict_pb(verdict: Verdict) -> pb.ClusterVerdict:
+    return pb.ClusterVerdict(
+        cluster=verdict.cluster,
+        feasible=verdict.feasible,
+        reasons=verdict.reasons,
+        score=score_pb(verdict.score),
+        group_rank=verdict.group_rank,
+        assignments=assignments_pb(verdict.assignments),
+    )

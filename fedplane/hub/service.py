@@ -1,0 +1,128 @@
+"""gRPC servicers: translate requests to Hub calls and HubError to status codes, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from fedplane.hub.hub import Hub, HubError, JobFilter
+from fedplane.v1 import hub_pb2 as hub_pb
+from fedplane.v1 import hub_pb2_grpc
+from fedplane.v1 import types_pb2 as pb
+
+T = TypeVar("T")
+
+
+async def _call(context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except HubError as exc:
+        await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        raise  # unreachable: abort raises
+
+
+def _need(value: str, field: str) -> None:
+    if not value:
+        raise HubError("INVALID_ARGUMENT", f"{field}: required")
+
+
+class JobService(hub_pb2_grpc.JobServiceServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def SubmitJob(self, request: hub_pb.SubmitJobRequest, context: Any) -> hub_pb.SubmitJobResponse:
+        async def run() -> hub_pb.SubmitJobResponse:
+            [(job, created)] = await self.hub.submit([(request.spec, request.idempotency_key)], batch=False)
+            return hub_pb.SubmitJobResponse(job=job, created=created)
+
+        return await _call(context, run)
+
+    async def SubmitJobs(self, request: hub_pb.SubmitJobsRequest, context: Any) -> hub_pb.SubmitJobsResponse:
+        async def run() -> hub_pb.SubmitJobsResponse:
+            if not request.jobs:
+                raise HubError("INVALID_ARGUMENT", "jobs: at least one job is required")
+            if len(request.jobs) > 10_000:
+                raise HubError("INVALID_ARGUMENT", f"jobs: {len(request.jobs)} jobs; at most 10000 per call")
+            results = await self.hub.submit([(r.spec, r.idempotency_key) for r in request.jobs], batch=True)
+            return hub_pb.SubmitJobsResponse(
+                results=[hub_pb.SubmitJobResponse(job=job, created=created) for job, created in results]
+            )
+
+        return await _call(context, run)
+
+    async def GetJob(self, request: hub_pb.GetJobRequest, context: Any) -> pb.Job:
+        async def run() -> pb.Job:
+            _need(request.job_id, "job_id")
+            return self.hub.get(request.job_id)
+
+        return await _call(context, run)
+
+    async def ListJobs(self, request: hub_pb.ListJobsRequest, context: Any) -> hub_pb.ListJobsResponse:
+        async def run() -> hub_pb.ListJobsResponse:
+            flt = JobFilter(request.queue, frozenset(request.states), request.cluster, dict(request.labels))
+            jobs, token, revision = self.hub.list_jobs(flt, request.page_size, request.page_token)
+            return hub_pb.ListJobsResponse(jobs=jobs, next_page_token=token, revision=revision)
+
+        return await _call(context, run)
+
+    async def CancelJob(self, request: hub_pb.CancelJobRequest, context: Any) -> pb.Job:
+        async def run() -> pb.Job:
+            _need(request.job_id, "job_id")
+            return await self.hub.cancel(request.job_id, request.reason)
+
+        return await _call(context, run)
+
+    async def WatchJobs(
+        self, request: hub_pb.WatchJobsRequest, context: Any
+    ) -> AsyncIterator[hub_pb.JobEvent]:
+        if request.from_revision < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_revision: must not be negative")
+        try:
+            async for event in self.hub.watch(request.from_revision, request.queue, request.job_ids):
+                yield event
+        except HubError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+    async def ExplainJob(self, request: hub_pb.ExplainJobRequest, context: Any) -> pb.Explanation:
+        async def run() -> pb.Explanation:
+            target = request.WhichOneof("target")
+            if target == "job_id":
+                return self.hub.explain_job(request.job_id)
+            if target == "spec":
+                return self.hub.explain_spec(request.spec)
+            raise HubError("INVALID_ARGUMENT", "target: give job_id or spec")
+
+        return await _call(context, run)
+
+
+class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def ListClusters(
+        self, request: hub_pb.ListClustersRequest, context: Any
+    ) -> hub_pb.ListClustersResponse:
+        return hub_pb.ListClustersResponse(clusters=self.hub.clusters())
+
+    async def GetCluster(self, request: hub_pb.GetClusterRequest, context: Any) -> pb.Cluster:
+        async def run() -> pb.Cluster:
+            _need(request.name, "name")
+            return self.hub.cluster(request.name)
+
+        return await _call(context, run)
+
+    async def CordonCluster(self, request: hub_pb.CordonClusterRequest, context: Any) -> pb.Cluster:
+        async def run() -> pb.Cluster:
+            _need(request.name, "name")
+            return await self.hub.set_cordon(request.name, True, request.reason or "cordoned by an operator")
+
+        return await _call(context, run)
+
+    async def UncordonCluster(self, request: hub_pb.UncordonClusterRequest, context: Any) -> pb.Cluster:
+        async def run() -> pb.Cluster:
+            _need(request.name, "name")
+            return await self.hub.set_cordon(request.name, False, "")
+
+        return await _call(context, run)

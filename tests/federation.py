@@ -1,0 +1,196 @@
+"""A real federation for tests: etcd and nats-server processes, an in-process hub and agents."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedplane import embedded
+from fedplane.agent.daemon import Agent
+from fedplane.agent.simulated import SimulatedBackend
+from fedplane.config import AgentConfig, HubConfig, NodeShape, SimulatedBackendConfig
+from fedplane.hub.server import HubServer
+from fedplane.v1 import hub_pb2, hub_pb2_grpc
+from fedplane.v1 import types_pb2 as pb
+
+
+def sim_agent_config(
+    name: str,
+    nats_url: str,
+    *,
+    nodes: list[NodeShape],
+    labels: dict[str, str] | None = None,
+    taints: list[str] | None = None,
+    datasets: dict[str, Any] | None = None,
+    cost: float = 0.0,
+    duration: float = 0.5,
+    state_dir: str = "",
+    failure_rate: float = 0.0,
+) -> AgentConfig:
+    backend = {
+        "type": "simulated",
+        "nodes": [vars(n) for n in nodes],
+        "datasets": datasets or {},
+        "default_duration_seconds": duration,
+        "start_delay_seconds": 0.05,
+        "failure_rate": failure_rate,
+    }
+    return AgentConfig(
+        cluster=name,
+        nats_url=nats_url,
+        labels=labels or {},
+        taints=taints or [],
+        cost=cost,
+        heartbeat_interval_seconds=0.3,
+        inventory_interval_seconds=2.0,
+        state_dir=state_dir,
+        backend=backend,
+    )
+
+
+def cpu_nodes(count: int, cpu: str = "8", memory: str = "32Gi", name: str = "cpu") -> NodeShape:
+    return NodeShape(name=name, count=count, resources={"cpu": cpu, "memory": memory})
+
+
+def gpu_nodes(count: int, gpus: int = 8, gpu_type: str = "A100", name: str = "gpu") -> NodeShape:
+    return NodeShape(
+        name=name, count=count, resources={"cpu": "96", "memory": "768Gi", "gpu": gpus}, gpu_type=gpu_type
+    )
+
+
+@dataclass
+class Federation:
+    etcd: embedded.ServerProcess
+    nats: embedded.ServerProcess
+    tmp: Path
+    hub_config: HubConfig
+    hub: HubServer | None = None
+    agents: dict[str, Agent] = field(default_factory=dict)
+    channel: grpc.aio.Channel | None = None
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.nats.address}"
+
+    @property
+    def jobs(self) -> hub_pb2_grpc.JobServiceStub:
+        assert self.channel is not None
+        return hub_pb2_grpc.JobServiceStub(self.channel)
+
+    @property
+    def clusters(self) -> hub_pb2_grpc.ClusterServiceStub:
+        assert self.channel is not None
+        return hub_pb2_grpc.ClusterServiceStub(self.channel)
+
+    async def start_hub(self) -> HubServer:
+        self.hub = await HubServer.start(self.hub_config)
+        if self.channel is not None:
+            await self.channel.close()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.hub.port}")
+        return self.hub
+
+    async def stop_hub(self) -> None:
+        if self.hub is not None:
+            await self.hub.stop(grace=0.1)
+            self.hub = None
+
+    async def start_agent(self, config: AgentConfig) -> Agent:
+        agent = Agent(config, SimulatedBackend(config.simulated()))
+        await agent.start()
+        self.agents[config.cluster] = agent
+        return agent
+
+    async def stop_agent(self, name: str) -> None:
+        agent = self.agents.pop(name)
+        await agent.stop()
+
+    async def close(self) -> None:
+        for name in list(self.agents):
+            await self.stop_agent(name)
+        await self.stop_hub()
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def wait_clusters_ready(self, names: list[str], timeout: float = 15.0) -> None:
+        async def ready() -> bool:
+            listed = await self.clusters.ListClusters(hub_pb2.ListClustersRequest())
+            healthy = {c.name for c in listed.clusters if c.health == pb.READY and c.nodes}
+            return set(names) <= healthy
+
+        await eventually(ready, timeout, f"clusters {names} ready")
+
+    async def submit(self, spec: pb.JobSpec, key: str = "") -> pb.Job:
+        response = await self.jobs.SubmitJob(hub_pb2.SubmitJobRequest(spec=spec, idempotency_key=key))
+        return response.job
+
+    async def get(self, job_id: str) -> pb.Job:
+        return await self.jobs.GetJob(hub_pb2.GetJobRequest(job_id=job_id))
+
+    async def wait_state(self, job_id: str, states: set[int], timeout: float = 20.0) -> pb.Job:
+        job = pb.Job()
+
+        async def reached() -> bool:
+            nonlocal job
+            job = await self.get(job_id)
+            return job.status.state in states
+
+        await eventually(reached, timeout, f"job {job_id} in {[pb.JobState.Name(s) for s in states]}")  # type: ignore[arg-type]
+        return job
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_spec(
+    name: str,
+    *,
+    cpu: str = "1",
+    count: int = 1,
+    min_count: int = 0,
+    gpus: int = 0,
+    gpu_type: str = "",
+    duration: str = "0.5s",
+    datasets: list[pb.DatasetRef] | None = None,
+    queue: str = "default",
+    selector: dict[str, str] | None = None,
+    tolerations: list[pb.Toleration] | None = None,
+    priority: int = 0,
+    labels: dict[str, str] | None = None,
+    max_run_seconds: int = 0,
+) -> pb.JobSpec:
+    from fedplane import quantity
+
+    requests = {"cpu": quantity.parse("cpu", cpu)}
+    if gpus:
+        requests[quantity.GPU] = gpus
+    pod_set = pb.PodSet(name="main", count=count, min_count=min_count, gpu_type=gpu_type)
+    pod_set.requests.quantities.update(requests)
+    manifest = (
+        '{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "%s", '
+        '"annotations": {"fedplane.io/simulated-duration": "%s"}}}' % (name, duration)
+    )
+    spec = pb.JobSpec(
+        name=name,
+        queue=queue,
+        priority=priority,
+        labels=labels or {},
+        pod_sets=[pod_set],
+        datasets=datasets or [],
+        workload=pb.Workload(manifest_json=manifest),
+        max_run_seconds=max_run_seconds,
+    )
+    spec.constraints.cluster_selector.update(selector or {})
+    spec.constraints.tolerations.extend(tolerations or [])
+    return spec
