@@ -8,7 +8,6 @@ process group, so no server outlives a Ctrl-C or a crashed test run.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -18,8 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedError(RuntimeError):
@@ -32,9 +29,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent() -> list[str]:
+    """A prefix that makes the child get SIGTERM when its parent dies (Linux util-linux setpriv).
+
+    Done by exec rather than preexec_fn: running Python in a forked child of a process with
+    gRPC threads can crash. Must be spawned from a thread that lives as long as the server.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 def find_binary(name: str) -> str:
@@ -92,12 +94,11 @@ def _spawn(name: str, args: list[str], data_dir: Path, host: str, port: int, tim
     log_path = data_dir / f"{name}.log"
     log = log_path.open("ab")
     process = subprocess.Popen(
-        args,
+        [*_die_with_parent(), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
     )
     log.close()
     server = ServerProcess(name, process, host, port, data_dir, log_path)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,15 @@ async def federation(
         yield fed
     finally:
         await fed.close()
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> Any:
+    """Every span of the test process, for asserting that traces cross process boundaries."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from fedplane import telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry.configure("fedplane-tests", "none", extra_exporter=exporter)
+    return exporter

@@ -29,3 +29,203 @@ async def test_submit_places_runs_and_succeeds(federation: Federation) -> None:
     assert [j.id for j in listed.jobs] == [job.id]
     none = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest(cluster="cpu-a"))
     assert list(none.jobs) == []
+
+
+async def test_watch_streams_every_change_and_resumes_from_a_revision(federation: Federation) -> None:
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)]))
+    await federation.wait_clusters_ready(["cpu-a"])
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    start = listed.revision
+
+    job = await federation.submit(job_spec("watched", duration="0.2s"))
+    seen: list[tuple[int, int]] = []
+    call = federation.jobs.WatchJobs(hub_pb2.WatchJobsRequest(from_revision=start, job_ids=[job.id]))
+    async for event in call:
+        seen.append((event.revision, event.job.status.state))
+        if event.job.status.state == pb.SUCCEEDED:
+            break
+    call.cancel()
+    states = [s for _, s in seen]
+    assert states == [pb.PENDING, pb.DISPATCHED, pb.ADMITTED, pb.RUNNING, pb.SUCCEEDED]
+    revisions = [r for r, _ in seen]
+    assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+
+    # A client that disconnected after RUNNING resumes from that revision and misses nothing.
+    resume_from = seen[3][0]
+    call = federation.jobs.WatchJobs(hub_pb2.WatchJobsRequest(from_revision=resume_from, job_ids=[job.id]))
+    async for event in call:
+        assert event.revision > resume_from
+        assert event.job.status.state == pb.SUCCEEDED
+        break
+    call.cancel()
+
+
+async def test_idempotency_key_never_creates_a_second_job(federation: Federation) -> None:
+    first = await federation.jobs.SubmitJob(
+        hub_pb2.SubmitJobRequest(spec=job_spec("once"), idempotency_key="client-retry-1")
+    )
+    again = await federation.jobs.SubmitJob(
+        hub_pb2.SubmitJobRequest(spec=job_spec("once"), idempotency_key="client-retry-1")
+    )
+    assert first.created and not again.created
+    assert again.job.id == first.job.id
+    batch = await federation.jobs.SubmitJobs(
+        hub_pb2.SubmitJobsRequest(
+            jobs=[
+                hub_pb2.SubmitJobRequest(spec=job_spec("once"), idempotency_key="client-retry-1"),
+                hub_pb2.SubmitJobRequest(spec=job_spec("two"), idempotency_key="k2"),
+                hub_pb2.SubmitJobRequest(spec=job_spec("two"), idempotency_key="k2"),
+            ]
+        )
+    )
+    ids = [r.job.id for r in batch.results]
+    assert ids[0] == first.job.id and ids[1] == ids[2] != ids[0]
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    assert len(listed.jobs) == 2
+
+
+async def test_invalid_spec_is_rejected_with_the_field_and_nothing_is_stored(federation: Federation) -> None:
+    import grpc
+    import pytest
+
+    bad = job_spec("bad")
+    bad.pod_sets[0].count = 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await federation.jobs.SubmitJob(hub_pb2.SubmitJobRequest(spec=bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.pod_sets[0].count" in (err.value.details() or "")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await federation.jobs.SubmitJobs(
+            hub_pb2.SubmitJobsRequest(
+                jobs=[hub_pb2.SubmitJobRequest(spec=job_spec("ok")), hub_pb2.SubmitJobRequest(spec=bad)]
+            )
+        )
+    assert "jobs[1].spec.pod_sets[0].count" in (err.value.details() or "")
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+    keys = await federation.hub.hub.store.client.get_prefix(b"/fedplane/jobs/")  # type: ignore[union-attr]
+    assert len(keys) == 0
+
+
+async def test_cancel_pending_and_running_jobs(federation: Federation) -> None:
+    await federation.start_agent(
+        sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1, cpu="4")])
+    )
+    await federation.wait_clusters_ready(["cpu-a"])
+    running = await federation.submit(job_spec("long", cpu="4", duration="60s"))
+    await federation.wait_state(running.id, {pb.RUNNING})
+    # The cluster is full, so this one stays pending.
+    pending = await federation.submit(job_spec("waits", cpu="4", duration="60s"))
+    await federation.wait_state(pending.id, {pb.PENDING})
+
+    cancelled = await federation.jobs.CancelJob(
+        hub_pb2.CancelJobRequest(job_id=pending.id, reason="not needed")
+    )
+    assert cancelled.status.state == pb.CANCELLED
+
+    cancelling = await federation.jobs.CancelJob(hub_pb2.CancelJobRequest(job_id=running.id))
+    assert cancelling.status.state == pb.CANCELLING
+    done = await federation.wait_state(running.id, {pb.CANCELLED})
+    assert done.status.cluster == "cpu-a"
+    # The capacity came back: the simulated cluster reports all 4 cpus free again.
+    cluster = await federation.clusters.GetCluster(hub_pb2.GetClusterRequest(name="cpu-a"))
+    from tests.federation import eventually
+
+    async def freed() -> bool:
+        c = await federation.clusters.GetCluster(hub_pb2.GetClusterRequest(name="cpu-a"))
+        return c.free.quantities["cpu"] == 4000
+
+    await eventually(freed, 10, "capacity released")
+    assert cluster.name == "cpu-a"
+
+
+async def test_job_needing_a_dataset_lands_where_the_data_is(federation: Federation) -> None:
+    for name, datasets in (("east", {}), ("west", {"imagenet": "150Gi"}), ("north", {"imagenet": "10Gi"})):
+        await federation.start_agent(
+            sim_agent_config(name, federation.nats_url, nodes=[cpu_nodes(2)], datasets=datasets)
+        )
+    await federation.wait_clusters_ready(["east", "west", "north"])
+    spec = job_spec("reads-imagenet", datasets=[pb.DatasetRef(id="imagenet", size_bytes=150 * 2**30)])
+    job = await federation.submit(spec)
+    done = await federation.wait_state(job.id, {pb.SUCCEEDED})
+    assert done.status.cluster == "west"
+    assert done.status.placement_score.data_locality == 1.0
+
+    required = job_spec("needs-local", datasets=[pb.DatasetRef(id="camera", size_bytes=1, required=True)])
+    held = await federation.submit(required)
+    explanation = None
+    from tests.federation import eventually
+
+    async def explained() -> bool:
+        nonlocal explanation
+        explanation = await federation.jobs.ExplainJob(hub_pb2.ExplainJobRequest(job_id=held.id))
+        return bool(explanation.verdicts)
+
+    await eventually(explained, 5, "explanation")
+    assert explanation is not None and explanation.chosen_cluster == ""
+    assert all("required dataset camera not present" in v.reasons for v in explanation.verdicts)
+
+
+async def test_gang_too_big_for_every_node_waits_with_reasons_then_lands_on_a_bigger_cluster(
+    federation: Federation,
+) -> None:
+    # 4 nodes x 8 cpu = 32 cpu free in total, but no node takes a 12-cpu pod.
+    await federation.start_agent(
+        sim_agent_config("small", federation.nats_url, nodes=[cpu_nodes(4, cpu="8")])
+    )
+    await federation.wait_clusters_ready(["small"])
+    job = await federation.submit(job_spec("gang", cpu="12", count=2, min_count=2))
+    from tests.federation import eventually
+
+    async def has_reason() -> bool:
+        got = await federation.get(job.id)
+        return "small" in got.pending_reason and "fit" in got.pending_reason
+
+    await eventually(has_reason, 5, "pending reason")
+    got = await federation.get(job.id)
+    assert got.status.state == pb.PENDING
+    explanation = await federation.jobs.ExplainJob(hub_pb2.ExplainJobRequest(job_id=job.id))
+    (verdict,) = explanation.verdicts
+    assert not verdict.feasible and "only 0 of 2 pods fit" in verdict.reasons[0]
+
+    await federation.start_agent(sim_agent_config("big", federation.nats_url, nodes=[cpu_nodes(2, cpu="16")]))
+    done = await federation.wait_state(job.id, {pb.SUCCEEDED})
+    assert done.status.cluster == "big"
+    assert sorted((a.node, a.count) for a in done.status.assignments) == [("cpu-0", 1), ("cpu-1", 1)]
+
+
+async def test_explain_dry_run_for_a_spec_not_submitted(federation: Federation) -> None:
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
+    await federation.start_agent(
+        sim_agent_config("gpu-a", federation.nats_url, nodes=[gpu_nodes(1, gpu_type="H100")])
+    )
+    await federation.wait_clusters_ready(["cpu-a", "gpu-a"])
+    explanation = await federation.jobs.ExplainJob(
+        hub_pb2.ExplainJobRequest(spec=job_spec("what-if", gpus=1, gpu_type="H100"))
+    )
+    assert explanation.chosen_cluster == "gpu-a"
+    by_cluster = {v.cluster: v for v in explanation.verdicts}
+    assert by_cluster["gpu-a"].feasible and by_cluster["gpu-a"].score.total > 0
+    assert "no node has GPU type H100" in by_cluster["cpu-a"].reasons[0]
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+
+
+async def test_cordoned_cluster_gets_no_new_jobs(federation: Federation) -> None:
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
+    await federation.wait_clusters_ready(["cpu-a"])
+    cordoned = await federation.clusters.CordonCluster(
+        hub_pb2.CordonClusterRequest(name="cpu-a", reason="maintenance")
+    )
+    assert cordoned.cordoned and cordoned.cordon_reason == "maintenance"
+    job = await federation.submit(job_spec("blocked"))
+    from tests.federation import eventually
+
+    async def reason() -> bool:
+        return "cordoned" in (await federation.get(job.id)).pending_reason
+
+    await eventually(reason, 5, "cordon reason")
+    await federation.clusters.UncordonCluster(hub_pb2.UncordonClusterRequest(name="cpu-a"))
+    done = await federation.wait_state(job.id, {pb.SUCCEEDED})
+    assert done.status.cluster == "cpu-a"

@@ -86,6 +86,7 @@ class Agent:
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.connected = asyncio.Event()
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -110,6 +111,12 @@ class Agent:
         )
 
     async def stop(self) -> None:
+        self._stopping = True
+        # Let the command consumer finish the command in hand, so none waits out its ack deadline.
+        consumer = next((t for t in self._tasks if t.get_name() == "agent-commands"), None)
+        if consumer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(consumer), 3)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -194,12 +201,12 @@ class Agent:
                     bus.subject("cmd", self.cluster),
                     durable=bus.consumer_name(self.cluster),
                     stream=bus.COMMANDS_STREAM,
-                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=120, max_deliver=-1),
+                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
                 )
             except Exception as exc:
                 log.info("waiting for the hub's command stream", error=str(exc))
                 await asyncio.sleep(1.0)
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(32, timeout=1)
             except TimeoutError:
@@ -210,7 +217,10 @@ class Agent:
                 log.debug("command fetch failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
+            for i, msg in enumerate(msgs):
+                if self._stopping:
+                    await asyncio.gather(*(m.nak() for m in msgs[i:]), return_exceptions=True)
+                    return
                 await self._handle_message(msg)
 
     async def _handle_message(self, msg: Any) -> None:

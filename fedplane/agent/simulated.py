@@ -13,6 +13,7 @@ import contextlib
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fedplane import quantity
@@ -88,6 +89,8 @@ class SimulatedBackend(Backend):
             for name, size in sorted(config.datasets.items())
         ]
         self.workloads: dict[str, _SimWorkload] = {}
+        # Workloads started per job id (a job dispatched once must show 1): capacity-planning stats.
+        self.started: Counter[str] = Counter()
         self._emit: EmitStatus = lambda event: None
         self._changed: NotifyChange = lambda: None
 
@@ -142,6 +145,7 @@ class SimulatedBackend(Backend):
                 free[resource] = free.get(resource, 0) - amount
         workload = _SimWorkload(request.job_id, request.generation, usage)
         self.workloads[request.job_id] = workload
+        self.started[request.job_id] += 1
         workload.task = asyncio.create_task(self._run(workload, duration), name=f"sim-{request.job_id}")
         self._changed()
 

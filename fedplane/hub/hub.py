@@ -61,7 +61,7 @@ def _now_ts(now: float) -> Timestamp:
     return ts
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watcher:
     queue: asyncio.Queue[hub_pb.JobEvent | None]
     queue_filter: str
@@ -153,6 +153,11 @@ class Hub:
         self._stopping = True
         for watcher in list(self._watchers):
             watcher.queue.put_nowait(None)
+        # Let the status consumer finish its batch, so no fetched update waits out its ack deadline.
+        consumer = next((t for t in self._tasks if t.get_name() == "hub-status"), None)
+        if consumer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(consumer), 3)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -162,7 +167,7 @@ class Hub:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await self.nc.close()
         with contextlib.suppress(Exception):
             await self.store.close()
 
@@ -569,9 +574,9 @@ class Hub:
             f"{bus.PREFIX}.status.*",
             durable="hub",
             stream=bus.STATUS_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=20_000),
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=20_000),
         )
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(512, timeout=1)
             except TimeoutError:
