@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -20,7 +20,7 @@ def _add_trace_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-def configure(level: str | None = None, fmt: str | None = None) -> None:
+def configure(level: str | None = None, fmt: str | None = None, file: TextIO | None = None) -> None:
     """fmt "json" (default for daemons) or "console"; level from FEDPLANE_LOG_LEVEL, else info."""
     level_name = (level or os.environ.get("FEDPLANE_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("FEDPLANE_LOG_FORMAT", "json")
@@ -35,7 +35,7 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stderr),
         cache_logger_on_first_use=False,
     )
 

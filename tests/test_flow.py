@@ -229,3 +229,22 @@ async def test_cordoned_cluster_gets_no_new_jobs(federation: Federation) -> None
     await federation.clusters.UncordonCluster(hub_pb2.UncordonClusterRequest(name="cpu-a"))
     done = await federation.wait_state(job.id, {pb.SUCCEEDED})
     assert done.status.cluster == "cpu-a"
+
+
+async def test_watch_delivers_every_job_changed_in_one_batch(federation: Federation) -> None:
+    # Placement writes a whole batch of dispatches in one etcd transaction: one revision, many jobs.
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    batch = await federation.jobs.SubmitJobs(
+        hub_pb2.SubmitJobsRequest(jobs=[hub_pb2.SubmitJobRequest(spec=job_spec(f"b{i}")) for i in range(5)])
+    )
+    ids = {r.job.id for r in batch.results}
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)]))
+    dispatched: dict[str, int] = {}
+    call = federation.jobs.WatchJobs(hub_pb2.WatchJobsRequest(from_revision=listed.revision))
+    async for event in call:
+        if event.job.status.state == pb.DISPATCHED:
+            dispatched[event.job.id] = event.revision
+        if set(dispatched) == ids:
+            break
+    call.cancel()
+    assert len(set(dispatched.values())) == 1, "the five dispatches share one revision"

@@ -317,7 +317,9 @@ class Hub:
         if status.state == S.PENDING and job.id:
             out.summary = self.pending_reasons.get(job.id, decision.summary())
         else:
-            out.summary = ("would be " if not job.id else "") + decision.summary()
+            out.summary = decision.summary()
+            if not job.id and decision.cluster:
+                out.summary = "would be " + out.summary
         return out
 
     def explain_job(self, job_id: str) -> pb.Explanation:
@@ -376,8 +378,24 @@ class Hub:
             return not watcher.queue_filter or event.job.spec.queue == watcher.queue_filter
 
         self._watchers.add(watcher)
+        # One etcd transaction changes many jobs at one revision: dedup by (revision, job id).
+        floor = from_revision or self._event_revision
+        last = floor
+        sent_at_last: set[str] = set()
+
+        def fresh(event: hub_pb.JobEvent) -> bool:
+            nonlocal last
+            if event.revision <= floor or event.revision < last:
+                return False
+            if event.revision == last and event.job.id in sent_at_last:
+                return False
+            if event.revision > last:
+                last = event.revision
+                sent_at_last.clear()
+            sent_at_last.add(event.job.id)
+            return True
+
         try:
-            last = from_revision or self._event_revision
             oldest = self._events[0].revision if self._events else self._event_revision + 1
             if from_revision and from_revision + 1 < oldest:
                 # Older than memory holds: replay from etcd up to the live position.
@@ -386,22 +404,19 @@ class Hub:
                     record = self.jobs.get(job_id)
                     if record is not None:
                         event = self._event(record, status, revision)
-                        if wanted(event):
+                        if fresh(event) and wanted(event):
                             yield event
-                    last = revision
                     if revision >= live_from:
                         break
             for event in list(self._events):
-                if event.revision > last and wanted(event):
+                if fresh(event) and wanted(event):
                     yield event
-                    last = event.revision
             while True:
                 item = await watcher.queue.get()
                 if item is None:
                     return
-                if item.revision > last and wanted(item):
+                if fresh(item) and wanted(item):
                     yield item
-                    last = item.revision
         except RevisionCompacted as exc:
             raise HubError(
                 "OUT_OF_RANGE",
