@@ -1,0 +1,180 @@
+"""End to end with separate processes: `fedplane hub`, `fedplane agent` and the CLI, as users run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedplane import embedded
+
+pytestmark = pytest.mark.e2e
+
+JOB = """
+name: e2e-train
+queue: research
+podSets:
+  - name: workers
+    count: 2
+    gpuType: A100
+    requests: {cpu: "8", memory: 32Gi, gpu: 4}
+workload:
+  apiVersion: batch/v1
+  kind: Job
+  metadata: {name: e2e-train, annotations: {fedplane.io/simulated-duration: "1s"}}
+"""
+
+
+def fedplane(
+    *args: str, hub: str, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedplane", "--hub", hub, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"fedplane {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path) -> Iterator[str]:
+    etcd, nats = servers
+    port = embedded.free_port()
+    (tmp_path / "hub.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "etcd_endpoint": etcd.address,
+                "nats_url": f"nats://{nats.address}",
+                "heartbeat_timeout_seconds": 5,
+                "telemetry": {"exporter": "console"},
+            }
+        )
+    )
+    agents = {
+        "gpu-a": {
+            "nodes": [
+                {
+                    "name": "g",
+                    "count": 1,
+                    "gpu_type": "A100",
+                    "resources": {"cpu": 32, "memory": "128Gi", "gpu": 8},
+                }
+            ]
+        },
+        "cpu-a": {"nodes": [{"name": "c", "count": 2, "resources": {"cpu": 16, "memory": "64Gi"}}]},
+    }
+    for name, backend in agents.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "cluster": name,
+                    "nats_url": f"nats://{nats.address}",
+                    "heartbeat_interval_seconds": 0.5,
+                    "state_dir": str(tmp_path / "state" / name),
+                    "backend": {"type": "simulated", "start_delay_seconds": 0.05, **backend},
+                    "telemetry": {"exporter": "console"},
+                }
+            )
+        )
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    env = {**os.environ, "FEDPLANE_LOG_LEVEL": "info"}
+    for name, args in [("hub", ["hub", "--config", "hub.yaml"])] + [
+        (n, ["agent", "--config", f"{n}.yaml"]) for n in agents
+    ]:
+        out = (tmp_path / f"{name}.out").open("wb")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fedplane", *args],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    hub = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            result = fedplane("clusters", "-o", "json", hub=hub, check=False)
+            if result.returncode == 0:
+                clusters = json.loads(result.stdout)
+                if sum(1 for c in clusters if c.get("health") == "READY") == 2:
+                    break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(
+                "clusters never became ready:\n" + (tmp_path / "hub.out").read_text()[-3000:]
+            )
+        yield hub
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(15) for name, proc in procs.items()}
+        assert codes == {name: 0 for name in procs}, f"daemons did not stop cleanly: {codes}"
+
+
+def test_cli_drives_a_federation_of_separate_processes(daemons: str, tmp_path: Path) -> None:
+    hub = daemons
+    spec = tmp_path / "job.yaml"
+    spec.write_text(JOB)
+
+    explained = fedplane("explain", str(spec), hub=hub)
+    assert "gpu-a" in explained.stdout and "no node has GPU type A100" in explained.stdout
+
+    submitted = fedplane("submit", str(spec), "--wait", hub=hub)
+    assert "gpu-a" in submitted.stdout
+
+    jobs = json.loads(fedplane("list", "-o", "json", hub=hub).stdout)
+    assert len(jobs) == 1
+    job_id = jobs[0]["id"]
+    job = json.loads(fedplane("get", job_id, "-o", "json", hub=hub).stdout)
+    assert job["status"]["state"] == "SUCCEEDED" and job["status"]["cluster"] == "gpu-a"
+    assert [t["state"] for t in job["status"]["history"]] == [
+        "PENDING",
+        "DISPATCHED",
+        "ADMITTED",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+
+    fedplane("cordon", "gpu-a", "--reason", "maintenance", hub=hub)
+    clusters = {c["name"]: c for c in json.loads(fedplane("clusters", "-o", "json", hub=hub).stdout)}
+    assert clusters["gpu-a"].get("cordoned") is True
+    fedplane("uncordon", "gpu-a", hub=hub)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(JOB.replace("count: 2", "count: 0"))
+    rejected = fedplane("submit", str(bad), hub=hub, check=False)
+    assert rejected.returncode == 2
+    assert "pod_sets[0].count" in rejected.stderr and "Traceback" not in rejected.stderr
+    assert len(rejected.stderr.strip().splitlines()) == 1
+
+    missing = fedplane("get", "no-such-job", hub=hub, check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+    # One trace crosses three processes: the hub's dispatch and the agent's handling share the trace id.
+    def trace_ids(name: str, span: str) -> set[str]:
+        text = (tmp_path / f"{name}.out").read_text()
+        return set(
+            re.findall(r'"name": "' + re.escape(span) + r'".*?"trace_id": "(0x[0-9a-f]+)"', text, re.S)
+        )
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shared = trace_ids("hub", "hub.dispatch.create") & trace_ids("gpu-a", "agent.create")
+        if shared:
+            break
+        time.sleep(0.5)
+    assert shared, "no trace shared by the hub's dispatch and the agent's create"
