@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import grpc
 from fedplane import embedded
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
-from fedplane.config import AgentConfig, HubConfig, NodeShape, SimulatedBackendConfig
+from fedplane.config import AgentConfig, HubConfig, NodeShape
 from fedplane.hub.server import HubServer
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
@@ -177,9 +178,12 @@ def job_spec(
         requests[quantity.GPU] = gpus
     pod_set = pb.PodSet(name="main", count=count, min_count=min_count, gpu_type=gpu_type)
     pod_set.requests.quantities.update(requests)
-    manifest = (
-        '{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "%s", '
-        '"annotations": {"fedplane.io/simulated-duration": "%s"}}}' % (name, duration)
+    manifest = json.dumps(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "annotations": {"fedplane.io/simulated-duration": duration}},
+        }
     )
     spec = pb.JobSpec(
         name=name,
