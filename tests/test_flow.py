@@ -248,3 +248,23 @@ async def test_watch_delivers_every_job_changed_in_one_batch(federation: Federat
             break
     call.cancel()
     assert len(set(dispatched.values())) == 1, "the five dispatches share one revision"
+
+
+async def test_generic_grpc_tools_can_find_and_check_the_hub(federation: Federation) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    assert federation.channel is not None
+    health = health_pb2_grpc.HealthStub(federation.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service="fedplane.v1.JobService"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(federation.channel)
+
+    async def ask() -> object:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for response in reflection.ServerReflectionInfo(ask()):
+        services = {s.name for s in response.list_services_response.service}
+        break
+    assert {"fedplane.v1.JobService", "fedplane.v1.ClusterService", "grpc.health.v1.Health"} <= services
