@@ -6,7 +6,7 @@ Canonical units: cpu in millicores, memory and storage in bytes, everything else
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 CPU = "cpu"
 MEMORY = "memory"
@@ -14,6 +14,8 @@ GPU = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Short names accepted in specs and config files.
 ALIASES = {"gpu": GPU, "mem": MEMORY}
+# Quantities travel as int64 (fedplane.v1.Resources).
+MAX_QUANTITY = 2**63 - 1
 
 _SUFFIX = {
     "": Decimal(1),
@@ -50,10 +52,12 @@ def parse(resource: str, value: str | int | float) -> int:
         raise QuantityError(f"{resource}: {value!r} is not a quantity (examples: 500m, 4Gi, 2)")
     try:
         amount = Decimal(match.group(1)) * _SUFFIX[match.group(2)]
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        if resource == CPU:
+            amount *= 1000
+    except ArithmeticError as exc:  # e.g. decimal.Overflow for "1e999999999"
         raise QuantityError(f"{resource}: {value!r} is not a quantity") from exc
-    if resource == CPU:
-        amount *= 1000
+    if amount > MAX_QUANTITY:
+        raise QuantityError(f"{resource}: {value!r} is too large (the limit is {MAX_QUANTITY})")
     return int(amount.to_integral_value(rounding="ROUND_CEILING"))
 
 

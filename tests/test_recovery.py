@@ -110,3 +110,27 @@ async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federat
     assert "/fedplane.v1.JobService/SubmitJob" in names
     agent_span = next(s for s in in_trace if s.name == "agent.create")
     assert agent_span.attributes is not None and agent_span.attributes["job.id"] == response.job.id
+
+
+async def test_agent_deletes_workloads_the_hub_no_longer_assigns_and_nothing_else(
+    federation: Federation,
+) -> None:
+    from fedplane.agent.backend import CreateRequest
+
+    config = sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)])
+    config.gc_interval_seconds = 0  # driven by hand below
+    agent = await federation.start_agent(config)
+    await federation.wait_clusters_ready(["cpu-a"])
+    job = await federation.submit(job_spec("legit", duration="3s"))
+    await federation.wait_state(job.id, {pb.RUNNING})
+
+    # Left behind by a failover: workloads of jobs the hub has no record of for this cluster.
+    await agent.backend.create(CreateRequest("j-ghost", 1, job_spec("ghost", duration="60s")))
+    await agent.backend.create(CreateRequest(job.id + "x", 3, job_spec("stale", duration="60s")))
+
+    deleted = await agent.collect_orphans()
+    assert sorted(deleted) == sorted(["j-ghost", job.id + "x"])
+    remaining = {w.job_id for w in await agent.backend.list_workloads()}
+    assert remaining == {job.id}
+    done = await federation.wait_state(job.id, {pb.SUCCEEDED})
+    assert done.status.cluster == "cpu-a"

@@ -106,6 +106,8 @@ class Agent:
             asyncio.create_task(self._command_loop(), name="agent-commands"),
             asyncio.create_task(self.outbox.run(self._publish_status), name="agent-outbox"),
         ]
+        if self.config.gc_interval_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._gc_loop(), name="agent-gc"))
         log.info(
             "agent started", cluster=self.cluster, agent_id=self.agent_id, queued_updates=len(self.outbox)
         )
@@ -291,6 +293,42 @@ class Agent:
             tmp = self._state_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.generations))
             tmp.replace(self._state_path)
+
+    # ------------------------------------------------------------------ garbage collection
+    async def _gc_loop(self) -> None:
+        while True:
+            try:
+                await self.collect_orphans()
+            except Exception as exc:
+                log.debug("orphan collection skipped", error=str(exc))
+            await asyncio.sleep(self.config.gc_interval_seconds)
+
+    async def collect_orphans(self) -> list[str]:
+        """Delete workloads the hub no longer assigns here (left by a failover or a lost cancel).
+
+        The workloads are listed before the hub is asked, so one created meanwhile is never
+        judged. Only workloads carrying this hub's labels are ever listed, so nothing else is
+        touched. Returns the job ids deleted.
+        """
+        assert self.nc is not None
+        workloads = await self.backend.list_workloads()
+        if not workloads:
+            return []
+        query = agent_pb.OrphanQuery(
+            cluster=self.cluster,
+            workloads=[agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads],
+        )
+        reply = agent_pb.OrphanReply.FromString(
+            (
+                await self.nc.request(bus.subject("gc", self.cluster), query.SerializeToString(), timeout=10)
+            ).data
+        )
+        for orphan in reply.orphans:
+            log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
+            await self.backend.delete(
+                orphan.job_id, orphan.generation, "orphan: the hub no longer assigns it here"
+            )
+        return [o.job_id for o in reply.orphans]
 
     # ------------------------------------------------------------------ status
     def _on_workload_event(self, event: WorkloadEvent) -> None:

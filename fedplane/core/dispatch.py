@@ -40,7 +40,11 @@ class TransitionError(ValueError):
 
 
 def state_name(state: int) -> str:
-    return pb.JobState.Name(state)  # type: ignore[arg-type]
+    # proto3 enums are open: a newer agent may report a value this hub does not know.
+    try:
+        return pb.JobState.Name(state)  # type: ignore[arg-type]
+    except ValueError:
+        return f"JobState({state})"
 
 
 def _timestamp(now: float) -> Timestamp:
@@ -120,6 +124,9 @@ def apply_update(
         return UpdateOutcome(None, f"stale: job is at {status.cluster}/{status.generation}")
     if status.state in TERMINAL:
         return UpdateOutcome(None, f"job already {state_name(status.state)}")
+    if status.state not in _PROGRESS and status.state != S.CANCELLING:
+        # PENDING (cluster "" at generation 0): nothing runs anywhere, so no report applies.
+        return UpdateOutcome(None, f"job is {state_name(status.state)}, not on a cluster")
     if state not in _PROGRESS or state == S.DISPATCHED:
         return UpdateOutcome(None, f"clusters do not report {state_name(state)}")
     if status.state == S.CANCELLING:
@@ -154,3 +161,16 @@ def request_cancel(status: pb.JobStatus, reason: str, now: float) -> CancelOutco
 
 def is_terminal(state: int) -> bool:
     return state in TERMINAL
+
+
+def is_orphan(status: pb.JobStatus | None, cluster: str, generation: int) -> bool:
+    """Whether a workload found in `cluster` at `generation` is one the hub no longer wants there.
+
+    Unknown jobs, jobs now held by another cluster or generation, and cancelled jobs are
+    orphans; finished jobs are not, so their objects (and logs) stay until cleaned up by TTL.
+    """
+    if status is None:
+        return True
+    if status.cluster != cluster or status.generation != generation:
+        return True
+    return status.state in (S.CANCELLED, S.PENDING)

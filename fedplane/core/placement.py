@@ -107,39 +107,49 @@ def fit_gang(
 
     Pods of a set are identical, so the number that fit on a node is exact; nodes that can
     take the fewest pods are filled first (best fit), leaving whole nodes for later gangs.
+    Every set's required pods (min_count, or count) are placed before any set's optional
+    ones, so an elastic set never takes the room another set needs.
     Works on copies of the free capacity: the cluster is not modified.
     """
     free = {node.name: dict(node.free) for node in cluster.nodes}
-    assignments: list[Assignment] = []
-    for pod_set in sorted(job.pod_sets, key=_pod_set_order):
-        requests = dict(pod_set.requests)
-        needed = pod_set.min_count or pod_set.count
-        candidates: list[tuple[int, str]] = []
-        for node in cluster.nodes:
-            if not node.schedulable:
+    placed: dict[tuple[str, str], int] = {}
+    pod_sets = sorted(job.pod_sets, key=_pod_set_order)
+    for optional in (False, True):
+        for pod_set in pod_sets:
+            requests = dict(pod_set.requests)
+            needed = pod_set.min_count or pod_set.count
+            want = pod_set.count - needed if optional else needed
+            if want <= 0:
                 continue
-            if tolerate_node and untolerated(node.taints, job.tolerations):
-                continue
-            if pod_set.gpu_type and node.labels.get(GPU_PRODUCT_LABEL, "") != pod_set.gpu_type:
-                continue
-            view = NodeView(node.name, free[node.name])
-            n = min(_pods_fitting(view, requests), pod_set.count)
-            if n > 0:
-                candidates.append((n, node.name))
-        placeable = sum(n for n, _ in candidates)
-        if placeable < needed:
-            return [], _shortfall(pod_set, needed, placeable, cluster, requests, free)
-        remaining = pod_set.count
-        for n, name in sorted(candidates):
-            if remaining == 0:
-                break
-            take = min(n, remaining)
-            remaining -= take
-            node_free = free[name]
-            for resource, amount in requests.items():
-                node_free[resource] = node_free.get(resource, 0) - amount * take
-            assignments.append(Assignment(pod_set.name, name, take))
-    return assignments, ""
+            usable = [n for n in cluster.nodes if _usable(job, pod_set, n, tolerate_node)]
+            candidates: list[tuple[int, str]] = []
+            for node in usable:
+                # Uncapped, so that best fit can tell a nearly full node from an empty one.
+                n = _pods_fitting(NodeView(node.name, free[node.name]), requests)
+                if n > 0:
+                    candidates.append((n, node.name))
+            placeable = sum(min(n, want) for n, _ in candidates)
+            if not optional and placeable < needed:
+                return [], _shortfall(pod_set, needed, placeable, cluster, requests, free, usable)
+            remaining = want
+            for n, name in sorted(candidates):
+                if remaining == 0:
+                    break
+                take = min(n, remaining)
+                remaining -= take
+                node_free = free[name]
+                for resource, amount in requests.items():
+                    node_free[resource] = node_free.get(resource, 0) - amount * take
+                placed[(pod_set.name, name)] = placed.get((pod_set.name, name), 0) + take
+    return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
+
+
+def _usable(job: JobRequest, pod_set: PodSetRequest, node: NodeView, tolerate_node: bool) -> bool:
+    if not node.schedulable:
+        return False
+    if tolerate_node and untolerated(node.taints, job.tolerations):
+        return False
+    return not pod_set.gpu_type or node.labels.get(GPU_PRODUCT_LABEL, "") == pod_set.gpu_type
 
 
 def _pod_set_order(pod_set: PodSetRequest) -> tuple[int, str]:
@@ -154,6 +164,7 @@ def _shortfall(
     cluster: ClusterView,
     requests: dict[str, int],
     free: dict[str, dict[str, int]],
+    usable: list[NodeView],
 ) -> str:
     """Explain a gang misfit, distinguishing too little capacity from capacity in the wrong shape."""
     if pod_set.gpu_type and not any(
@@ -164,18 +175,30 @@ def _shortfall(
         )
         have = ", ".join(products) if products else "no GPUs"
         return f"pod set {pod_set.name}: no node has GPU type {pod_set.gpu_type} (cluster has {have})"
+    # Only nodes the pod set may use count: capacity on tainted or cordoned nodes is no help.
+    excluded = len(cluster.nodes) - len(usable)
+    note = (
+        f"; {excluded} of {len(cluster.nodes)} nodes unusable: "
+        + (
+            "unschedulable, untolerated taint or other GPU type"
+            if pod_set.gpu_type
+            else "unschedulable or untolerated taint"
+        )
+        if excluded
+        else ""
+    )
     short = []
     for resource, amount in requests.items():
         if amount <= 0:
             continue
-        total_free = sum(f.get(resource, 0) for f in free.values())
+        total_free = sum(free[n.name].get(resource, 0) for n in usable)
         if total_free < amount * needed:
             short.append(f"{resource} {total_free} free < {amount * needed} needed")
     if short:
-        return f"pod set {pod_set.name}: insufficient capacity ({', '.join(short)})"
+        return f"pod set {pod_set.name}: insufficient capacity ({', '.join(short)}{note})"
     return (
         f"pod set {pod_set.name}: only {placeable} of {needed} pods fit on the nodes "
-        f"(enough capacity in total, but fragmented across nodes)"
+        f"(enough capacity in total, but fragmented across nodes{note})"
     )
 
 

@@ -26,7 +26,7 @@ def validate_spec(spec: pb.JobSpec, where: str = "spec") -> list[str]:
     problems: list[str] = []
 
     def bad(path: str, problem: str) -> None:
-        problems.append(f"{where}.{path}: {problem}")
+        problems.append(f"{where}.{path}: {problem}" if path else f"{where}: {problem}")
 
     if not spec.name:
         bad("name", "required")

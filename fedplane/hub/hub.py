@@ -682,6 +682,22 @@ class Hub:
                 cb=self._on_report,
             )
             self._subs.append(sub)
+        self._subs.append(
+            await self.nc.subscribe(f"{bus.PREFIX}.gc.*", queue="hub", cb=self._on_orphan_query)
+        )
+
+    async def _on_orphan_query(self, msg: Any) -> None:
+        """Answer an agent's garbage-collection question from the dispatch records."""
+        try:
+            query = agent_pb.OrphanQuery.FromString(msg.data)
+            orphans = []
+            for ref in query.workloads:
+                record = self.jobs.get(ref.job_id)
+                if sm.is_orphan(record.job.status if record else None, query.cluster, ref.generation):
+                    orphans.append(ref)
+            await msg.respond(agent_pb.OrphanReply(orphans=orphans).SerializeToString())
+        except Exception:
+            log.exception("bad orphan query", subject=msg.subject)
 
     async def _on_report(self, msg: Any) -> None:
         try:

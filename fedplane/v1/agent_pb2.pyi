@@ -8,6 +8,7 @@ Subjects (see docs/architecture.md):
   fedplane.v1.datasets.<cluster>    DataLocalityReport agent -> hub  (last value kept per cluster)
   fedplane.v1.cmd.<cluster>         DispatchCommand    hub -> agent  (durable, per-cluster consumer)
   fedplane.v1.status.<cluster>      StatusUpdate       agent -> hub  (durable, hub consumer)
+  fedplane.v1.gc.<cluster>          OrphanQuery/Reply  agent -> hub  (request-reply, not durable)
 """
 
 from collections import abc as _abc
@@ -283,3 +284,73 @@ class StatusUpdate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusUpdate: _TypeAlias = StatusUpdate  # noqa: Y015
+
+@_typing.final
+class WorkloadRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadRef: _TypeAlias = WorkloadRef  # noqa: Y015
+
+@_typing.final
+class OrphanQuery(_message.Message):
+    """Agent -> hub request (core NATS request-reply on fedplane.v1.gc.<cluster>): which of the
+    workloads in my cluster does the hub no longer assign to me? The agent lists its workloads
+    before asking, so a workload created after the question can never be judged an orphan.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    WORKLOADS_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.str
+    @_builtins.property
+    def workloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkloadRef]: ...
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.str = ...,
+        workloads: _abc.Iterable[Global___WorkloadRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "workloads", b"workloads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrphanQuery: _TypeAlias = OrphanQuery  # noqa: Y015
+
+@_typing.final
+class OrphanReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORPHANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def orphans(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkloadRef]: ...
+    def __init__(
+        self,
+        *,
+        orphans: _abc.Iterable[Global___WorkloadRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orphans", b"orphans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrphanReply: _TypeAlias = OrphanReply  # noqa: Y015

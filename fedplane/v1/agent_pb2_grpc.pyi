@@ -8,6 +8,7 @@ Subjects (see docs/architecture.md):
   fedplane.v1.datasets.<cluster>    DataLocalityReport agent -> hub  (last value kept per cluster)
   fedplane.v1.cmd.<cluster>         DispatchCommand    hub -> agent  (durable, per-cluster consumer)
   fedplane.v1.status.<cluster>      StatusUpdate       agent -> hub  (durable, hub consumer)
+  fedplane.v1.gc.<cluster>          OrphanQuery/Reply  agent -> hub  (request-reply, not durable)
 """
 
 from collections import abc as _abc
