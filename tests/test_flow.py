@@ -268,3 +268,34 @@ async def test_generic_grpc_tools_can_find_and_check_the_hub(federation: Federat
         services = {s.name for s in response.list_services_response.service}
         break
     assert {"fedplane.v1.JobService", "fedplane.v1.ClusterService", "grpc.health.v1.Health"} <= services
+
+
+async def test_batch_with_repeated_keys_answers_every_entry_with_its_own_job(federation: Federation) -> None:
+    batch = await federation.jobs.SubmitJobs(
+        hub_pb2.SubmitJobsRequest(
+            jobs=[
+                hub_pb2.SubmitJobRequest(spec=job_spec("a"), idempotency_key="k"),
+                hub_pb2.SubmitJobRequest(spec=job_spec("a"), idempotency_key="k"),
+                hub_pb2.SubmitJobRequest(spec=job_spec("c")),
+            ]
+        )
+    )
+    first, repeat, unkeyed = batch.results
+    assert first.created and not repeat.created and repeat.job.id == first.job.id
+    assert unkeyed.created and unkeyed.job.spec.name == "c" and unkeyed.job.id != first.job.id
+
+
+async def test_paging_returns_every_job_once_even_within_one_transaction(federation: Federation) -> None:
+    await federation.jobs.SubmitJobs(
+        hub_pb2.SubmitJobsRequest(jobs=[hub_pb2.SubmitJobRequest(spec=job_spec(f"p{i}")) for i in range(7)])
+    )
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest(page_size=2, page_token=token))
+        assert len(page.jobs) <= 2
+        seen += [j.spec.name for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == [f"p{i}" for i in range(7)]

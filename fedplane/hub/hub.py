@@ -208,20 +208,22 @@ class Hub:
     async def submit(self, items: Sequence[tuple[pb.JobSpec, str]], batch: bool) -> list[tuple[pb.Job, bool]]:
         problems: list[str] = []
         for i, (spec, key) in enumerate(items):
-            where = f"jobs[{i}].spec" if batch else "spec"
-            problems += validate_spec(spec, where)
+            where = f"jobs[{i}]." if batch else ""
+            problems += validate_spec(spec, f"{where}spec")
             if len(key) > MAX_IDEMPOTENCY_KEY:
-                problems.append(
-                    f"{where.removesuffix('.spec')}.idempotency_key: longer than {MAX_IDEMPOTENCY_KEY}"
-                )
+                problems.append(f"{where}idempotency_key: longer than {MAX_IDEMPOTENCY_KEY} characters")
         if problems:
             raise HubError("INVALID_ARGUMENT", "; ".join(problems))
         now = time.time()
         trace_context = telemetry.inject()
         jobs: list[pb.Job] = []
+        # For each item, the index of the job that answers it; a key repeated in the batch
+        # answers with the first occurrence's job, as a retry would.
+        answer: list[int] = []
         first_by_key: dict[str, int] = {}
         for spec, key in items:
             if key and key in first_by_key:
+                answer.append(first_by_key[key])
                 continue
             job = pb.Job(id=new_job_id(), spec=spec, idempotency_key=key, trace_context=trace_context)
             job.spec.queue = job.spec.queue or "default"
@@ -229,24 +231,23 @@ class Hub:
             job.status.CopyFrom(sm.new_pending(now))
             if key:
                 first_by_key[key] = len(jobs)
+            answer.append(len(jobs))
             jobs.append(job)
         with telemetry.tracer().start_as_current_span("hub.store_jobs", attributes={"jobs": len(jobs)}):
             stored = await self.store.create_jobs(jobs)
-        by_key: dict[str, tuple[pb.Job, bool]] = {}
-        results: list[tuple[pb.Job, bool]] = []
+        outs: list[tuple[pb.Job, bool]] = []
         for record, created in stored:
-            if created or record.job.id not in self.jobs:
-                self.jobs.setdefault(record.job.id, record)
-            out = self._job_out(self.jobs[record.job.id])
-            if record.job.idempotency_key:
-                by_key[record.job.idempotency_key] = (out, created)
-            results.append((out, created))
-        if len(results) != len(items):
-            # Repeated keys within one batch: every repeat answers with the first one's job.
-            results = [by_key[key] if key else results.pop(0) for _, key in items]
+            self.jobs.setdefault(record.job.id, record)
+            outs.append((self._job_out(self.jobs[record.job.id]), created))
+        results: list[tuple[pb.Job, bool]] = []
+        answered: set[int] = set()
+        for index in answer:
+            job, created = outs[index]
+            results.append((job, created and index not in answered))
+            answered.add(index)
         if any(created for _, created in stored):
             self._wake.set()
-        for job, created in results:
+        for job, created in outs:
             log.info("job submitted", job_id=job.id, queue=job.spec.queue, created=created)
         return results
 
@@ -257,21 +258,27 @@ class Hub:
         return self._job_out(record)
 
     def list_jobs(self, flt: JobFilter, page_size: int, page_token: str) -> tuple[list[pb.Job], str, int]:
+        """A page of matching jobs in submission order.
+
+        Jobs stored in one transaction share a revision, so the order (and the page token)
+        is (submission revision, job id).
+        """
         if page_size < 0:
             raise HubError("INVALID_ARGUMENT", "page_size: must not be negative")
         page_size = min(page_size or 100, 1000)
-        try:
-            after = int(page_token) if page_token else 0
-        except ValueError:
-            raise HubError(
-                "INVALID_ARGUMENT", f"page_token: {page_token!r} is not a token from ListJobs"
-            ) from None
+        after: tuple[int, str] = (0, "")
+        if page_token:
+            seq, _, job_id = page_token.partition(":")
+            if not seq.isdigit() or not job_id:
+                raise HubError("INVALID_ARGUMENT", f"page_token: {page_token!r} is not a token from ListJobs")
+            after = (int(seq), job_id)
         revision = self._event_revision
         matching = sorted(
-            (r for r in self.jobs.values() if r.seq > after and flt.matches(r.job)), key=lambda r: r.seq
+            (r for r in self.jobs.values() if (r.seq, r.job.id) > after and flt.matches(r.job)),
+            key=lambda r: (r.seq, r.job.id),
         )
         page = matching[:page_size]
-        next_token = str(page[-1].seq) if len(matching) > page_size else ""
+        next_token = f"{page[-1].seq}:{page[-1].job.id}" if len(matching) > page_size else ""
         return [self._job_out(r) for r in page], next_token, revision
 
     async def cancel(self, job_id: str, reason: str) -> pb.Job:

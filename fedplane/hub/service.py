@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from fedplane.hub.hub import Hub, HubError, JobFilter
 from fedplane.v1 import hub_pb2 as hub_pb
@@ -21,6 +22,10 @@ async def _call(context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Aw
     except HubError as exc:
         await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         raise  # unreachable: abort raises
+    except (ConnectionFailedError, ConnectionTimeoutError) as exc:
+        # Nothing was decided: the client may retry (with the same idempotency key).
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the hub cannot reach etcd: {exc}")
+        raise
 
 
 def _need(value: str, field: str) -> None:

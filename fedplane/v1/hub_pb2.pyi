@@ -241,7 +241,9 @@ class WatchJobsRequest(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     JOB_IDS_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
-    """Deliver changes after this revision (0 = from now on)."""
+    """Deliver changes after this revision (0 = from now on). Several jobs may change at one
+    revision: resume from the last revision whose events were all processed.
+    """
     queue: _builtins.str
     @_builtins.property
     def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

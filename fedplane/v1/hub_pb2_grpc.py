@@ -84,6 +84,7 @@ class JobServiceServicer:
 
     def SubmitJobs(self, request, context):
         """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch.
+        A key repeated within the batch answers with the first occurrence's job (created = false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

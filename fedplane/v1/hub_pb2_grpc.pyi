@@ -35,7 +35,9 @@ class JobServiceStub:
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitJobRequest, _hub_pb2.SubmitJobResponse]
     """Submit one job. A repeated idempotency_key returns the job created first (created = false)."""
     SubmitJobs: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitJobsRequest, _hub_pb2.SubmitJobsResponse]
-    """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch."""
+    """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch.
+    A key repeated within the batch answers with the first occurrence's job (created = false).
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetJobRequest, _types_pb2.Job]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListJobsRequest, _hub_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.CancelJobRequest, _types_pb2.Job]
@@ -50,7 +52,9 @@ class JobServiceAsyncStub(JobServiceStub):
     SubmitJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitJobRequest, _hub_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Submit one job. A repeated idempotency_key returns the job created first (created = false)."""
     SubmitJobs: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitJobsRequest, _hub_pb2.SubmitJobsResponse]  # type: ignore[assignment]
-    """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch."""
+    """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch.
+    A key repeated within the batch answers with the first occurrence's job (created = false).
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetJobRequest, _types_pb2.Job]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListJobsRequest, _hub_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.CancelJobRequest, _types_pb2.Job]  # type: ignore[assignment]
@@ -74,7 +78,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hub_pb2.SubmitJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hub_pb2.SubmitJobsResponse, _abc.Awaitable[_hub_pb2.SubmitJobsResponse]]:
-        """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch."""
+        """Submit many jobs. Every spec is validated first; one invalid spec rejects the whole batch.
+        A key repeated within the batch answers with the first occurrence's job (created = false).
+        """
 
     @_abc_1.abstractmethod
     def GetJob(

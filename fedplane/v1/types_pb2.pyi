@@ -608,7 +608,9 @@ class Job(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """W3C trace context of the submit call, so placement and dispatch join the submit's trace."""
+        """W3C trace context of the submit call, so placement and dispatch join the submit's trace.
+        Internal: stored with the job, not returned by the API.
+        """
 
     def __init__(
         self,
@@ -643,7 +645,7 @@ class ScoreBreakdown(_message.Message):
     data_locality: _builtins.float
     """Fraction of the job's input bytes already in the cluster."""
     headroom: _builtins.float
-    """Fraction of the cluster's capacity still free after placement."""
+    """Fraction of the cluster's scarcest requested resource still free after placement."""
     cost: _builtins.float
     """Relative cheapness (cheapest cluster = 1)."""
     preference: _builtins.float

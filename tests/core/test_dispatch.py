@@ -328,13 +328,18 @@ def test_history_is_capped_keeping_the_first_and_the_latest_entries() -> None:
     assert [sm.state_name(h.state) for h in status.history[-3:]] == ["ADMITTED", "RUNNING", "SUCCEEDED"]
 
 
-def test_history_below_the_cap_is_kept_whole() -> None:
-    status = dispatched()
+def test_history_up_to_the_cap_is_kept_whole_and_one_more_drops_the_oldest_but_first() -> None:
+    status = dispatched()  # Submitted, Placed
     for _ in range(sm.MAX_HISTORY - 3):
         status.history.add(state=S.DISPATCHED)
     status = update(status, S.ADMITTED, T0 + 2)
     assert len(status.history) == sm.MAX_HISTORY
-    assert status.history[1].reason == "Placed"
+    assert [h.reason for h in status.history[:2]] == ["Submitted", "Placed"]
+    status = update(status, S.RUNNING, T0 + 3)
+    assert len(status.history) == sm.MAX_HISTORY
+    assert status.history[0].reason == "Submitted"
+    assert status.history[1].reason != "Placed"
+    assert status.history[-1].state == S.RUNNING
 
 
 # -- any sequence of updates -------------------------------------------------------------------
