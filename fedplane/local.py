@@ -45,6 +45,8 @@ CLUSTERS: list[dict[str, Any]] = [
                     "count": 4,
                     "gpu_type": "A100",
                     "resources": {"cpu": 96, "memory": "768Gi", "gpu": 8},
+                    # Keeps CPU-only pods off GPU nodes; pods requesting GPUs tolerate it implicitly.
+                    "taints": ["nvidia.com/gpu=present:NoSchedule"],
                 }
             ],
             "datasets": {"imagenet": "150Gi"},
@@ -135,21 +137,26 @@ def clusters_table(clusters: list[pb.Cluster]) -> Table:
 def placement_table(jobs: list[pb.Job]) -> Table:
     """Where each job ran and why: the winning cluster's score, component by component."""
     table = Table(title="Where each job ran, and why", header_style="bold")
-    for column in ("JOB", "STATE", "CLUSTER", "SCORE", "DATA", "HEADROOM", "COST", "PREFERENCE", "NOTE"):
-        table.add_column(column)
+    table.add_column("JOB", overflow="fold")
+    table.add_column("STATE")
+    table.add_column("CLUSTER")
+    table.add_column("SCORE")
+    table.add_column("WHY (score parts)", overflow="fold")
     for job in sorted(jobs, key=lambda j: j.id):
         s = job.status.placement_score
         placed = bool(job.status.cluster)
+        why = (
+            f"data {s.data_locality:.2f} · headroom {s.headroom:.2f} · "
+            f"cost {s.cost:.2f} · pref {s.preference:.2f}"
+            if placed
+            else job.pending_reason
+        )
         table.add_row(
             job.spec.name,
             state_text(job.status.state),
             job.status.cluster or "-",
             f"{s.total:.2f}" if placed else "-",
-            f"{s.data_locality:.2f}" if placed else "-",
-            f"{s.headroom:.2f}" if placed else "-",
-            f"{s.cost:.2f}" if placed else "-",
-            f"{s.preference:.2f}" if placed else "-",
-            job.status.message or job.pending_reason,
+            why,
         )
     return table
 

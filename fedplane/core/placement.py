@@ -18,6 +18,7 @@ from fedplane.core.model import (
     JobRequest,
     NodeView,
     PodSetRequest,
+    Toleration,
     untolerated,
 )
 
@@ -144,10 +145,27 @@ def fit_gang(
     return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
 
 
+_STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage", "pods"})
+
+
+def _tolerations(job: JobRequest, pod_set: PodSetRequest) -> tuple[Toleration, ...]:
+    """The job's tolerations plus one per extended resource the pod set requests.
+
+    Kubernetes' ExtendedResourceToleration admission does the same, so GPU nodes can carry a
+    `nvidia.com/gpu:NoSchedule` taint that keeps CPU-only pods off them.
+    """
+    implicit = tuple(
+        Toleration(key=r, operator="Exists")
+        for r, amount in pod_set.requests.items()
+        if amount > 0 and r not in _STANDARD_RESOURCES
+    )
+    return job.tolerations + implicit
+
+
 def _usable(job: JobRequest, pod_set: PodSetRequest, node: NodeView, tolerate_node: bool) -> bool:
     if not node.schedulable:
         return False
-    if tolerate_node and untolerated(node.taints, job.tolerations):
+    if tolerate_node and untolerated(node.taints, _tolerations(job, pod_set)):
         return False
     return not pod_set.gpu_type or node.labels.get(GPU_PRODUCT_LABEL, "") == pod_set.gpu_type
 
