@@ -933,3 +933,40 @@ async def test_agent_daemon_runs_a_hub_job_on_the_cluster(
         pb.RUNNING,
         pb.SUCCEEDED,
     ]
+
+
+async def test_agent_deletes_orphaned_jobs_the_hub_no_longer_assigns_and_nothing_else(
+    federation: Federation, kube: KubeAPIServer, admin: Admin, namespace: str
+) -> None:
+    """Orphans left by a failover are deleted with background propagation; foreign objects are not."""
+    config = AgentConfig(
+        cluster="kube-gc",
+        nats_url=federation.nats_url,
+        heartbeat_interval_seconds=0.3,
+        gc_interval_seconds=0,  # driven by hand below
+        backend={"type": "kubernetes", "kubeconfig": str(kube.admin_kubeconfig_path), "namespace": namespace},
+    )
+    agent = Agent(config, make_agent_backend(config))
+    await agent.start()
+    federation.agents[config.cluster] = agent
+    orphan_id = new_job_id()
+    await agent.backend.create(create_request(orphan_id, generation=2))
+    plain = job_manifest()
+    plain["metadata"] = {"name": "not-ours"}
+    admin.create(jobs_path(namespace), plain)
+
+    assert await agent.collect_orphans() == [orphan_id]
+
+    async def gone() -> bool:
+        try:
+            admin.get(jobs_path(namespace, object_name(orphan_id, 2)))
+        except Exception:
+            return True
+        return False
+
+    deadline = time.monotonic() + 10
+    while not await gone():
+        assert time.monotonic() < deadline, "the orphaned Job was not deleted"
+        await asyncio.sleep(0.1)
+    admin.get(jobs_path(namespace, "not-ours"))
+    assert await agent.backend.list_workloads() == []
