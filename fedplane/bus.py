@@ -12,8 +12,9 @@ duplicate window is stored once.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import nats
@@ -23,7 +24,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from fedplane import telemetry
+from fedplane import logs, telemetry
 
 PREFIX = "fedplane.v1"
 REPORTS_STREAM = "FEDPLANE_REPORTS"
@@ -31,6 +32,7 @@ COMMANDS_STREAM = "FEDPLANE_COMMANDS"
 STATUS_STREAM = "FEDPLANE_STATUS"
 MSG_TYPE_HEADER = "Fedplane-Type"
 DUPLICATE_WINDOW_SECONDS = 600.0
+log = logs.get("fedplane.bus")
 _TOKEN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -137,6 +139,22 @@ def headers(
     if msg_id:
         out["Nats-Msg-Id"] = msg_id
     return out
+
+
+async def batches(sub: Any, size: int, stopping: Callable[[], bool]) -> AsyncIterator[list[Any]]:
+    """Batches from a pull subscription until `stopping()`; rides out timeouts and lost links."""
+    while not stopping():
+        try:
+            msgs = await sub.fetch(size, timeout=1)
+        except TimeoutError:
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("fetch failed", subject=sub.subject if hasattr(sub, "subject") else "", error=str(exc))
+            await asyncio.sleep(0.5)
+            continue
+        yield msgs
 
 
 def trace_headers(msg: Any) -> dict[str, str]:

@@ -190,7 +190,7 @@ class FedplaneClient:
         )
         return await self._call(self._job_stub.ListJobs, request)
 
-    async def iter_jobs(
+    async def pages(
         self,
         *,
         queue: str = "",
@@ -198,8 +198,8 @@ class FedplaneClient:
         cluster: str = "",
         labels: Mapping[str, str] | None = None,
         page_size: int = 0,
-    ) -> AsyncGenerator[pb.Job, None]:
-        """Every matching job, fetching pages as the caller consumes them."""
+    ) -> AsyncGenerator[hub_pb2.ListJobsResponse, None]:
+        """Every page of matching jobs, fetched as the caller consumes them."""
         token = ""
         states = builtins.list(states)
         while True:
@@ -211,11 +211,26 @@ class FedplaneClient:
                 page_size=page_size,
                 page_token=token,
             )
-            for job in page.jobs:
-                yield job
+            yield page
             token = page.next_page_token
             if not token:
                 return
+
+    async def iter_jobs(
+        self,
+        *,
+        queue: str = "",
+        states: Iterable[pb.JobState.ValueType] = (),
+        cluster: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+    ) -> AsyncGenerator[pb.Job, None]:
+        """Every matching job, fetching pages as the caller consumes them."""
+        async for page in self.pages(
+            queue=queue, states=states, cluster=cluster, labels=labels, page_size=page_size
+        ):
+            for job in page.jobs:
+                yield job
 
     async def list_with_revision(
         self,
@@ -229,23 +244,12 @@ class FedplaneClient:
         """All matching jobs and the revision of the first page: watching from it misses nothing."""
         jobs: builtins.list[pb.Job] = []
         revision = 0
-        token = ""
-        states = builtins.list(states)
-        while True:
-            page = await self.list_page(
-                queue=queue,
-                states=states,
-                cluster=cluster,
-                labels=labels,
-                page_size=page_size,
-                page_token=token,
-            )
+        async for page in self.pages(
+            queue=queue, states=states, cluster=cluster, labels=labels, page_size=page_size
+        ):
             jobs.extend(page.jobs)
-            if not revision:
-                revision = page.revision
-            token = page.next_page_token
-            if not token:
-                return jobs, revision
+            revision = revision or page.revision
+        return jobs, revision
 
     async def list(
         self,

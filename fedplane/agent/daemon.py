@@ -208,17 +208,7 @@ class Agent:
             except Exception as exc:
                 log.info("waiting for the hub's command stream", error=str(exc))
                 await asyncio.sleep(1.0)
-        while not self._stopping:
-            try:
-                msgs = await sub.fetch(32, timeout=1)
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("command fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
+        async for msgs in bus.batches(sub, 32, lambda: self._stopping):
             for i, msg in enumerate(msgs):
                 if self._stopping:
                     await asyncio.gather(*(m.nak() for m in msgs[i:]), return_exceptions=True)

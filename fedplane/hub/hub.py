@@ -598,17 +598,7 @@ class Hub:
             stream=bus.STATUS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=20_000),
         )
-        while not self._stopping:
-            try:
-                msgs = await sub.fetch(512, timeout=1)
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("status fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
+        async for msgs in bus.batches(sub, 512, lambda: self._stopping):
             try:
                 await self._apply_status_batch(msgs)
             except asyncio.CancelledError:
