@@ -79,6 +79,7 @@ class ClusterView:
     ready: bool = True
     cordoned: bool = False
     not_ready_reason: str = ""
+    _totals: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> ClusterView:
         """A copy whose node free capacity can be deducted without touching the original."""
@@ -99,11 +100,20 @@ class ClusterView:
         )
 
     def total(self, which: str) -> dict[str, int]:
+        """Sum of the nodes' "free" or "allocatable"; cached until invalidate()."""
+        cached = self._totals.get(which)
+        if cached is not None:
+            return cached
         totals: dict[str, int] = {}
         for node in self.nodes:
             for resource, amount in getattr(node, which).items():
                 totals[resource] = totals.get(resource, 0) + amount
+        self._totals[which] = totals
         return totals
+
+    def invalidate(self) -> None:
+        """Forget cached totals after node free capacity changed."""
+        self._totals.clear()
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,39 +110,61 @@ def fit_gang(
     take the fewest pods are filled first (best fit), leaving whole nodes for later gangs.
     Every set's required pods (min_count, or count) are placed before any set's optional
     ones, so an elastic set never takes the room another set needs.
-    Works on copies of the free capacity: the cluster is not modified.
+    Works on copy-on-write overlays of the free capacity: the cluster is not modified.
     """
-    free = {node.name: dict(node.free) for node in cluster.nodes}
+    taken: dict[str, dict[str, int]] = {}  # nodes this gang already used: their remaining free
     placed: dict[tuple[str, str], int] = {}
     pod_sets = sorted(job.pod_sets, key=_pod_set_order)
+    usable_by_set = {p.name: _usable_nodes(job, p, cluster, tolerate_node) for p in pod_sets}
     for optional in (False, True):
         for pod_set in pod_sets:
-            requests = dict(pod_set.requests)
             needed = pod_set.min_count or pod_set.count
             want = pod_set.count - needed if optional else needed
             if want <= 0:
                 continue
-            usable = [n for n in cluster.nodes if _usable(job, pod_set, n, tolerate_node)]
+            wanted = [(r, a) for r, a in pod_set.requests.items() if a > 0]
+            usable = usable_by_set[pod_set.name]
             candidates: list[tuple[int, str]] = []
+            placeable = 0
             for node in usable:
+                free = taken.get(node.name, node.free)
                 # Uncapped, so that best fit can tell a nearly full node from an empty one.
-                n = _pods_fitting(NodeView(node.name, free[node.name]), requests)
+                n = min((free.get(r, 0) // a for r, a in wanted), default=1 << 30)
                 if n > 0:
                     candidates.append((n, node.name))
-            placeable = sum(min(n, want) for n, _ in candidates)
+                    placeable += min(n, want)
             if not optional and placeable < needed:
-                return [], _shortfall(pod_set, needed, placeable, cluster, requests, free, usable)
+                free_now = {n.name: taken.get(n.name, n.free) for n in cluster.nodes}
+                requests = dict(pod_set.requests)
+                return [], _shortfall(pod_set, needed, placeable, cluster, requests, free_now, usable)
             remaining = want
+            nodes = {n.name: n for n in usable} if candidates else {}
             for n, name in sorted(candidates):
                 if remaining == 0:
                     break
                 take = min(n, remaining)
                 remaining -= take
-                node_free = free[name]
-                for resource, amount in requests.items():
+                node_free = taken.get(name)
+                if node_free is None:
+                    node_free = taken[name] = dict(nodes[name].free)
+                for resource, amount in wanted:
                     node_free[resource] = node_free.get(resource, 0) - amount * take
                 placed[(pod_set.name, name)] = placed.get((pod_set.name, name), 0) + take
     return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
+
+
+def _usable_nodes(
+    job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView, tolerate: bool
+) -> list[NodeView]:
+    tolerations = _tolerations(job, pod_set)
+    gpu_type = pod_set.gpu_type
+    return [
+        n
+        for n in cluster.nodes
+        if n.schedulable
+        and not (tolerate and n.taints and untolerated(n.taints, tolerations))
+        and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
+    ]
 
 
 _STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage", "pods"})
@@ -160,14 +182,6 @@ def _tolerations(job: JobRequest, pod_set: PodSetRequest) -> tuple[Toleration, .
         if amount > 0 and r not in _STANDARD_RESOURCES
     )
     return job.tolerations + implicit
-
-
-def _usable(job: JobRequest, pod_set: PodSetRequest, node: NodeView, tolerate_node: bool) -> bool:
-    if not node.schedulable:
-        return False
-    if tolerate_node and untolerated(node.taints, _tolerations(job, pod_set)):
-        return False
-    return not pod_set.gpu_type or node.labels.get(GPU_PRODUCT_LABEL, "") == pod_set.gpu_type
 
 
 def _pod_set_order(pod_set: PodSetRequest) -> tuple[int, str]:
@@ -317,6 +331,7 @@ def deduct(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignme
     """Take the assigned pods' requests out of the cluster's node free capacity (in place)."""
     requests = {p.name: p.requests for p in job.pod_sets}
     nodes = {n.name: n for n in cluster.nodes}
+    cluster.invalidate()
     for a in assignments:
         node = nodes[a.node]
         for resource, amount in requests[a.pod_set].items():
