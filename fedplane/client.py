@@ -165,6 +165,16 @@ class FedplaneClient:
     async def get(self, job_id: str) -> pb.Job:
         return await self._call(self._job_stub.GetJob, hub_pb2.GetJobRequest(job_id=job_id))
 
+    async def get_many(self, job_ids: Iterable[str], concurrency: int = 32) -> builtins.list[pb.Job]:
+        """Several jobs, in order, with a bounded number of calls in flight."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(job_id: str) -> pb.Job:
+            async with limit:
+                return await self.get(job_id)
+
+        return builtins.list(await asyncio.gather(*(one(i) for i in job_ids)))
+
     async def cancel(self, job_id: str, reason: str = "") -> pb.Job:
         return await self._call(
             self._job_stub.CancelJob, hub_pb2.CancelJobRequest(job_id=job_id, reason=reason)
@@ -367,7 +377,7 @@ class FedplaneClient:
                 await asyncio.sleep(resync_interval)
                 pending = [i for i, j in jobs.items() if not is_terminal(j.status.state)]
                 try:
-                    for job in await asyncio.gather(*(self.get(i) for i in pending)):
+                    for job in await self.get_many(pending):
                         accept(job)
                 except FedplaneError as exc:
                     if not exc.unavailable:
@@ -376,7 +386,7 @@ class FedplaneClient:
         if not ids:
             return {}
         revision = await self.current_revision()
-        for job in await asyncio.gather(*(self.get(i) for i in ids)):
+        for job in await self.get_many(ids):
             accept(job)
         if not finished.is_set():
             tasks = {asyncio.create_task(follow(revision)), asyncio.create_task(resync())}

@@ -205,9 +205,7 @@ async def run(
                 await stop.wait()
             return status
     finally:
-        for agent in agents:
-            with contextlib.suppress(Exception):
-                await agent.stop()
+        await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
         if hub_server is not None:
             with contextlib.suppress(Exception):
                 await hub_server.stop(grace=0.5)

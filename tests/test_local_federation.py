@@ -74,7 +74,7 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert processes_mentioning(str(data)), "etcd and nats-server should be running from the data dir"
 
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=30)
+    rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest.decode(errors="replace")[-2000:]
     assert "federation stopped" in rest.decode(errors="replace")
     assert processes_mentioning(str(data)) == []

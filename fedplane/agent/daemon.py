@@ -104,7 +104,7 @@ class Agent:
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
             asyncio.create_task(self._inventory_loop(), name="agent-inventory"),
             asyncio.create_task(self._command_loop(), name="agent-commands"),
-            asyncio.create_task(self.outbox.run(self._publish_status), name="agent-outbox"),
+            asyncio.create_task(self.outbox.run(self._publish_status, batch=256), name="agent-outbox"),
         ]
         if self.config.gc_interval_seconds > 0:
             self._tasks.append(asyncio.create_task(self._gc_loop(), name="agent-gc"))
@@ -208,12 +208,20 @@ class Agent:
             except Exception as exc:
                 log.info("waiting for the hub's command stream", error=str(exc))
                 await asyncio.sleep(1.0)
-        async for msgs in bus.batches(sub, 32, lambda: self._stopping):
-            for i, msg in enumerate(msgs):
-                if self._stopping:
-                    await asyncio.gather(*(m.nak() for m in msgs[i:]), return_exceptions=True)
-                    return
-                await self._handle_message(msg)
+        async for msgs in bus.batches(sub, 256, lambda: self._stopping):
+            # Different jobs are handled concurrently; one job's commands stay in order.
+            by_job: dict[str, list[Any]] = {}
+            for msg in msgs:
+                by_job.setdefault(agent_pb.DispatchCommand.FromString(msg.data).job_id, []).append(msg)
+
+            async def in_order(job_msgs: list[Any]) -> None:
+                for i, msg in enumerate(job_msgs):
+                    if self._stopping:
+                        await asyncio.gather(*(m.nak() for m in job_msgs[i:]), return_exceptions=True)
+                        return
+                    await self._handle_message(msg)
+
+            await asyncio.gather(*(in_order(job_msgs) for job_msgs in by_job.values()))
 
     async def _handle_message(self, msg: Any) -> None:
         command = agent_pb.DispatchCommand.FromString(msg.data)

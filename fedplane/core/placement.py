@@ -258,26 +258,98 @@ def filter_cluster(job: JobRequest, cluster: ClusterView) -> list[str]:
     return reasons
 
 
-def evaluate(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()) -> list[Verdict]:
-    """Every cluster's verdict for the job, best first (feasible ones ordered by preference, score)."""
-    verdicts: list[Verdict] = []
-    feasible_costs = []
+@dataclass(slots=True)
+class _Candidate:
+    """A cluster that passed the cluster-level filters, with the score parts known before packing."""
+
+    cluster: ClusterView
+    rank: int
+    locality: float
+    cost: float
+    preference: float
+    # Score with the fewest pods the gang may run with: no packing can score higher.
+    bound: Score
+
+
+def _candidates(
+    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights
+) -> tuple[list[_Candidate], list[Verdict]]:
+    """Split clusters into candidates (with an upper-bound score) and verdicts of those filtered out.
+
+    Cost is relative to the cheapest candidate, so it is known before any gang is packed.
+    """
+    rejected: list[Verdict] = []
+    eligible: list[ClusterView] = []
     for cluster in clusters:
         reasons = filter_cluster(job, cluster)
-        assignments: list[Assignment] = []
-        if not reasons:
-            assignments, misfit = fit_gang(job, cluster)
-            if misfit:
-                reasons.append(misfit)
-        verdict = Verdict(cluster.name, not reasons, reasons, Score(), group_rank(job, cluster), assignments)
+        if reasons:
+            rejected.append(Verdict(cluster.name, False, reasons, Score(), group_rank(job, cluster)))
+        else:
+            eligible.append(cluster)
+    costs = [c.cost for c in eligible if c.cost > 0]
+    cheapest = min(costs) if costs else 0.0
+    wanted = sum(d.size for d in job.datasets)
+    fewest = _usage(job, {p.name: p.min_count or p.count for p in job.pod_sets})
+    candidates = []
+    for cluster in eligible:
+        rank = group_rank(job, cluster)
+        locality = (
+            sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted
+            if wanted > 0
+            else 0.0
+        )
+        cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
+        preference = 1.0 - rank / len(job.groups) if job.groups else 0.0
+        bound = _combine(weights, locality, _headroom(cluster, fewest), cost, preference)
+        candidates.append(_Candidate(cluster, rank, locality, cost, preference, bound))
+    return candidates, rejected
+
+
+def _pack(job: JobRequest, candidate: _Candidate, weights: Weights) -> Verdict:
+    cluster = candidate.cluster
+    assignments, misfit = fit_gang(job, cluster)
+    if misfit:
+        return Verdict(cluster.name, False, [misfit], Score(), candidate.rank)
+    placed: dict[str, int] = {}
+    for a in assignments:
+        placed[a.pod_set] = placed.get(a.pod_set, 0) + a.count
+    headroom = _headroom(cluster, _usage(job, placed))
+    score = _combine(weights, candidate.locality, headroom, candidate.cost, candidate.preference)
+    return Verdict(cluster.name, True, [], score, candidate.rank, assignments)
+
+
+def evaluate(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()) -> list[Verdict]:
+    """Every cluster's verdict for the job, best first (feasible ones ordered by preference, score)."""
+    candidates, verdicts = _candidates(job, clusters, weights)
+    verdicts += [_pack(job, c, weights) for c in candidates]
+    verdicts.sort(key=_rank_key)
+    return verdicts
+
+
+def best_verdicts(
+    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()
+) -> list[Verdict]:
+    """Verdicts enough to know the best cluster: the same choice as evaluate(), far fewer gang fits.
+
+    Candidates are packed in order of their upper-bound score; packing stops once the best
+    feasible verdict ranks ahead of every remaining bound (branch and bound). When nothing
+    fits, every cluster has been tried and every reason is there.
+    """
+    candidates, verdicts = _candidates(job, clusters, weights)
+    candidates.sort(key=lambda c: (c.rank, -c.bound.total, c.cluster.name))
+    best: Verdict | None = None
+    for candidate in candidates:
+        if best is not None and _rank_key(best) <= (
+            False,
+            candidate.rank,
+            -candidate.bound.total,
+            candidate.cluster.name,
+        ):
+            break
+        verdict = _pack(job, candidate, weights)
         verdicts.append(verdict)
-        if verdict.feasible and cluster.cost > 0:
-            feasible_costs.append(cluster.cost)
-    cheapest = min(feasible_costs) if feasible_costs else 0.0
-    by_name = {c.name: c for c in clusters}
-    for verdict in verdicts:
-        if verdict.feasible:
-            verdict.score = _score(job, by_name[verdict.cluster], verdict, cheapest, weights)
+        if verdict.feasible and (best is None or _rank_key(verdict) < _rank_key(best)):
+            best = verdict
     verdicts.sort(key=_rank_key)
     return verdicts
 
@@ -286,16 +358,7 @@ def _rank_key(verdict: Verdict) -> tuple[bool, int, float, str]:
     return (not verdict.feasible, verdict.group_rank, -verdict.score.total, verdict.cluster)
 
 
-def _score(
-    job: JobRequest, cluster: ClusterView, verdict: Verdict, cheapest: float, weights: Weights
-) -> Score:
-    wanted = sum(d.size for d in job.datasets)
-    locality = (
-        sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted if wanted > 0 else 0.0
-    )
-    headroom = _headroom(job, cluster, verdict.assignments)
-    cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
-    preference = 1.0 - verdict.group_rank / len(job.groups) if job.groups else 0.0
+def _combine(weights: Weights, locality: float, headroom: float, cost: float, preference: float) -> Score:
     weight_sum = weights.data_locality + weights.headroom + weights.cost + weights.preference
     total = (
         weights.data_locality * locality
@@ -308,13 +371,18 @@ def _score(
     )
 
 
-def _headroom(job: JobRequest, cluster: ClusterView, assignments: Iterable[Assignment]) -> float:
-    """Fraction of the scarcest requested resource left free in the cluster after placement."""
-    requests = {p.name: p.requests for p in job.pod_sets}
+def _usage(job: JobRequest, pods: dict[str, int]) -> dict[str, int]:
+    """Resources used by `pods[pod_set]` pods of each pod set."""
     used: dict[str, int] = {}
-    for a in assignments:
-        for resource, amount in requests[a.pod_set].items():
-            used[resource] = used.get(resource, 0) + amount * a.count
+    for pod_set in job.pod_sets:
+        for resource, amount in pod_set.requests.items():
+            used[resource] = used.get(resource, 0) + amount * pods.get(pod_set.name, 0)
+    return used
+
+
+def _headroom(cluster: ClusterView, used: dict[str, int]) -> float:
+    """Fraction of the scarcest requested resource left free in the cluster after placement."""
+    used = {r: a for r, a in used.items() if a > 0}
     if not used:
         return 1.0
     free = cluster.total("free")
@@ -350,7 +418,7 @@ def place_batch(
     by_name = {c.name: c for c in working}
     decisions: list[Decision] = []
     for job in sorted(jobs, key=lambda j: (-j.priority, j.seq, j.id)):
-        verdicts = evaluate(job, working, weights)
+        verdicts = best_verdicts(job, working, weights)
         best = verdicts[0] if verdicts and verdicts[0].feasible else None
         if best is not None:
             deduct(by_name[best.cluster], job, best.assignments)

@@ -345,3 +345,20 @@ def test_placement_picks_the_best_feasible_cluster(
     assert verdicts[: len(feasible)] == sorted(
         feasible, key=lambda v: (v.group_rank, -v.score.total, v.cluster)
     )
+
+
+@PROPERTIES
+@given(clusters(), jobs(), WEIGHTS)
+def test_branch_and_bound_chooses_what_a_full_evaluation_chooses(
+    cluster_list: list[ClusterView], job: JobRequest, weights: Weights
+) -> None:
+    full = evaluate(job, cluster_list, weights)
+    (decision,) = place_batch([job], cluster_list, weights)
+    if not full[0].feasible:
+        assert decision.cluster is None
+        assert sorted(v.cluster for v in decision.verdicts) == sorted(v.cluster for v in full)
+        return
+    assert decision.cluster == full[0].cluster
+    chosen = decision.chosen
+    assert chosen is not None
+    assert chosen.score == full[0].score and chosen.assignments == full[0].assignments
