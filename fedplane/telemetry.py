@@ -82,6 +82,12 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def trace_id_of(carrier: Mapping[str, str]) -> str:
+    """The trace id in a stored W3C context, for log lines written outside any span."""
+    ctx = trace.get_current_span(extract(carrier)).get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
 def grpc_client_interceptors() -> list[Any]:
     """Interceptors that start a client span and put its context in the call's metadata."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors

@@ -97,7 +97,7 @@ def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_
     ]:
         out = (tmp_path / f"{name}.out").open("wb")
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "fedplane", *args],
+            [sys.executable, "-X", "faulthandler", "-m", "fedplane", *args],
             cwd=tmp_path,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -121,7 +121,14 @@ def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
-        codes = {name: proc.wait(15) for name, proc in procs.items()}
+        codes: dict[str, int | str] = {}
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+                proc.wait(10)
+                codes[name] = "hung:\n" + (tmp_path / f"{name}.out").read_text()[-4000:]
         assert codes == {name: 0 for name in procs}, f"daemons did not stop cleanly: {codes}"
 
 
@@ -178,3 +185,24 @@ def test_cli_drives_a_federation_of_separate_processes(daemons: str, tmp_path: P
             break
         time.sleep(0.5)
     assert shared, "no trace shared by the hub's dispatch and the agent's create"
+
+
+def log_events(path: Path, event: str) -> list[dict[str, object]]:
+    found = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{") and f'"event": "{event}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def test_logs_are_json_with_the_job_and_its_trace(daemons: str, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(JOB)
+    fedplane("submit", str(spec), "--wait", hub=daemons)
+    (job,) = json.loads(fedplane("list", "-o", "json", hub=daemons).stdout)
+
+    dispatched = [e for e in log_events(tmp_path / "hub.out", "job dispatched") if e["job_id"] == job["id"]]
+    created = [e for e in log_events(tmp_path / "gpu-a.out", "workload created") if e["job_id"] == job["id"]]
+    assert len(dispatched) == 1 and len(created) == 1
+    assert dispatched[0]["trace_id"] and dispatched[0]["trace_id"] == created[0]["trace_id"]
+    assert dispatched[0]["level"] == "info" and "timestamp" in dispatched[0]

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
-from fedplane import __version__, bus, logs, telemetry
+from fedplane import __version__, bus, logs, tasks, telemetry
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
 from fedplane.agent.outbox import Outbox
 from fedplane.config import AgentConfig, load_agent
@@ -115,21 +115,13 @@ class Agent:
     async def stop(self) -> None:
         self._stopping = True
         # Let the command consumer finish the command in hand, so none waits out its ack deadline.
-        consumer = next((t for t in self._tasks if t.get_name() == "agent-commands"), None)
-        if consumer is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(consumer), 3)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "agent-commands"), None), 3)
+        await tasks.cancel_all(self._tasks)
         for handle in self._deadlines.values():
             handle.cancel()
-        await self.backend.stop()
+        await tasks.bounded(self.backend.stop(), 10, "backend stop")
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+            await tasks.bounded(self.nc.close(), 5, "NATS close")
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()

@@ -10,7 +10,6 @@ also feeds the resumable event stream that clients watch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
-from fedplane import bus, logs, telemetry
+from fedplane import bus, logs, tasks, telemetry
 from fedplane.config import HubConfig
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Decision, Weights, evaluate, place_batch
@@ -154,22 +153,12 @@ class Hub:
         for watcher in list(self._watchers):
             watcher.queue.put_nowait(None)
         # Let the status consumer finish its batch, so no fetched update waits out its ack deadline.
-        consumer = next((t for t in self._tasks if t.get_name() == "hub-status"), None)
-        if consumer is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(consumer), 3)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "hub-status"), None), 3)
+        await tasks.cancel_all(self._tasks)
         for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await self.nc.close()
-        with contextlib.suppress(Exception):
-            await self.store.close()
+            await tasks.bounded(sub.unsubscribe(), 2, "unsubscribe")
+        await tasks.bounded(self.nc.close(), 5, "NATS close")
+        await tasks.bounded(self.store.close(), 5, "etcd close")
 
     # ------------------------------------------------------------------ job table
     def _merge(self, job_id: str, status: pb.JobStatus, revision: int) -> JobRecord | None:
@@ -519,6 +508,7 @@ class Hub:
             log.info(
                 "job dispatched",
                 job_id=write.job_id,
+                trace_id=telemetry.trace_id_of(written.job.trace_context),
                 cluster=decision.cluster,
                 generation=write.status.generation,
                 score=verdict.score.total,
