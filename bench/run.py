@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import random
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -125,6 +126,9 @@ async def bench_e2e(args: argparse.Namespace) -> None:
             final = await client.wait(ids, resync_interval=5)
             done = time.perf_counter() - start
         states = [j.status.state for j in final.values()]
+        outcomes = Counter(f"{pb.JobState.Name(j.status.state)} {j.status.reason}" for j in final.values())
+        if states.count(pb.SUCCEEDED) != len(states):
+            print(f"  NOT ALL SUCCEEDED: {dict(outcomes)}")
         latencies = []
         for job in final.values():
             marks = {t.state: t.time.ToNanoseconds() / 1e9 for t in job.status.history}

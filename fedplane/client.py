@@ -358,7 +358,7 @@ class FedplaneClient:
             jobs[job.id] = job
             if on_event is not None:
                 on_event(job)
-            if all(is_terminal(j.status.state) for j in jobs.values()):
+            if len(jobs) == len(ids) and all(is_terminal(j.status.state) for j in jobs.values()):
                 finished.set()
 
         async def follow(revision: int) -> None:

@@ -299,3 +299,18 @@ async def test_paging_returns_every_job_once_even_within_one_transaction(federat
         if not token:
             break
     assert sorted(seen) == [f"p{i}" for i in range(7)]
+
+
+async def test_client_wait_returns_only_when_every_job_is_finished(federation: Federation) -> None:
+    from fedplane.client import FedplaneClient
+
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)]))
+    await federation.wait_clusters_ready(["cpu-a"])
+    quick = await federation.submit(job_spec("quick", duration="0.1s"))
+    await federation.wait_state(quick.id, {pb.SUCCEEDED})
+    slow = await federation.submit(job_spec("slow", duration="1.5s"))
+    assert federation.hub is not None
+    async with FedplaneClient(f"127.0.0.1:{federation.hub.port}") as client:
+        # The first job read is already finished; the second is not.
+        final = await client.wait([quick.id, slow.id])
+    assert [final[quick.id].status.state, final[slow.id].status.state] == [pb.SUCCEEDED, pb.SUCCEEDED]
