@@ -141,11 +141,17 @@ def headers(
     return out
 
 
-async def batches(sub: Any, size: int, stopping: Callable[[], bool]) -> AsyncIterator[list[Any]]:
-    """Batches from a pull subscription until `stopping()`; rides out timeouts and lost links."""
+async def batches(
+    sub: Any, size: int, stopping: Callable[[], bool], window: float = 0.1
+) -> AsyncIterator[list[Any]]:
+    """Batches from a pull subscription until `stopping()`; rides out timeouts and lost links.
+
+    nats-py's long-poll fetch keeps collecting until it has `size` messages or `window`
+    passes, so the window bounds the latency a trickle of messages sees at each hop.
+    """
     while not stopping():
         try:
-            msgs = await sub.fetch(size, timeout=1)
+            msgs = await sub.fetch(size, timeout=window)
         except TimeoutError:
             continue
         except asyncio.CancelledError:

@@ -351,6 +351,8 @@ class FedplaneClient:
         jobs: dict[str, pb.Job] = {}
         finished = asyncio.Event()
 
+        unfinished = set(ids)
+
         def accept(job: pb.Job) -> None:
             known = jobs.get(job.id)
             if known is not None and (job.revision < known.revision or job == known):
@@ -358,7 +360,9 @@ class FedplaneClient:
             jobs[job.id] = job
             if on_event is not None:
                 on_event(job)
-            if len(jobs) == len(ids) and all(is_terminal(j.status.state) for j in jobs.values()):
+            if is_terminal(job.status.state):
+                unfinished.discard(job.id)
+            if not unfinished:
                 finished.set()
 
         async def follow(revision: int) -> None:

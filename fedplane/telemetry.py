@@ -88,15 +88,26 @@ def trace_id_of(carrier: Mapping[str, str]) -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def _untraced_streams() -> Any:
+    """Leave long-lived watch streams untraced.
+
+    One span per watch says nothing useful. The aio stream interceptors also log "Failed to
+    detach context" whenever a stream is closed early (opentelemetry-python-contrib#2357).
+    """
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(filters.method_name("WatchJobs"))
+
+
 def grpc_client_interceptors() -> list[Any]:
     """Interceptors that start a client span and put its context in the call's metadata."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+    return list(aio_client_interceptors(filter_=_untraced_streams()))  # type: ignore[no-untyped-call]
 
 
 def grpc_server_interceptor() -> Any:
     """Server interceptor that continues the caller's trace from the call's metadata."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return aio_server_interceptor()  # type: ignore[no-untyped-call]
+    return aio_server_interceptor(filter_=_untraced_streams())  # type: ignore[no-untyped-call]

@@ -100,7 +100,7 @@ class ClusterView:
         )
 
     def total(self, which: str) -> dict[str, int]:
-        """Sum of the nodes' "free" or "allocatable"; cached until invalidate()."""
+        """Sum of the nodes' "free" or "allocatable", cached: change node free capacity only via deduct()."""
         cached = self._totals.get(which)
         if cached is not None:
             return cached
@@ -111,9 +111,11 @@ class ClusterView:
         self._totals[which] = totals
         return totals
 
-    def invalidate(self) -> None:
-        """Forget cached totals after node free capacity changed."""
-        self._totals.clear()
+    def took(self, resource: str, amount: int) -> None:
+        """Keep the cached free total right after `amount` of `resource` left a node's free capacity."""
+        free = self._totals.get("free")
+        if free is not None:
+            free[resource] = free.get(resource, 0) - amount
 
 
 @dataclass(frozen=True, slots=True)

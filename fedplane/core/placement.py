@@ -399,11 +399,11 @@ def deduct(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignme
     """Take the assigned pods' requests out of the cluster's node free capacity (in place)."""
     requests = {p.name: p.requests for p in job.pod_sets}
     nodes = {n.name: n for n in cluster.nodes}
-    cluster.invalidate()
     for a in assignments:
         node = nodes[a.node]
         for resource, amount in requests[a.pod_set].items():
             node.free[resource] = node.free.get(resource, 0) - amount * a.count
+            cluster.took(resource, amount * a.count)
 
 
 def place_batch(
