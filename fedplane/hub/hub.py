@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,8 @@ from fedplane.core.placement import Decision, Weights, evaluate, place_batch
 from fedplane.core.validation import validate_spec
 from fedplane.hub import convert
 from fedplane.hub.clusters import ClusterRegistry, ClusterState
+from fedplane.hub.commands import CommandSender, create_command, delete_command
+from fedplane.hub.events import EventLog, WatchFellBehind
 from fedplane.hub.store import JobRecord, RevisionCompacted, StatusWrite, Store
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import hub_pb2 as hub_pb
@@ -58,13 +59,6 @@ def _now_ts(now: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(now * 1e9))
     return ts
-
-
-@dataclass(eq=False)
-class _Watcher:
-    queue: asyncio.Queue[hub_pb.JobEvent | None]
-    queue_filter: str
-    job_ids: frozenset[str]
 
 
 @dataclass
@@ -97,10 +91,8 @@ class Hub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
-        self._events: deque[hub_pb.JobEvent] = deque(maxlen=EVENT_BUFFER)
-        self._event_revision = 0
-        self._watchers: set[_Watcher] = set()
-        self._unsent: dict[str, tuple[str, agent_pb.DispatchCommand, dict[str, str]]] = {}
+        self.events = EventLog(EVENT_BUFFER)
+        self.commands = CommandSender(js)
         self._ready_clusters: frozenset[str] = frozenset()
         self._stopping = False
 
@@ -119,7 +111,7 @@ class Hub:
         """Load every job and cluster, then resume: watch, consume, and re-send what may be unsent."""
         records, revision = await self.store.load_jobs()
         self.jobs = {r.job.id: r for r in records}
-        self._event_revision = revision
+        self.events.revision = revision
         for name, admin in (await self.store.load_clusters()).items():
             state, _ = self.registry.get_or_add(name)
             state.admin = admin
@@ -134,24 +126,23 @@ class Hub:
                     convert.assignments_core(status.assignments),
                 )
             if status.state == S.DISPATCHED:
-                self._queue_command(record.job, self._create_command(record.job))
+                self.commands.queue(record.job, create_command(record.job, self.config.hub_id))
             elif status.state == S.CANCELLING:
-                self._queue_command(record.job, self._delete_command(record.job, status.message))
-        log.info("hub recovered", jobs=len(records), revision=revision, resend=len(self._unsent))
+                self.commands.queue(record.job, delete_command(record.job, status.message))
+        log.info("hub recovered", jobs=len(records), revision=revision, resend=len(self.commands))
         self._tasks = [
             asyncio.create_task(self._watch_own_statuses(), name="hub-watch"),
             asyncio.create_task(self._schedule_loop(), name="hub-schedule"),
             asyncio.create_task(self._consume_status(), name="hub-status"),
             asyncio.create_task(self._health_loop(), name="hub-health"),
-            asyncio.create_task(self._resend_loop(), name="hub-resend"),
+            asyncio.create_task(self.commands.resend_forever(), name="hub-resend"),
         ]
         await self._subscribe_reports()
         self._wake.set()
 
     async def stop(self) -> None:
         self._stopping = True
-        for watcher in list(self._watchers):
-            watcher.queue.put_nowait(None)
+        self.events.close()
         # Let the status consumer finish its batch, so no fetched update waits out its ack deadline.
         await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "hub-status"), None), 3)
         await tasks.cancel_all(self._tasks)
@@ -261,7 +252,7 @@ class Hub:
             if not seq.isdigit() or not job_id:
                 raise HubError("INVALID_ARGUMENT", f"page_token: {page_token!r} is not a token from ListJobs")
             after = (int(seq), job_id)
-        revision = self._event_revision
+        revision = self.events.revision
         matching = sorted(
             (r for r in self.jobs.values() if (r.seq, r.job.id) > after and flt.matches(r.job)),
             key=lambda r: (r.seq, r.job.id),
@@ -286,8 +277,8 @@ class Hub:
             if written is None:
                 continue  # lost a race with a status update: re-read and decide again
             if outcome.send_delete:
-                self._queue_command(written.job, self._delete_command(written.job, reason))
-                await self._flush_commands()
+                self.commands.queue(written.job, delete_command(written.job, reason))
+                await self.commands.flush()
             else:
                 self._wake.set()
             log.info("job cancel requested", job_id=job_id, state=sm.state_name(written.job.status.state))
@@ -366,60 +357,31 @@ class Hub:
         self, from_revision: int, queue: str = "", job_ids: Iterable[str] = ()
     ) -> AsyncIterator[hub_pb.JobEvent]:
         """Job changes after `from_revision` (0: from now), from memory when recent enough, else etcd."""
-        watcher = _Watcher(asyncio.Queue(), queue, frozenset(job_ids))
+        ids = frozenset(job_ids)
 
         def wanted(event: hub_pb.JobEvent) -> bool:
-            if watcher.job_ids and event.job.id not in watcher.job_ids:
+            if ids and event.job.id not in ids:
                 return False
-            return not watcher.queue_filter or event.job.spec.queue == watcher.queue_filter
+            return not queue or event.job.spec.queue == queue
 
-        self._watchers.add(watcher)
-        # One etcd transaction changes many jobs at one revision: dedup by (revision, job id).
-        floor = from_revision or self._event_revision
-        last = floor
-        sent_at_last: set[str] = set()
-
-        def fresh(event: hub_pb.JobEvent) -> bool:
-            nonlocal last
-            if event.revision <= floor or event.revision < last:
-                return False
-            if event.revision == last and event.job.id in sent_at_last:
-                return False
-            if event.revision > last:
-                last = event.revision
-                sent_at_last.clear()
-            sent_at_last.add(event.job.id)
-            return True
+        async def replay(after: int, until: int) -> AsyncIterator[hub_pb.JobEvent]:
+            async for revision, job_id, status in self.store.watch_statuses(after):
+                record = self.jobs.get(job_id)
+                if record is not None:
+                    yield self._event(record, status, revision)
+                if revision >= until:
+                    return
 
         try:
-            oldest = self._events[0].revision if self._events else self._event_revision + 1
-            if from_revision and from_revision + 1 < oldest:
-                # Older than memory holds: replay from etcd up to the live position.
-                live_from = self._event_revision
-                async for revision, job_id, status in self.store.watch_statuses(from_revision):
-                    record = self.jobs.get(job_id)
-                    if record is not None:
-                        event = self._event(record, status, revision)
-                        if fresh(event) and wanted(event):
-                            yield event
-                    if revision >= live_from:
-                        break
-            for event in list(self._events):
-                if fresh(event) and wanted(event):
-                    yield event
-            while True:
-                item = await watcher.queue.get()
-                if item is None:
-                    return
-                if fresh(item) and wanted(item):
-                    yield item
+            async for event in self.events.stream(from_revision, wanted, replay):
+                yield event
         except RevisionCompacted as exc:
             raise HubError(
                 "OUT_OF_RANGE",
                 f"from_revision {from_revision}: {exc}; list again and watch from its revision",
             ) from None
-        finally:
-            self._watchers.discard(watcher)
+        except WatchFellBehind as exc:
+            raise HubError("UNAVAILABLE", str(exc)) from None
 
     def _event(self, record: JobRecord, status: pb.JobStatus, revision: int) -> hub_pb.JobEvent:
         job = self._job_out(record)
@@ -430,7 +392,7 @@ class Hub:
     async def _watch_own_statuses(self) -> None:
         while not self._stopping:
             try:
-                async for revision, job_id, status in self.store.watch_statuses(self._event_revision):
+                async for revision, job_id, status in self.store.watch_statuses(self.events.revision):
                     if job_id not in self.jobs:
                         loaded = await self.store.read_job(job_id)
                         if loaded is None:
@@ -438,16 +400,12 @@ class Hub:
                         self.jobs.setdefault(job_id, loaded)
                     record = self.jobs[job_id]
                     self._merge(job_id, status, revision)
-                    event = self._event(record, status, revision)
-                    self._event_revision = revision
-                    self._events.append(event)
-                    for watcher in self._watchers:
-                        watcher.queue.put_nowait(event)
+                    self.events.publish(self._event(record, status, revision))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning(
-                    "status watch interrupted; resuming", error=str(exc), revision=self._event_revision
+                    "status watch interrupted; resuming", error=str(exc), revision=self.events.revision
                 )
                 await asyncio.sleep(0.5)
 
@@ -504,7 +462,7 @@ class Hub:
             self.pending_reasons.pop(write.job_id, None)
             state = self.registry.clusters[decision.cluster]
             state.reserve(requests[write.job_id], write.status.generation, verdict.assignments)
-            self._queue_command(written.job, self._create_command(written.job))
+            self.commands.queue(written.job, create_command(written.job, self.config.hub_id))
             log.info(
                 "job dispatched",
                 job_id=write.job_id,
@@ -513,72 +471,7 @@ class Hub:
                 generation=write.status.generation,
                 score=verdict.score.total,
             )
-        await self._flush_commands()
-
-    # ------------------------------------------------------------------ commands
-    def _create_command(self, job: pb.Job) -> agent_pb.DispatchCommand:
-        status = job.status
-        spec = pb.JobSpec()
-        spec.CopyFrom(job.spec)
-        return agent_pb.DispatchCommand(
-            job_id=job.id,
-            generation=status.generation,
-            create=agent_pb.CreateWorkload(
-                spec=spec, assignments=list(status.assignments), hub_id=self.config.hub_id
-            ),
-        )
-
-    def _delete_command(self, job: pb.Job, reason: str) -> agent_pb.DispatchCommand:
-        return agent_pb.DispatchCommand(
-            job_id=job.id,
-            generation=job.status.generation,
-            delete=agent_pb.DeleteWorkload(reason=reason or "cancelled"),
-        )
-
-    def _queue_command(self, job: pb.Job, command: agent_pb.DispatchCommand) -> None:
-        action = command.WhichOneof("action") or ""
-        key = f"{command.job_id}:{command.generation}:{action}"
-        self._unsent[key] = (job.status.cluster, command, dict(job.trace_context))
-
-    async def _flush_commands(self) -> None:
-        """Publish queued commands concurrently; whatever fails stays queued for the resend loop."""
-        if not self._unsent:
-            return
-        items = list(self._unsent.items())
-
-        async def publish(
-            key: str, cluster: str, command: agent_pb.DispatchCommand, ctx: dict[str, str]
-        ) -> str:
-            action = command.WhichOneof("action") or ""
-            with telemetry.tracer().start_as_current_span(
-                f"hub.dispatch.{action}",
-                context=telemetry.extract(ctx),
-                kind=trace.SpanKind.PRODUCER,
-                attributes={"job.id": command.job_id, "cluster": cluster, "generation": command.generation},
-            ):
-                await self.js.publish(
-                    bus.subject("cmd", cluster),
-                    command.SerializeToString(),
-                    headers=bus.headers("DispatchCommand", key),
-                    timeout=5,
-                )
-            return key
-
-        results = await asyncio.gather(*(publish(k, *v) for k, v in items), return_exceptions=True)
-        for result in results:
-            if isinstance(result, str):
-                self._unsent.pop(result, None)
-            else:
-                log.warning("command publish failed; will retry", error=str(result))
-
-    async def _resend_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self._unsent:
-                try:
-                    await self._flush_commands()
-                except Exception as exc:
-                    log.warning("resend failed", error=str(exc))
+        await self.commands.flush()
 
     # ------------------------------------------------------------------ status updates
     async def _consume_status(self) -> None:
