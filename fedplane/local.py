@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from fedplane import embedded, logs, quantity, telemetry
+from fedplane import embedded, logs, quantity, tasks, telemetry
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
 from fedplane.client import FedplaneClient
@@ -275,11 +274,7 @@ def main(
         specs += [(spec, f"up-{path.stem}-{i}-{time.time_ns()}") for i, spec in enumerate(load_file(path))]
 
     async def main_async() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await run(specs, jobs_dir, root, keep_running, clusters, console, stop)
+        return await run(specs, jobs_dir, root, keep_running, clusters, console, tasks.stop_event())
 
     try:
         code = asyncio.run(main_async())

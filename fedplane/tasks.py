@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Awaitable, Iterable
 
 from fedplane import logs
@@ -40,3 +41,13 @@ async def bounded(awaitable: Awaitable[object], grace: float, what: str) -> None
         log.error("shutdown step timed out", step=what, seconds=grace)
     except Exception as exc:
         log.warning("shutdown step failed", step=what, error=str(exc))
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM: how every daemon here learns to shut down."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop

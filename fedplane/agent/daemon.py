@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -383,12 +382,7 @@ class Agent:
 async def run(config: AgentConfig) -> None:
     agent = Agent(config, make_backend(config))
     await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await tasks.stop_event().wait()
     log.info("agent stopping", cluster=config.cluster)
     await agent.stop()
 

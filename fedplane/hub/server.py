@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fedplane import logs, telemetry
+from fedplane import logs, tasks, telemetry
 from fedplane.config import HubConfig, load_hub
 from fedplane.hub.hub import Hub
 from fedplane.hub.service import ClusterService, JobService
@@ -62,12 +60,7 @@ class HubServer:
 
 async def serve(config: HubConfig) -> None:
     server = await HubServer.start(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await tasks.stop_event().wait()
     log.info("hub stopping")
     await server.stop()
 
