@@ -49,8 +49,34 @@ def fedplane(
     return result
 
 
+class Daemons:
+    """The hub and agents as separate processes, each logging to <name>.out."""
+
+    def __init__(self, workdir: Path, hub: str) -> None:
+        self.workdir = workdir
+        self.hub = hub
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> None:
+        out = (self.workdir / f"{name}.out").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", "-m", "fedplane", *args],
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FEDPLANE_LOG_LEVEL": "info"},
+        )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: a crash, with no chance to finish anything."""
+        self.procs[name].kill()
+        self.procs[name].wait(10)
+
+
 @pytest.fixture
-def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path) -> Iterator[str]:
+def daemons(
+    servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path
+) -> Iterator[Daemons]:
     etcd, nats = servers
     port = embedded.free_port()
     (tmp_path / "hub.yaml").write_text(
@@ -90,20 +116,12 @@ def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_
                 }
             )
         )
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    env = {**os.environ, "FEDPLANE_LOG_LEVEL": "info"}
-    for name, args in [("hub", ["hub", "--config", "hub.yaml"])] + [
-        (n, ["agent", "--config", f"{n}.yaml"]) for n in agents
-    ]:
-        out = (tmp_path / f"{name}.out").open("wb")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "fedplane", *args],
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    hub = f"127.0.0.1:{port}"
+    fed = Daemons(tmp_path, f"127.0.0.1:{port}")
+    fed.start("hub", ["hub", "--config", "hub.yaml"])
+    for name in agents:
+        fed.start(name, ["agent", "--config", f"{name}.yaml"])
+    procs = fed.procs
+    hub = fed.hub
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -117,7 +135,7 @@ def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_
             raise AssertionError(
                 "clusters never became ready:\n" + (tmp_path / "hub.out").read_text()[-3000:]
             )
-        yield hub
+        yield fed
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
@@ -132,8 +150,8 @@ def daemons(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_
         assert codes == {name: 0 for name in procs}, f"daemons did not stop cleanly: {codes}"
 
 
-def test_cli_drives_a_federation_of_separate_processes(daemons: str, tmp_path: Path) -> None:
-    hub = daemons
+def test_cli_drives_a_federation_of_separate_processes(daemons: Daemons, tmp_path: Path) -> None:
+    hub = daemons.hub
     spec = tmp_path / "job.yaml"
     spec.write_text(JOB)
 
@@ -195,14 +213,45 @@ def log_events(path: Path, event: str) -> list[dict[str, object]]:
     return found
 
 
-def test_logs_are_json_with_the_job_and_its_trace(daemons: str, tmp_path: Path) -> None:
+def test_logs_are_json_with_the_job_and_its_trace(daemons: Daemons, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(JOB)
-    fedplane("submit", str(spec), "--wait", hub=daemons)
-    (job,) = json.loads(fedplane("list", "-o", "json", hub=daemons).stdout)
+    fedplane("submit", str(spec), "--wait", hub=daemons.hub)
+    (job,) = json.loads(fedplane("list", "-o", "json", hub=daemons.hub).stdout)
 
     dispatched = [e for e in log_events(tmp_path / "hub.out", "job dispatched") if e["job_id"] == job["id"]]
     created = [e for e in log_events(tmp_path / "gpu-a.out", "workload created") if e["job_id"] == job["id"]]
     assert len(dispatched) == 1 and len(created) == 1
     assert dispatched[0]["trace_id"] and dispatched[0]["trace_id"] == created[0]["trace_id"]
     assert dispatched[0]["level"] == "info" and "timestamp" in dispatched[0]
+
+
+def test_a_crashed_hub_loses_no_job_and_dispatches_none_twice(daemons: Daemons, tmp_path: Path) -> None:
+    many = tmp_path / "many.yaml"
+    many.write_text(
+        "\n---\n".join(
+            JOB.replace("e2e-train", f"crash-{i}").replace("count: 2", "count: 1").replace('"1s"', '"2s"')
+            for i in range(12)
+        )
+    )
+    submitted = fedplane("submit", str(many), hub=daemons.hub)
+    assert submitted.stdout.count("crash-") == 12, submitted.stdout
+    time.sleep(0.3)  # some dispatched, some maybe not: the hub dies mid-flight
+    daemons.kill("hub")
+    daemons.start("hub", ["hub", "--config", "hub.yaml"])
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        result = fedplane("list", "-o", "json", hub=daemons.hub, check=False)
+        if result.returncode == 0:
+            jobs = json.loads(result.stdout)
+            if len(jobs) == 12 and all(j["status"]["state"] == "SUCCEEDED" for j in jobs):
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("not every job finished after the hub crash")
+    for job in jobs:
+        assert job["status"]["generation"] == "1"
+        assert [t["state"] for t in job["status"]["history"]].count("DISPATCHED") == 1
+    created = [e["job_id"] for e in log_events(tmp_path / "gpu-a.out", "workload created")]
+    assert sorted(created) == sorted(j["id"] for j in jobs), "each job created exactly once"
