@@ -396,10 +396,15 @@ def _daemon(module_name: str, start: Callable[[ModuleType], object]) -> None:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _fail(f"cannot start {module_name}: {exc}")
+    from fedplane.config import ConfigError, StartupError
+    from fedplane.spec import SpecError
+
     try:
         start(module)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (ConfigError, StartupError, SpecError, OSError) as exc:
+        _fail(str(exc))
 
 
 def _config(path: Path | None) -> str | None:

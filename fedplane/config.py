@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     pass
 
 
+class StartupError(RuntimeError):
+    """A daemon cannot start (a dependency unreachable, a port taken): reported in one line."""
+
+
 @dataclasses.dataclass
 class TelemetryConfig:
     # otlp | console | none
@@ -104,7 +108,10 @@ class AgentConfig:
 
     def simulated(self) -> SimulatedBackendConfig:
         settings = {k: v for k, v in self.backend.items() if k != "type"}
-        return from_mapping(SimulatedBackendConfig, settings, "backend")
+        try:
+            return from_mapping(SimulatedBackendConfig, settings, "backend")
+        except ConfigError as exc:
+            raise ConfigError(f"cluster {self.cluster}: {exc}") from None
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
@@ -172,7 +179,10 @@ def load(cls: type[T], path: str | os.PathLike[str] | None, env_prefix: str) -> 
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         data = loaded or {}
-    config = from_mapping(cls, data, str(path or ""))
+    try:
+        config = from_mapping(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     assert dataclasses.is_dataclass(config)
     for f in dataclasses.fields(config):
         env = os.environ.get(f"{env_prefix}{f.name.upper()}")

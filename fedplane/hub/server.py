@@ -10,7 +10,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fedplane import logs, tasks, telemetry
-from fedplane.config import HubConfig, load_hub
+from fedplane.config import HubConfig, StartupError, load_hub
 from fedplane.hub.hub import Hub
 from fedplane.hub.service import ClusterService, JobService
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
@@ -42,10 +42,16 @@ class HubServer:
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
         )
-        port = server.add_insecure_port(config.listen)
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            port = 0
+            why = str(exc)
+        else:
+            why = "the address is in use or invalid"
         if port == 0:
             await hub.stop()
-            raise OSError(f"cannot listen on {config.listen}")
+            raise StartupError(f"cannot listen on {config.listen}: {why}")
         await server.start()
         for name in ["", *SERVICE_NAMES]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)

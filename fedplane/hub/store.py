@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aetcd
-from aetcd.exceptions import RevisionCompactedError
+from aetcd.exceptions import ClientError, RevisionCompactedError
 
+from fedplane.config import StartupError
 from fedplane.v1 import types_pb2 as pb
 
 # etcd's default limit is 128 operations per transaction.
@@ -59,9 +60,13 @@ class Store:
     async def connect(cls, endpoint: str, prefix: str = "/fedplane", rpc_timeout: int = 10) -> Store:
         host, _, port = endpoint.removeprefix("http://").rpartition(":")
         client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=rpc_timeout)
-        await client.connect()
-        store = cls(client, prefix)
-        await store.revision()  # fail fast when etcd is unreachable
+        try:
+            await client.connect()
+            store = cls(client, prefix)
+            await store.revision()  # fail fast when etcd is unreachable
+        except ClientError as exc:
+            await client.close()
+            raise StartupError(f"cannot reach etcd at {endpoint}: {' '.join(str(exc).split())}") from exc
         return store
 
     async def close(self) -> None:
