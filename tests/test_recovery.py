@@ -102,7 +102,7 @@ async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federat
 
     async def complete() -> bool:
         names = {s.name for s in span_exporter.get_finished_spans() if s.context.trace_id == trace_id}
-        return {"hub.dispatch.create", "agent.create", "agent.status", "hub.status"} <= names
+        return {"hub.place", "hub.dispatch.create", "agent.create", "agent.status", "hub.status"} <= names
 
     await eventually(complete, 10, "spans of hub and agent in the submit's trace")
     in_trace = [s for s in span_exporter.get_finished_spans() if s.context.trace_id == trace_id]

@@ -429,6 +429,7 @@ class Hub:
         if not pending:
             return
         now = time.time()
+        cycle_start = time.time_ns()
         requests = {r.job.id: convert.job_request(r.job, r.seq) for r in pending}
         with telemetry.tracer().start_as_current_span("hub.place_batch", attributes={"jobs": len(pending)}):
             decisions = place_batch(requests.values(), self.registry.views(now), self.weights)
@@ -459,6 +460,18 @@ class Hub:
             decision = chosen[write.job_id]
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
+            # The job's own placement span, in its submit's trace: the cycle that decided it.
+            telemetry.tracer().start_span(
+                "hub.place",
+                context=telemetry.extract(written.job.trace_context),
+                start_time=cycle_start,
+                attributes={
+                    "job.id": write.job_id,
+                    "cluster": decision.cluster,
+                    "score": verdict.score.total,
+                    "clusters.considered": len(decision.verdicts),
+                },
+            ).end()
             self.pending_reasons.pop(write.job_id, None)
             state = self.registry.clusters[decision.cluster]
             state.reserve(requests[write.job_id], write.status.generation, verdict.assignments)
