@@ -20,12 +20,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from fedplane import embedded, logs, quantity, tasks, telemetry
+from fedplane import embedded, logs, tasks, telemetry
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
 from fedplane.client import FedplaneClient
 from fedplane.config import AgentConfig, HubConfig, from_mapping
-from fedplane.display import JobBoard, state_text
+from fedplane.display import JobBoard, cluster_table, state_text
 from fedplane.hub.server import HubServer
 from fedplane.spec import load_file
 from fedplane.v1 import types_pb2 as pb
@@ -112,25 +112,6 @@ def default_jobs_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
-
-
-def clusters_table(clusters: list[pb.Cluster]) -> Table:
-    table = Table(title="Clusters", header_style="bold")
-    for column in ("CLUSTER", "HEALTH", "NODES", "FREE CPU", "FREE MEM", "FREE GPU", "DATASETS", "ACTIVE"):
-        table.add_column(column)
-    for c in clusters:
-        free = c.free.quantities
-        table.add_row(
-            c.name + (" (cordoned)" if c.cordoned else ""),
-            pb.ClusterHealth.Name(c.health),
-            str(len(c.nodes)),
-            quantity.format_quantity(quantity.CPU, free.get(quantity.CPU, 0)),
-            quantity.format_quantity(quantity.MEMORY, free.get(quantity.MEMORY, 0)),
-            str(free.get(quantity.GPU, 0)),
-            ", ".join(d.id for d in c.datasets) or "-",
-            str(c.active_jobs),
-        )
-    return table
 
 
 def placement_table(jobs: list[pb.Job]) -> Table:
@@ -241,11 +222,14 @@ async def _follow(client: FedplaneClient, board: JobBoard, stop: asyncio.Event, 
     waiter = asyncio.create_task(client.wait([j.id for j in board.jobs], on_event=board.update))
     stopper = asyncio.create_task(stop.wait())
     with Live(
-        Group(board, clusters_table(await client.clusters())), console=console, refresh_per_second=4
+        Group(board, cluster_table(await client.clusters())), console=console, refresh_per_second=4
     ) as live:
         while not waiter.done() and not stop.is_set():
             await asyncio.wait({waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-            live.update(Group(board, clusters_table(await client.clusters())))
+            live.update(Group(board, cluster_table(await client.clusters())))
+        if not stop.is_set():
+            await asyncio.sleep(0.3)  # let the clusters report the capacity the last jobs freed
+            live.update(Group(board, cluster_table(await client.clusters())))
     stopper.cancel()
     if not waiter.done():
         waiter.cancel()
