@@ -57,6 +57,8 @@ class HubConfig:
     batch_window_seconds: float = 0.02
     # How long the JetStream streams keep commands and status updates.
     stream_max_age_seconds: float = 7 * 24 * 3600
+    # Finished jobs (and their idempotency keys) are deleted this long after finishing; 0 = never.
+    finished_job_retention_seconds: float = 7 * 24 * 3600
     weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
 

@@ -314,3 +314,42 @@ async def test_client_wait_returns_only_when_every_job_is_finished(federation: F
         # The first job read is already finished; the second is not.
         final = await client.wait([quick.id, slow.id])
     assert [final[quick.id].status.state, final[slow.id].status.state] == [pb.SUCCEEDED, pb.SUCCEEDED]
+
+
+async def test_finished_jobs_are_forgotten_after_their_retention_and_nothing_else(
+    federation: Federation,
+) -> None:
+    import grpc
+    import pytest
+
+    await federation.stop_hub()
+    federation.hub_config.finished_job_retention_seconds = 1.0
+    await federation.start_hub()
+    await federation.start_agent(
+        sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1, cpu="2")])
+    )
+    await federation.wait_clusters_ready(["cpu-a"])
+    done = await federation.submit(job_spec("short", cpu="2", duration="0.1s"), key="k-short")
+    await federation.wait_state(done.id, {pb.SUCCEEDED})
+    running = await federation.submit(job_spec("long", cpu="2", duration="30s"))
+    waiting = await federation.submit(job_spec("waiting", cpu="2"))  # the cluster is full
+    await federation.wait_state(running.id, {pb.RUNNING})
+
+    from tests.federation import eventually
+
+    async def forgotten() -> bool:
+        try:
+            await federation.get(done.id)
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    await eventually(forgotten, 10, "the finished job to be deleted")
+    assert (await federation.get(running.id)).status.state == pb.RUNNING
+    assert (await federation.get(waiting.id)).status.state == pb.PENDING
+    assert federation.hub is not None
+    store = federation.hub.hub.store
+    assert await store.read_job(done.id) is None
+    assert await store.client.get(store.idem_key("k-short")) is None
+    with pytest.raises(grpc.aio.AioRpcError):
+        await federation.jobs.CancelJob(hub_pb2.CancelJobRequest(job_id=done.id))

@@ -136,6 +136,7 @@ class Hub:
             asyncio.create_task(self._consume_status(), name="hub-status"),
             asyncio.create_task(self._health_loop(), name="hub-health"),
             asyncio.create_task(self.commands.resend_forever(), name="hub-resend"),
+            asyncio.create_task(self._retention_loop(), name="hub-retention"),
         ]
         await self._subscribe_reports()
         self._wake.set()
@@ -485,6 +486,36 @@ class Hub:
                 score=verdict.score.total,
             )
         await self.commands.flush()
+
+    # ------------------------------------------------------------------ retention
+    async def _retention_loop(self) -> None:
+        retention = self.config.finished_job_retention_seconds
+        if retention <= 0:
+            return
+        while True:
+            await asyncio.sleep(max(1.0, min(retention / 4, 300.0)))
+            try:
+                await self.forget_finished(time.time() - retention)
+            except Exception as exc:
+                log.warning("finished-job cleanup failed; will retry", error=str(exc))
+
+    async def forget_finished(self, finished_before: float) -> int:
+        """Delete jobs that finished before `finished_before` (seconds since the epoch)."""
+        old = [
+            r
+            for r in self.jobs.values()
+            if sm.is_terminal(r.job.status.state)
+            and r.job.status.finish_time.ToNanoseconds() / 1e9 < finished_before
+        ]
+        deleted = 0
+        for record, ok in zip(old, await self.store.delete_jobs(old), strict=True):
+            if ok:
+                self.jobs.pop(record.job.id, None)
+                self.pending_reasons.pop(record.job.id, None)
+                deleted += 1
+        if deleted:
+            log.info("finished jobs deleted", count=deleted)
+        return deleted
 
     # ------------------------------------------------------------------ status updates
     async def _consume_status(self) -> None:

@@ -219,6 +219,20 @@ class Store:
                 out.append(int(responses[0].response_put.header.revision) if ok else None)
         return out
 
+    async def delete_jobs(self, records: Sequence[JobRecord]) -> list[bool]:
+        """Delete finished jobs with their idempotency keys, each only if its status is unchanged."""
+        t = self.client.transactions
+        out = []
+        for record in records:
+            ops = [t.delete(self.spec_key(record.job.id)), t.delete(self.status_key(record.job.id))]
+            if record.job.idempotency_key:
+                ops.append(t.delete(self.idem_key(record.job.idempotency_key)))
+            ok, _ = await self.client.transaction(
+                compare=[t.mod(self.status_key(record.job.id)) == record.revision], success=ops, failure=[]
+            )
+            out.append(bool(ok))
+        return out
+
     async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, pb.JobStatus]]:
         """Status changes after `from_revision`, in revision order; raises RevisionCompacted."""
         try:
