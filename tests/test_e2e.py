@@ -158,8 +158,24 @@ def test_cli_drives_a_federation_of_separate_processes(daemons: Daemons, tmp_pat
     explained = fedplane("explain", str(spec), hub=hub)
     assert "gpu-a" in explained.stdout and "no node has GPU type A100" in explained.stdout
 
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "fedplane", "--hub", hub, "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    time.sleep(2)  # the watch is open before the job exists
     submitted = fedplane("submit", str(spec), "--wait", hub=hub)
     assert "gpu-a" in submitted.stdout
+    time.sleep(1)
+    watcher.send_signal(signal.SIGINT)
+    watched, _ = watcher.communicate(timeout=15)
+    states = [line.split()[4] for line in watched.splitlines() if "e2e-train" in line]
+    # One event per write: updates that arrive together (ADMITTED with RUNNING) share one.
+    assert states[0] == "PENDING" and states[-1] == "SUCCEEDED", watched
+    order = ["PENDING", "DISPATCHED", "ADMITTED", "RUNNING", "SUCCEEDED"]
+    assert [order.index(s) for s in states] == sorted(order.index(s) for s in states), watched
 
     jobs = json.loads(fedplane("list", "-o", "json", hub=hub).stdout)
     assert len(jobs) == 1
