@@ -101,9 +101,7 @@ def _pods_fitting(node: NodeView, requests: dict[str, int]) -> int:
     return fits if fits is not None else 1 << 30
 
 
-def fit_gang(
-    job: JobRequest, cluster: ClusterView, *, tolerate_node: bool = True
-) -> tuple[list[Assignment], str]:
+def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], str]:
     """Assign every pod set's pods to nodes, or say why the gang does not fit.
 
     Pods of a set are identical, so the number that fit on a node is exact; nodes that can
@@ -115,7 +113,7 @@ def fit_gang(
     taken: dict[str, dict[str, int]] = {}  # nodes this gang already used: their remaining free
     placed: dict[tuple[str, str], int] = {}
     pod_sets = sorted(job.pod_sets, key=_pod_set_order)
-    usable_by_set = {p.name: _usable_nodes(job, p, cluster, tolerate_node) for p in pod_sets}
+    usable_by_set = {p.name: _usable_nodes(job, p, cluster) for p in pod_sets}
     for optional in (False, True):
         for pod_set in pod_sets:
             needed = pod_set.min_count or pod_set.count
@@ -153,16 +151,14 @@ def fit_gang(
     return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
 
 
-def _usable_nodes(
-    job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView, tolerate: bool
-) -> list[NodeView]:
+def _usable_nodes(job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView) -> list[NodeView]:
     tolerations = _tolerations(job, pod_set)
     gpu_type = pod_set.gpu_type
     return [
         n
         for n in cluster.nodes
         if n.schedulable
-        and not (tolerate and n.taints and untolerated(n.taints, tolerations))
+        and not (n.taints and untolerated(n.taints, tolerations))
         and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
     ]
 

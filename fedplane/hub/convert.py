@@ -42,10 +42,6 @@ def taints(items: Iterable[pb.Taint]) -> tuple[model.Taint, ...]:
     return tuple(model.Taint(t.key, t.value, t.effect or "NoSchedule") for t in items)
 
 
-def taint_pb(taint: model.Taint) -> pb.Taint:
-    return pb.Taint(key=taint.key, value=taint.value, effect=taint.effect)
-
-
 def node_view(node: pb.Node) -> model.NodeView:
     return model.NodeView(
         name=node.name,

@@ -28,7 +28,7 @@ from fedplane.core import dispatch as sm
 from fedplane.core.placement import Decision, Weights, evaluate, place_batch
 from fedplane.core.validation import validate_spec
 from fedplane.hub import convert
-from fedplane.hub.clusters import ClusterRegistry, ClusterState
+from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandSender, create_command, delete_command
 from fedplane.hub.events import EventLog, WatchFellBehind
 from fedplane.hub.store import JobRecord, RevisionCompacted, StatusWrite, Store
@@ -660,6 +660,3 @@ class Hub:
         while True:
             await asyncio.sleep(max(0.2, self.registry.timeout / 4))
             self._check_health()
-
-    def cluster_state(self, name: str) -> ClusterState | None:
-        return self.registry.clusters.get(name)
