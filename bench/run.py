@@ -3,7 +3,8 @@
     python bench/run.py core  [--clusters 100 --nodes 50 --jobs 1000]
     python bench/run.py e2e   [--jobs 2000 --clusters 3]
 
-`core` times one placement batch over a large synthetic federation (the hub's inner loop).
+`core` times one placement batch over a large synthetic federation (the hub's inner loop);
+`fedplane bench placement` (fedplane.benchmark.placement) measures single-job latency too.
 `e2e` runs a real federation (etcd, NATS, hub, simulated agents) in this process, submits
 jobs in batches through gRPC, and reports submit throughput, dispatch throughput and the
 submit-to-running latency read from each job's transition history.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import sys
 import tempfile
@@ -23,36 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedplane.core.model import ClusterView, JobRequest, NodeView, PodSetRequest
+# The synthetic federation lives with `fedplane bench placement`, which measures the same path
+# through the hub's cluster registry.
+from fedplane.benchmark.placement import synthetic
 from fedplane.core.placement import place_batch
-
-GPU = "nvidia.com/gpu"
-
-
-def synthetic(
-    clusters: int, nodes: int, jobs: int, seed: int = 7
-) -> tuple[list[ClusterView], list[JobRequest]]:
-    rng = random.Random(seed)
-    views = []
-    for c in range(clusters):
-        gpu = c % 3 == 0
-        node_list = []
-        for n in range(nodes):
-            alloc = {"cpu": 96_000, "memory": 768 * 2**30, **({GPU: 8} if gpu else {})}
-            free = {k: int(v * rng.uniform(0.2, 1.0)) for k, v in alloc.items()}
-            labels = {"nvidia.com/gpu.product": "A100"} if gpu else {}
-            node_list.append(NodeView(f"n{n}", free, alloc, labels))
-        views.append(ClusterView(f"c{c}", node_list, labels={"region": f"r{c % 5}"}, cost=1 + c % 4))
-    requests = []
-    for j in range(jobs):
-        if j % 4 == 0:
-            pod = PodSetRequest("w", 4, 4, {"cpu": 8000, "memory": 64 * 2**30, GPU: 2}, "A100")
-        else:
-            pod = PodSetRequest(
-                "w", rng.randint(1, 8), 0, {"cpu": rng.choice([500, 2000, 8000]), "memory": 2**32}
-            )
-        requests.append(JobRequest(f"j{j}", (pod,), priority=rng.randint(0, 3), seq=j))
-    return views, requests
 
 
 def bench_core(args: argparse.Namespace) -> None:

@@ -13,14 +13,15 @@ duplicate window is stored once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
@@ -50,6 +51,11 @@ def cluster_of(subject_name: str) -> str:
 
 
 def consumer_name(cluster: str) -> str:
+    return f"agent-{cluster}-push"
+
+
+def legacy_consumer_name(cluster: str) -> str:
+    """The pull consumer earlier versions of the agent used (see consume's `replaces`)."""
     return f"agent-{cluster}"
 
 
@@ -141,26 +147,98 @@ def headers(
     return out
 
 
-async def batches(
-    sub: Any, size: int, stopping: Callable[[], bool], window: float = 0.1
+async def consume(
+    js: JetStreamContext,
+    subject_filter: str,
+    durable: str,
+    stream: str,
+    config: ConsumerConfig,
+    size: int,
+    stopping: Callable[[], bool],
+    replaces: str = "",
 ) -> AsyncIterator[list[Any]]:
-    """Batches from a pull subscription until `stopping()`; rides out timeouts and lost links.
+    """Batches from a durable push consumer: as soon as one message is in, with whatever else is.
 
-    nats-py's long-poll fetch keeps collecting until it has `size` messages or `window`
-    passes, so the window bounds the latency a trickle of messages sees at each hop.
+    A pull consumer's fetch in nats-py holds a lone message until its batch fills or its
+    window passes, which put up to a window of latency on every hop. A push consumer hands
+    each message over as it arrives, and under load the messages that arrived meanwhile make
+    the batch. The consumer is durable with explicit acks, so delivery is at least once across
+    restarts, and bound as a deliver group, so a restarted process takes it over at once.
+    Messages delivered but not handed out when the loop stops are nak'ed for prompt redelivery.
+    `replaces` names the pull consumer of earlier versions, removed first: a work-queue
+    stream allows one consumer per subject, and its unacked messages are redelivered to this one.
     """
-    while not stopping():
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def deliver(msg: Any) -> None:
+        inbox.put_nowait(msg)
+
+    if replaces:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, replaces)
+    sub = None
+    while sub is None and not stopping():
         try:
-            msgs = await sub.fetch(size, timeout=window)
-        except TimeoutError:
-            continue
+            sub = await js.subscribe(
+                subject_filter,
+                queue=durable,
+                durable=durable,
+                stream=stream,
+                cb=deliver,
+                manual_ack=True,
+                config=config,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.debug("fetch failed", subject=sub.subject if hasattr(sub, "subject") else "", error=str(exc))
-            await asyncio.sleep(0.5)
-            continue
-        yield msgs
+            log.info("waiting to consume", stream=stream, durable=durable, error=str(exc))
+            await asyncio.sleep(1.0)
+    try:
+        while not stopping():
+            try:
+                first = await asyncio.wait_for(inbox.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < size and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            yield batch
+    finally:
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        left = [inbox.get_nowait() for _ in range(inbox.qsize())]
+        await asyncio.gather(*(m.nak() for m in left), return_exceptions=True)
+
+
+async def publish_all(
+    js: JetStreamContext, messages: Sequence[tuple[str, bytes, dict[str, str]]], ack_wait: float = 5.0
+) -> list[BaseException | None]:
+    """Publish (subject, payload, headers) messages and wait for all their acks at once.
+
+    One request per message, each awaited in its own task, costs more than the message;
+    asynchronous publishes share one reply subscription and are all in flight together.
+    The result says, per message, whether JetStream stored it (None) or why not.
+    """
+    sent: list[asyncio.Future[Any] | BaseException] = []
+    for subject_name, payload, hdrs in messages:
+        try:
+            sent.append(await js.publish_async(subject_name, payload, headers=hdrs))
+        except Exception as exc:
+            sent.append(exc)
+    waiting = [f for f in sent if isinstance(f, asyncio.Future)]
+    if waiting:
+        await asyncio.wait(waiting, timeout=ack_wait)
+    results: list[BaseException | None] = []
+    for item in sent:
+        if isinstance(item, BaseException):
+            results.append(item)
+        elif not item.done():
+            item.cancel()
+            results.append(TimeoutError(f"no acknowledgement from JetStream within {ack_wait}s"))
+        else:
+            results.append(item.exception())
+    return results
 
 
 def trace_headers(msg: Any) -> dict[str, str]:

@@ -25,10 +25,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.table import Table
 
 from fedplane import display
 from fedplane.client import FedplaneClient, FedplaneError
 from fedplane.spec import SpecError, load_file
+from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
 
 __all__ = ["app", "main"]
@@ -347,6 +349,39 @@ def explain(
     _emit(result, output, lambda: display.explanation_table(result, title=f"job {target}"))
 
 
+def _stats_table(stats: hub_pb2.JobStats, queue: str) -> Table:
+    """Every state in lifecycle order, zeros included, so tables from two moments line up."""
+    table = Table(
+        title=f"Jobs in queue {queue}" if queue else "Jobs in all queues",
+        caption=f"revision {stats.revision}",
+        header_style="bold",
+    )
+    table.add_column("STATE")
+    table.add_column("JOBS", justify="right")
+    known = [pb.JobState.Value(n) for n in pb.JobState.keys() if n != "JOB_STATE_UNSPECIFIED"]
+    names = [display.state_name(s) for s in known]
+    for state, name in zip(known, names, strict=True):
+        count = stats.by_state.get(name, 0)
+        table.add_row(display.state_text(state), str(count), style="" if count else "dim")
+    for name, count in sorted(stats.by_state.items()):
+        if name not in names:  # a state this CLI does not know yet
+            table.add_row(name, str(count))
+    table.add_section()
+    table.add_row("TOTAL", str(stats.total), style="bold")
+    return table
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    queue: Annotated[str, typer.Option("--queue", "-q", help="Only jobs in this queue.")] = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Count jobs per state, from the hub's memory (cheap: fine to poll)."""
+    result = _run(ctx, lambda c: c.job_stats(queue))
+    _emit(result, output, lambda: _stats_table(result, queue))
+
+
 # -- clusters -----------------------------------------------------------------------------------
 
 
@@ -458,6 +493,94 @@ def up(
         module.main(**kwargs)
 
     _daemon("fedplane.local", start)
+
+
+class BenchOutput(StrEnum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def bench(
+    clusters: Annotated[
+        int, typer.Option("--clusters", help="Simulated clusters (agents sharing one fleet process).")
+    ] = 10,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes per cluster.")] = 100,
+    node_cpu: Annotated[int, typer.Option("--node-cpu", help="CPUs per node.")] = 64,
+    jobs: Annotated[int, typer.Option("--jobs", help="Jobs to submit in the measured load.")] = 20_000,
+    rate: Annotated[
+        float, typer.Option("--rate", help="Offered jobs/s, open loop; 0 = as fast as the hub accepts.")
+    ] = 0.0,
+    duration: Annotated[float, typer.Option("--duration", help="How long each job runs, seconds.")] = 30.0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Jobs per RPC: 1 = SubmitJob each, more = SubmitJobs.")
+    ] = 1,
+    gangs: Annotated[
+        str, typer.Option("--gangs", help="Gang sizes (pods of 1 cpu, all-or-nothing), cycled: e.g. 1,4.")
+    ] = "1",
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", help="RPCs in flight with --rate 0 (default 64 single, 4 batched)."),
+    ] = 0,
+    queued: Annotated[
+        int, typer.Option("--queued", help="First queue this many jobs behind cordoned clusters, then drain.")
+    ] = 0,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            "--drain-seconds",
+            help="With --queued: measure the drain for this long instead of until empty (0).",
+        ),
+    ] = 0.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Bound on the measured load, seconds; a timeout is reported.")
+    ] = 600.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result JSON here.")] = None,
+    output: Annotated[BenchOutput, typer.Option("--output", "-o", help="Output format.")] = BenchOutput.table,
+) -> None:
+    """Benchmark a local federation on real etcd and NATS: throughput, latency, hub CPU and memory."""
+    # Imported here: the benchmark pulls in the agent and the servers, which other commands never need.
+    from fedplane.benchmark import federation, loadgen, report
+
+    try:
+        gang_sizes = loadgen.parse_gangs(gangs)
+    except ValueError as exc:
+        _fail(str(exc))
+    params = federation.BenchParams(
+        clusters=clusters,
+        nodes=nodes,
+        node_cpu=node_cpu,
+        jobs=jobs,
+        rate=rate,
+        duration=duration,
+        batch_size=batch_size,
+        gangs=gang_sizes,
+        concurrency=concurrency,
+        queued=queued,
+        drain_seconds=drain_seconds,
+        timeout=timeout,
+    )
+    problems = params.problems()
+    if problems:
+        _fail("; ".join(problems))
+    if json_path is not None and not json_path.parent.is_dir():
+        _fail(f"--json: {json_path.parent} is not a directory")
+    try:
+        result = federation.run(params, progress=lambda line: typer.echo(f"bench: {line}", err=True))
+    except federation.BenchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    text = json.dumps(result, indent=2)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    if output is BenchOutput.json:
+        typer.echo(text)
+    else:
+        _console().print(report.render(result))
+    figures = result["results"]
+    if figures["timed_out"] or figures["submit_errors"]:
+        raise typer.Exit(EXIT_JOBS_FAILED)
 
 
 def main() -> None:

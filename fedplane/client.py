@@ -411,6 +411,10 @@ class FedplaneClient:
         """A dry run: where the job would go now, without submitting it."""
         return await self._call(self._job_stub.ExplainJob, hub_pb2.ExplainJobRequest(spec=spec))
 
+    async def job_stats(self, queue: str = "") -> hub_pb2.JobStats:
+        """Jobs per state (by name) and in total, optionally in one queue: a cheap progress poll."""
+        return await self._call(self._job_stub.GetJobStats, hub_pb2.GetJobStatsRequest(queue=queue))
+
     # -- clusters -------------------------------------------------------------------------------
 
     async def clusters(self) -> builtins.list[pb.Cluster]:

@@ -55,6 +55,11 @@ class HubConfig:
     heartbeat_timeout_seconds: float = 30.0
     # Events arriving within this window are placed in one batch.
     batch_window_seconds: float = 0.02
+    # At most this many jobs are dispatched per placement cycle (the next cycle follows at once),
+    # so that one cycle's etcd transaction and command burst stay bounded.
+    max_dispatch_per_cycle: int = 1000
+    # The etcd server's --max-txn-ops (etcd's default is 128): writes are batched up to it.
+    etcd_max_txn_ops: int = 128
     # How long the JetStream streams keep commands and status updates.
     stream_max_age_seconds: float = 7 * 24 * 3600
     # Finished jobs (and their idempotency keys) are deleted this long after finishing; 0 = never.

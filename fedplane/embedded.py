@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,13 @@ def _spawn(name: str, args: list[str], data_dir: Path, host: str, port: int, tim
 
 
 def start_etcd(
-    data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20.0
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 20.0,
+    extra_args: Sequence[str] = (),
 ) -> ServerProcess:
+    """etcd on loopback; `extra_args` are appended (e.g. benchmark quotas such as --max-txn-ops)."""
     client_port = port or free_port(host)
     peer_port = free_port(host)
     args = [
@@ -130,6 +136,7 @@ def start_etcd(
         f"--initial-cluster=fedplane=http://{host}:{peer_port}",
         "--listen-metrics-urls=",
         "--log-level=warn",
+        *extra_args,
     ]
     return _spawn("etcd", args, data_dir, host, client_port, timeout)
 

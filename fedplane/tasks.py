@@ -30,7 +30,7 @@ async def cancel_all(tasks: Iterable[asyncio.Task[None]], grace: float = 5.0) ->
     _, pending = await asyncio.wait(tasks, timeout=grace)
     for task in pending:
         frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()]
-        log.error("task did not stop", task=task.get_name(), stack=frames)
+        log.error("task did not stop", task=task.get_name(), frames=frames)
 
 
 async def bounded(awaitable: Awaitable[object], grace: float, what: str) -> None:

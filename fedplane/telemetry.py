@@ -8,8 +8,10 @@ update back (headers again).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -17,9 +19,15 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 TRACER_NAME = "fedplane"
 _configured = False
+# Whether per-job spans are made: only once configure() has somewhere to send them.
+_recording = False
+_tracer: trace.Tracer | None = None
+# The trace id of the job being handled when no span is made for it (see child_span).
+_passthrough_trace_id: ContextVar[str] = ContextVar("fedplane_trace_id", default="")
 
 
 def configure(
@@ -34,12 +42,16 @@ def configure(
     (default from FEDPLANE_TRACES_EXPORTER, else "none"). Later calls are no-ops, so in-process
     tests and the local federation share one provider.
     """
-    global _configured
+    global _configured, _recording
     if _configured:
         return
     _configured = True
     exporter = exporter or os.environ.get("FEDPLANE_TRACES_EXPORTER", "none")
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    _recording = exporter != "none" or extra_exporter is not None
+    # With nowhere to send spans, sample none: trace ids still propagate (and reach the logs),
+    # but no span records attributes or events, which costs real CPU per job at high rates.
+    sampler = ALWAYS_OFF if exporter == "none" and extra_exporter is None else None
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=sampler)
     if exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -63,7 +75,38 @@ def shutdown() -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    # get_tracer() costs microseconds per call; the proxy it returns follows the provider set later.
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
+
+
+def recording() -> bool:
+    return _recording
+
+
+@contextlib.contextmanager
+def child_span(
+    name: str,
+    parent: Mapping[str, str] | None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    attributes: Mapping[str, str | int | float] | None = None,
+) -> Iterator[dict[str, str]]:
+    """A span continuing `parent` (W3C headers); yields the headers that continue it in turn.
+
+    When spans go nowhere no span is made: the parent's headers pass through unchanged, so
+    the trace id still reaches the next hop and this hop's log lines, at no cost per job.
+    """
+    if not _recording:
+        token = _passthrough_trace_id.set(trace_id_of(parent or {}))
+        try:
+            yield dict(parent or {})
+        finally:
+            _passthrough_trace_id.reset(token)
+        return
+    with tracer().start_as_current_span(name, context=extract(parent), kind=kind, attributes=attributes):
+        yield inject()
 
 
 def inject(carrier: MutableMapping[str, str] | None = None) -> dict[str, str]:
@@ -73,19 +116,28 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def inject_span(span: trace.Span) -> dict[str, str]:
+    """The W3C headers that make `span` the parent on the other side."""
+    out: dict[str, str] = {}
+    propagate.inject(out, context=trace.set_span_in_context(span))
+    return out
+
+
 def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(carrier or {}))
 
 
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+    return format(ctx.trace_id, "032x") if ctx.is_valid else _passthrough_trace_id.get()
 
 
 def trace_id_of(carrier: Mapping[str, str]) -> str:
-    """The trace id in a stored W3C context, for log lines written outside any span."""
-    ctx = trace.get_current_span(extract(carrier)).get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+    """The trace id in a W3C context (traceparent "00-<trace id>-<span id>-<flags>"), if valid."""
+    parts = carrier.get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1].strip("0"):
+        return parts[1]
+    return ""
 
 
 def _untraced_streams() -> Any:

@@ -7,24 +7,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from fedplane.hub.events import EventLog, WatchFellBehind
-from fedplane.v1 import hub_pb2
-from fedplane.v1 import types_pb2 as pb
+from fedplane.hub.events import Change, EventLog, WatchFellBehind
 
 
-def event(revision: int, job_id: str) -> hub_pb2.JobEvent:
-    return hub_pb2.JobEvent(revision=revision, job=pb.Job(id=job_id))
+def event(revision: int, job_id: str) -> Change:
+    return Change(revision, job_id, "default", b"")
 
 
-async def no_replay(after: int, until: int) -> AsyncIterator[hub_pb2.JobEvent]:
+async def no_replay(after: int, until: int) -> AsyncIterator[Change]:
     raise AssertionError("memory should have served this")
     yield  # pragma: no cover
 
 
-async def take(stream: AsyncIterator[hub_pb2.JobEvent], n: int) -> list[tuple[int, str]]:
+async def take(stream: AsyncIterator[Change], n: int) -> list[tuple[int, str]]:
     out = []
     async for e in stream:
-        out.append((e.revision, e.job.id))
+        out.append((e.revision, e.job_id))
         if len(out) == n:
             break
     return out
@@ -55,7 +53,7 @@ async def test_older_than_memory_is_replayed_then_memory_takes_over() -> None:
     for r in (1, 2, 3, 4):
         log.publish(event(r, f"j{r}"))
 
-    async def replay(after: int, until: int) -> AsyncIterator[hub_pb2.JobEvent]:
+    async def replay(after: int, until: int) -> AsyncIterator[Change]:
         assert (after, until) == (1, 4)
         for r in (2, 3, 4):
             yield event(r, f"j{r}")

@@ -364,3 +364,46 @@ async def test_finished_jobs_are_forgotten_after_their_retention_and_nothing_els
     assert await store.client.get(store.idem_key("k-short")) is None
     with pytest.raises(grpc.aio.AioRpcError):
         await federation.jobs.CancelJob(hub_pb2.CancelJobRequest(job_id=done.id))
+
+
+async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) -> None:
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedplane.cli import app
+    from fedplane.client import FedplaneClient
+
+    await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
+    await federation.wait_clusters_ready(["cpu-a"])
+    running = [await federation.submit(job_spec(f"r{i}", queue="a", duration="60s")) for i in range(3)]
+    # More cpu than any node has: these stay PENDING.
+    for i in range(2):
+        await federation.submit(job_spec(f"p{i}", queue="b", cpu="100"))
+    for job in running:
+        await federation.wait_state(job.id, {pb.RUNNING})
+
+    assert federation.hub is not None
+    target = f"127.0.0.1:{federation.hub.port}"
+    async with FedplaneClient(target) as client:
+        every = await client.job_stats()
+        in_a = await client.job_stats(queue="a")
+        in_b = await client.job_stats(queue="b")
+        nowhere = await client.job_stats(queue="nowhere")
+        listed = await client.list_page(page_size=1)
+    assert dict(every.by_state) == {"RUNNING": 3, "PENDING": 2} and every.total == 5
+    assert dict(in_a.by_state) == {"RUNNING": 3} and in_a.total == 3
+    assert dict(in_b.by_state) == {"PENDING": 2} and in_b.total == 2
+    assert dict(nowhere.by_state) == {} and nowhere.total == 0
+    assert 0 < every.revision <= listed.revision
+
+    # The CLI runs its own event loop, so it goes to a thread while this loop serves the hub.
+    runner = CliRunner()
+    result = await asyncio.to_thread(runner.invoke, app, ["--hub", target, "stats", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["byState"] == {"RUNNING": "3", "PENDING": "2"} and data["total"] == "5"
+    table = await asyncio.to_thread(runner.invoke, app, ["--hub", target, "stats", "--queue", "a"])
+    assert table.exit_code == 0, table.output
+    assert "RUNNING" in table.stdout and "3" in table.stdout and "queue a" in table.stdout

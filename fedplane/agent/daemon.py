@@ -103,7 +103,7 @@ class Agent:
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
             asyncio.create_task(self._inventory_loop(), name="agent-inventory"),
             asyncio.create_task(self._command_loop(), name="agent-commands"),
-            asyncio.create_task(self.outbox.run(self._publish_status, batch=256), name="agent-outbox"),
+            asyncio.create_task(self.outbox.run(self._publish_statuses, batch=1024), name="agent-outbox"),
         ]
         if self.config.gc_interval_seconds > 0:
             self._tasks.append(asyncio.create_task(self._gc_loop(), name="agent-gc"))
@@ -187,53 +187,58 @@ class Agent:
     # ------------------------------------------------------------------ commands
     async def _command_loop(self) -> None:
         assert self.js is not None
-        sub = None
-        while sub is None:
-            try:
-                sub = await self.js.pull_subscribe(
-                    bus.subject("cmd", self.cluster),
-                    durable=bus.consumer_name(self.cluster),
-                    stream=bus.COMMANDS_STREAM,
-                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
-                )
-            except Exception as exc:
-                log.info("waiting for the hub's command stream", error=str(exc))
-                await asyncio.sleep(1.0)
-        async for msgs in bus.batches(sub, 256, lambda: self._stopping):
-            # Different jobs are handled concurrently; one job's commands stay in order.
-            by_job: dict[str, list[Any]] = {}
-            for msg in msgs:
-                by_job.setdefault(agent_pb.DispatchCommand.FromString(msg.data).job_id, []).append(msg)
+        commands = bus.consume(
+            self.js,
+            bus.subject("cmd", self.cluster),
+            bus.consumer_name(self.cluster),
+            bus.COMMANDS_STREAM,
+            ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=10_000
+            ),
+            1024,
+            lambda: self._stopping,
+            replaces=bus.legacy_consumer_name(self.cluster),
+        )
+        async for msgs in commands:
+            await self._handle_messages(msgs)
 
-            async def in_order(job_msgs: list[Any]) -> None:
-                for i, msg in enumerate(job_msgs):
-                    if self._stopping:
-                        await asyncio.gather(*(m.nak() for m in job_msgs[i:]), return_exceptions=True)
-                        return
-                    await self._handle_message(msg)
+    async def _handle_messages(self, msgs: list[Any]) -> None:
+        """Handle the commands of a batch of messages; ack each message whose commands all took.
 
-            await asyncio.gather(*(in_order(job_msgs) for job_msgs in by_job.values()))
+        Different jobs are handled concurrently; one job's commands stay in order, and after
+        one fails its later ones wait for the redelivery (commands are idempotent).
+        """
+        by_job: dict[str, list[tuple[int, agent_pb.DispatchCommand]]] = {}
+        for index, msg in enumerate(msgs):
+            for command in _commands_in(msg):
+                by_job.setdefault(command.job_id, []).append((index, command))
+        failed: set[int] = set()
 
-    async def _handle_message(self, msg: Any) -> None:
-        command = agent_pb.DispatchCommand.FromString(msg.data)
-        ctx = bus.trace_headers(msg)
-        action = command.WhichOneof("action") or ""
-        with telemetry.tracer().start_as_current_span(
-            f"agent.{action}",
-            context=telemetry.extract(ctx),
+        async def in_order(items: list[tuple[int, agent_pb.DispatchCommand]]) -> None:
+            for i, (index, command) in enumerate(items):
+                if self._stopping or not await self._handle_command(command):
+                    failed.update(index for index, _ in items[i:])
+                    return
+
+        await asyncio.gather(*(in_order(items) for items in by_job.values()))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(
+                *(msg.nak(delay=2) if index in failed else msg.ack() for index, msg in enumerate(msgs)),
+                return_exceptions=True,
+            )
+
+    async def _handle_command(self, command: agent_pb.DispatchCommand) -> bool:
+        with telemetry.child_span(
+            f"agent.{command.WhichOneof('action') or ''}",
+            command.trace_context,
             kind=trace.SpanKind.CONSUMER,
             attributes={"job.id": command.job_id, "cluster": self.cluster, "generation": command.generation},
-        ):
+        ) as trace_ctx:
             try:
-                done = await self.handle(command, telemetry.inject())
+                return await self.handle(command, trace_ctx)
             except Exception:
                 log.exception("command failed; will be redelivered", job_id=command.job_id)
-                done = False
-        with contextlib.suppress(Exception):
-            if done:
-                await msg.ack()
-            else:
-                await msg.nak(delay=2)
+                return False
 
     async def handle(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
         """Apply one command; True when it may be acknowledged."""
@@ -358,25 +363,43 @@ class Agent:
             message=event.message,
             time=_now(),
         )
-        with telemetry.tracer().start_as_current_span(
+        with telemetry.child_span(
             "agent.status",
-            context=telemetry.extract(self._traces.get(event.job_id)),
+            self._traces.get(event.job_id),
             attributes={"job.id": event.job_id, "state": pb.JobState.Name(event.state)},
-        ):
-            self.outbox.put(update, telemetry.inject())
+        ) as trace_ctx:
+            self.outbox.put(update, trace_ctx)
         if event.state in _TERMINAL:
             self._traces.pop(event.job_id, None)
 
-    async def _publish_status(self, update: agent_pb.StatusUpdate, trace_ctx: dict[str, str]) -> None:
+    async def _publish_statuses(
+        self, items: list[tuple[agent_pb.StatusUpdate, dict[str, str]]]
+    ) -> list[BaseException | None]:
+        """Publish queued updates in order as one StatusBatch (the hub applies each idempotently)."""
         if self.js is None or not self.connected.is_set():
             raise ConnectionError("not connected")
-        msg_id = f"{update.job_id}:{update.generation}:{pb.JobState.Name(update.state)}"
+        batch = agent_pb.StatusBatch()
+        for update, trace_ctx in items:
+            added = batch.updates.add()
+            added.CopyFrom(update)
+            added.trace_context.update(trace_ctx)
         await self.js.publish(
             bus.subject("status", self.cluster),
-            update.SerializeToString(),
-            headers=bus.headers("StatusUpdate", msg_id, trace_ctx),
-            timeout=5,
+            batch.SerializeToString(),
+            headers=bus.headers("StatusBatch"),
+            timeout=10,
         )
+        return [None] * len(items)
+
+
+def _commands_in(msg: Any) -> list[agent_pb.DispatchCommand]:
+    """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
+    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "DispatchBatch":
+        return list(agent_pb.DispatchBatch.FromString(msg.data).commands)
+    command = agent_pb.DispatchCommand.FromString(msg.data)
+    if not command.trace_context:
+        command.trace_context.update(bus.trace_headers(msg))
+    return [command]
 
 
 async def run(config: AgentConfig) -> None:

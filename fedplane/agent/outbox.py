@@ -16,13 +16,15 @@ from pathlib import Path
 
 from fedplane.v1 import agent_pb2 as agent_pb
 
-Publish = Callable[[agent_pb.StatusUpdate, dict[str, str]], Awaitable[None]]
+Item = tuple[agent_pb.StatusUpdate, dict[str, str]]
+# Publishes a batch in order; per item, None when stored, else the error.
+PublishBatch = Callable[[list[Item]], Awaitable[list[BaseException | None]]]
 
 
 class Outbox:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self._queue: deque[tuple[agent_pb.StatusUpdate, dict[str, str]]] = deque()
+        self._queue: deque[Item] = deque()
         self._ready = asyncio.Event()
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -57,7 +59,7 @@ class Outbox:
         tmp.write_text("".join(self._line(u, t) for u, t in self._queue))
         os.replace(tmp, self.path)
 
-    async def run(self, publish: Publish, batch: int = 64, retry_delay: float = 0.5) -> None:
+    async def run(self, publish: PublishBatch, batch: int = 64, retry_delay: float = 0.5) -> None:
         """Publish in order until cancelled; on failure wait and retry the same updates."""
         delay = retry_delay
         while True:
@@ -66,7 +68,10 @@ class Outbox:
             if not items:
                 self._ready.clear()
                 continue
-            results = await asyncio.gather(*(publish(u, t) for u, t in items), return_exceptions=True)
+            try:
+                results = await publish(items)
+            except Exception as exc:
+                results = [exc] * len(items)
             # Only an unbroken prefix may leave the queue, so order is preserved on retry.
             sent = 0
             for result in results:

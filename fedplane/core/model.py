@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 NO_SCHEDULE_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
@@ -67,8 +68,37 @@ class NodeView:
 
 
 @dataclass(slots=True)
+class NodeIndex:
+    """What placement derives once from a view's node names, labels, taints and schedulability.
+
+    None of these change when capacity is deducted, so the index is shared by a view, its
+    copies and its copy-on-write successors (`with_free`) instead of being rebuilt per job.
+    """
+
+    position: dict[str, int]
+    # GPU products of schedulable nodes: a pod set of another type cannot fit at all.
+    products: frozenset[str]
+    # (tolerations, GPU type) -> positions of the nodes such pods may use, filled on demand.
+    usable: dict[tuple[tuple[Toleration, ...], str], list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, nodes: list[NodeView]) -> NodeIndex:
+        return cls(
+            {n.name: i for i, n in enumerate(nodes)},
+            frozenset(
+                n.labels[GPU_PRODUCT_LABEL] for n in nodes if n.schedulable and GPU_PRODUCT_LABEL in n.labels
+            ),
+        )
+
+
+@dataclass(slots=True)
 class ClusterView:
-    """One member cluster as the hub currently believes it to be."""
+    """One member cluster as the hub currently believes it to be.
+
+    Placement caches what it derives from the view on it (totals, `NodeIndex`, memo), so treat
+    a view handed to placement as fixed: change free capacity only through `deduct()` (in
+    place) or `with_free()` (a new view), and nothing else.
+    """
 
     name: str
     nodes: list[NodeView]
@@ -80,9 +110,16 @@ class ClusterView:
     cordoned: bool = False
     not_ready_reason: str = ""
     _totals: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    _index: NodeIndex | None = field(default=None, repr=False, compare=False)
+    # Placement's results for this view by gang shape (see placement._screen): a view that does
+    # not change is screened once per shape, not once per job. Cleared by deduct() and took().
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> ClusterView:
-        """A copy whose node free capacity can be deducted without touching the original."""
+        """A copy whose node free capacity can be deducted without touching the original.
+
+        The cached totals are copied and the node index shared (deducting does not change it).
+        """
         nodes = [
             NodeView(n.name, dict(n.free), n.allocatable, n.labels, n.taints, n.schedulable)
             for n in self.nodes
@@ -97,7 +134,87 @@ class ClusterView:
             self.ready,
             self.cordoned,
             self.not_ready_reason,
+            {which: dict(totals) for which, totals in self._totals.items()},
+            self._index,
         )
+
+    def with_free(self, changes: Mapping[int, dict[str, int]]) -> ClusterView:
+        """A new view in which node `i` has free capacity `changes[i]` (the dict is taken over).
+
+        Copy-on-write: every other node, the labels and the caches are shared, and the cached
+        totals are adjusted rather than recomputed, so a deduction costs what it changes, not
+        the size of the cluster. This view is left as it was.
+        """
+        nodes = list(self.nodes)
+        pairs = []
+        for i, free in changes.items():
+            old = nodes[i]
+            nodes[i] = NodeView(old.name, free, old.allocatable, old.labels, old.taints, old.schedulable)
+            pairs.append((old, nodes[i]))
+        return ClusterView(
+            self.name,
+            nodes,
+            self.labels,
+            self.taints,
+            self.datasets,
+            self.cost,
+            self.ready,
+            self.cordoned,
+            self.not_ready_reason,
+            _carried_totals(self._totals, pairs),
+            self._index,
+        )
+
+    def with_status(self, ready: bool, cordoned: bool, not_ready_reason: str) -> ClusterView:
+        """A new view with other health and cordon, sharing nodes and caches with this one."""
+        return ClusterView(
+            self.name,
+            self.nodes,
+            self.labels,
+            self.taints,
+            self.datasets,
+            self.cost,
+            ready,
+            cordoned,
+            not_ready_reason,
+            self._totals,
+            self._index,
+            self._memo,
+        )
+
+    def index(self) -> NodeIndex:
+        """The node index, built on first use."""
+        if self._index is None:
+            self._index = NodeIndex.of(self.nodes)
+        return self._index
+
+    def reuse_caches(self, previous: ClusterView) -> None:
+        """Adopt what placement cached on `previous` that still holds for this (uncached) view.
+
+        For a view rebuilt from a new report that repeats most nodes: when the nodes line up by
+        name, the totals are `previous`'s adjusted for the nodes that are not the very same
+        objects, and the node index is `previous`'s if those also kept their schedulability,
+        labels and taints objects. Costs what changed, not the size of the cluster.
+        """
+        if self._totals or self._index is not None or len(previous.nodes) != len(self.nodes):
+            return
+        pairs = []
+        same_index = True
+        for old, new in zip(previous.nodes, self.nodes, strict=True):
+            if old is new:
+                continue
+            if old.name != new.name:
+                return
+            if (
+                old.schedulable != new.schedulable
+                or old.labels is not new.labels
+                or old.taints is not new.taints
+            ):
+                same_index = False
+            pairs.append((old, new))
+        if same_index:
+            self._index = previous._index
+        self._totals = _carried_totals(previous._totals, pairs)
 
     def total(self, which: str) -> dict[str, int]:
         """Sum of the nodes' "free" or "allocatable", cached: change node free capacity only via deduct()."""
@@ -111,11 +228,30 @@ class ClusterView:
         self._totals[which] = totals
         return totals
 
+    def room(self) -> dict[str, int]:
+        """Per resource, the sum of schedulable nodes' positive free capacity (cached).
+
+        No set of pods needing more than this can fit, whatever the node shapes: a cheap
+        proof that a gang does not fit, without packing it.
+        """
+        cached = self._totals.get("room")
+        if cached is not None:
+            return cached
+        room: dict[str, int] = {}
+        for node in self.nodes:
+            if node.schedulable:
+                for resource, amount in node.free.items():
+                    room[resource] = room.get(resource, 0) + max(0, amount)
+        self._totals["room"] = room
+        return room
+
     def took(self, resource: str, amount: int) -> None:
         """Keep the cached free total right after `amount` of `resource` left a node's free capacity."""
         free = self._totals.get("free")
         if free is not None:
             free[resource] = free.get(resource, 0) - amount
+        self._totals.pop("room", None)  # which node it left is unknown here: recount when needed
+        self._memo.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,3 +303,45 @@ class Assignment:
     pod_set: str
     node: str
     count: int
+
+
+def _carried_totals(
+    totals: Mapping[str, dict[str, int]], pairs: list[tuple[NodeView, NodeView]]
+) -> dict[str, dict[str, int]]:
+    """ClusterView's cached totals after each (old, new) pair's old node was replaced by new.
+
+    A total is dropped (to be recounted when needed) if a resource left a node, so that totals
+    list exactly the resources the nodes have.
+    """
+    carried: dict[str, dict[str, int]] = {}
+    for which in ("free", "allocatable"):
+        total = totals.get(which)
+        if total is None:
+            continue
+        if which == "allocatable" and all(old.allocatable is new.allocatable for old, new in pairs):
+            carried[which] = total  # shared: only the free total is ever changed in place (took)
+            continue
+        adjusted: dict[str, int] | None = dict(total)
+        for old, new in pairs:
+            before, after = getattr(old, which), getattr(new, which)
+            if before is after or adjusted is None:
+                continue
+            if any(resource not in after for resource in before):
+                adjusted = None
+                break
+            for resource, amount in after.items():
+                adjusted[resource] = adjusted.get(resource, 0) + amount - before.get(resource, 0)
+        if adjusted is not None:
+            carried[which] = adjusted
+    room = totals.get("room")
+    if room is not None:
+        room = dict(room)
+        for old, new in pairs:
+            before = old.free if old.schedulable else {}
+            after = new.free if new.schedulable else {}
+            for resource in before.keys() | after.keys():
+                room[resource] = (
+                    room.get(resource, 0) + max(0, after.get(resource, 0)) - max(0, before.get(resource, 0))
+                )
+        carried["room"] = room
+    return carried

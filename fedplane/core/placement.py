@@ -3,13 +3,25 @@
 Hard filters first (health, cordon, selector, taints, preferred-group strictness, required
 data, GPU type, the gang fitting on actual nodes), then a weighted score that is reported
 component by component so that every decision can be explained.
+
+The hub places jobs over every cluster it knows, one cycle after another, so the per-cluster
+work per job is kept to a few lookups (a job over 1,000 clusters takes about a millisecond):
+views are never modified (place_batch is copy-on-write, `deducted`), which lets the hub
+share them between cycles and lets placement cache on them what it derives (totals, node
+index, per-shape memo); clusters are ranked by cheap upper bounds and only the best few are
+packed (branch and bound); reasons for rejecting a cluster are built only if someone reads them.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 
 from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
@@ -18,6 +30,7 @@ from fedplane.core.model import (
     JobRequest,
     NodeView,
     PodSetRequest,
+    Taint,
     Toleration,
     untolerated,
 )
@@ -40,14 +53,67 @@ class Score:
     preference: float = 0.0
 
 
-@dataclass(slots=True)
+_NO_SCORE = Score()
+
+
 class Verdict:
-    cluster: str
-    feasible: bool
-    reasons: list[str] = field(default_factory=list)
-    score: Score = field(default_factory=Score)
-    group_rank: int = 0
-    assignments: list[Assignment] = field(default_factory=list)
+    """One cluster's verdict for a job: feasible with a score and node assignments, or why not.
+
+    `reasons` may be built on first access (`explain`): placement rejects most clusters of a
+    large federation for reasons nobody reads once the job is placed. Only reasons that do not
+    depend on free capacity (the cluster-level filters) are deferred, so deducting capacity
+    from the views later does not change them.
+    """
+
+    __slots__ = ("_explain", "_reasons", "assignments", "cluster", "feasible", "group_rank", "score")
+
+    def __init__(
+        self,
+        cluster: str,
+        feasible: bool,
+        reasons: list[str] | None = None,
+        score: Score = _NO_SCORE,
+        group_rank: int = 0,
+        assignments: list[Assignment] | None = None,
+        *,
+        explain: Callable[[], list[str]] | None = None,
+    ) -> None:
+        if reasons is None and explain is None:
+            reasons = []
+        self.cluster = cluster
+        self.feasible = feasible
+        self._reasons = reasons
+        self._explain = explain if reasons is None else None
+        self.score = score
+        self.group_rank = group_rank
+        self.assignments = assignments if assignments is not None else []
+
+    @property
+    def reasons(self) -> list[str]:
+        if self._reasons is None:
+            assert self._explain is not None
+            self._reasons, self._explain = self._explain(), None
+        return self._reasons
+
+    @reasons.setter
+    def reasons(self, reasons: list[str]) -> None:
+        self._reasons, self._explain = reasons, None
+
+    def _fields(self) -> tuple[str, bool, list[str], Score, int, list[Assignment]]:
+        return (self.cluster, self.feasible, self.reasons, self.score, self.group_rank, self.assignments)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Verdict):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"Verdict(cluster={self.cluster!r}, feasible={self.feasible!r}, reasons={self.reasons!r}, "
+            f"score={self.score!r}, group_rank={self.group_rank!r}, assignments={self.assignments!r})"
+        )
 
 
 @dataclass(slots=True)
@@ -88,17 +154,7 @@ def group_rank(job: JobRequest, cluster: ClusterView) -> int:
     return len(job.groups)
 
 
-def _pods_fitting(node: NodeView, requests: dict[str, int]) -> int:
-    fits: int | None = None
-    for resource, amount in requests.items():
-        if amount <= 0:
-            continue
-        n = node.free.get(resource, 0) // amount
-        if fits is None or n < fits:
-            fits = n
-            if fits == 0:
-                return 0
-    return fits if fits is not None else 1 << 30
+_UNBOUNDED = 1 << 30
 
 
 def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], str]:
@@ -125,19 +181,28 @@ def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], s
             candidates: list[tuple[int, str]] = []
             placeable = 0
             for node in usable:
-                free = taken.get(node.name, node.free)
+                free = taken.get(node.name, node.free) if taken else node.free
                 # Uncapped, so that best fit can tell a nearly full node from an empty one.
-                n = min((free.get(r, 0) // a for r, a in wanted), default=1 << 30)
+                n = _UNBOUNDED
+                for resource, amount in wanted:
+                    fits = free.get(resource, 0) // amount
+                    if fits < n:
+                        n = fits
+                        if n <= 0:
+                            break
                 if n > 0:
                     candidates.append((n, node.name))
-                    placeable += min(n, want)
+                    placeable += n if n < want else want
             if not optional and placeable < needed:
                 free_now = {n.name: taken.get(n.name, n.free) for n in cluster.nodes}
                 requests = dict(pod_set.requests)
                 return [], _shortfall(pod_set, needed, placeable, cluster, requests, free_now, usable)
+            if not candidates:
+                continue
             remaining = want
-            nodes = {n.name: n for n in usable} if candidates else {}
-            for n, name in sorted(candidates):
+            nodes = {n.name: n for n in usable}
+            candidates.sort()
+            for n, name in candidates:
                 if remaining == 0:
                     break
                 take = min(n, remaining)
@@ -152,15 +217,22 @@ def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], s
 
 
 def _usable_nodes(job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView) -> list[NodeView]:
+    """Nodes the pod set's pods may run on; which ones is cached in the cluster's node index."""
     tolerations = _tolerations(job, pod_set)
     gpu_type = pod_set.gpu_type
-    return [
-        n
-        for n in cluster.nodes
-        if n.schedulable
-        and not (n.taints and untolerated(n.taints, tolerations))
-        and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
-    ]
+    usable = cluster.index().usable
+    key = (tolerations, gpu_type)
+    positions = usable.get(key)
+    if positions is None:
+        positions = usable[key] = [
+            i
+            for i, n in enumerate(cluster.nodes)
+            if n.schedulable
+            and not (n.taints and untolerated(n.taints, tolerations))
+            and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
+        ]
+    nodes = cluster.nodes
+    return [nodes[i] for i in positions]
 
 
 _STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage", "pods"})
@@ -177,7 +249,7 @@ def _tolerations(job: JobRequest, pod_set: PodSetRequest) -> tuple[Toleration, .
         for r, amount in pod_set.requests.items()
         if amount > 0 and r not in _STANDARD_RESOURCES
     )
-    return job.tolerations + implicit
+    return job.tolerations + implicit if implicit else job.tolerations
 
 
 def _pod_set_order(pod_set: PodSetRequest) -> tuple[int, str]:
@@ -254,70 +326,240 @@ def filter_cluster(job: JobRequest, cluster: ClusterView) -> list[str]:
     return reasons
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A cluster that passed the cluster-level filters, with the score parts known before packing."""
-
-    cluster: ClusterView
-    rank: int
-    locality: float
-    cost: float
-    preference: float
-    # Score with the fewest pods the gang may run with: no packing can score higher.
-    bound: Score
+# A cluster that passed the cluster-level filters and may fit the gang: (group rank, minus an
+# upper bound of its score, name, position, locality, cost, preference, whether the bound is
+# the tight one). Tuples, in heap order: a large federation has many candidates and branch
+# and bound packs only the first few.
+_Entry = tuple[int, float, str, int, float, float, float, bool]
 
 
-def _candidates(
-    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights
-) -> tuple[list[_Candidate], list[Verdict]]:
-    """Split clusters into candidates (with an upper-bound score) and verdicts of those filtered out.
+def _screen(
+    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights, lazy: bool
+) -> tuple[list[_Entry], list[Verdict], list[_Entry], Callable[[_Entry], _Entry | None]]:
+    """Split clusters into candidates, verdicts of those filtered out, and candidates that cannot fit.
 
-    Cost is relative to the cheapest candidate, so it is known before any gang is packed.
+    The filters are the same as filter_cluster's, checked without building reasons: with
+    `lazy`, a rejected cluster's reasons are built only if read. Cost is relative to the
+    cheapest cluster passing the filters, so each candidate's score parts are known before
+    any gang is packed.
+
+    Candidates get a loose upper bound first (_headroom_ceiling: it depends on which resources
+    the gang uses, not how much, so it is shared by gangs alike); the returned `tighten` gives
+    the tight one (_fewest_headroom), or None when the cluster's schedulable nodes lack the free
+    capacity the gang's required pods need (ClusterView.room). Branch and bound tightens only
+    the entries that reach the top of its heap. A cluster without a GPU type the gang needs
+    goes straight to the last list.
+
+    This runs for every cluster for every job, so it is written for speed: plain loops, the
+    score arithmetic of _combine inlined, and each cluster's entry memoized on the view by what
+    it depends on (as is the tight headroom), so that a view that has not changed costs a
+    lookup per job. Views are not modified (deduct() clears the memo).
     """
+    selector = tuple(job.cluster_selector.items())
+    tolerations = job.tolerations
+    required = tuple(d.id for d in job.datasets if d.required)
+    groups = job.groups
+    strict = job.strict_groups and bool(groups)
+    plain = not (selector or required or strict)
+    blocked: dict[tuple[Taint, ...], bool] = {}
     rejected: list[Verdict] = []
-    eligible: list[ClusterView] = []
-    for cluster in clusters:
-        reasons = filter_cluster(job, cluster)
-        if reasons:
-            rejected.append(Verdict(cluster.name, False, reasons, Score(), group_rank(job, cluster)))
+    eligible: list[int] = []
+    cheapest = 0.0  # the lowest positive cost of a cluster passing the filters
+    for position, cluster in enumerate(clusters):
+        if cluster.ready and not cluster.cordoned:
+            taints = cluster.taints
+            ok = True
+            if taints:
+                is_blocked = blocked.get(taints)
+                if is_blocked is None:
+                    is_blocked = blocked[taints] = bool(untolerated(taints, tolerations))
+                ok = not is_blocked
+            if ok and (plain or _selected(cluster, selector, required, job, strict)):
+                eligible.append(position)
+                cost = cluster.cost
+                if cost > 0 and (cost < cheapest or not cheapest):
+                    cheapest = cost
+                continue
+        rank = group_rank(job, cluster) if groups else 0
+        if lazy:
+            explain = partial(filter_cluster, job, cluster)
+            rejected.append(Verdict(cluster.name, False, None, _NO_SCORE, rank, explain=explain))
         else:
-            eligible.append(cluster)
-    costs = [c.cost for c in eligible if c.cost > 0]
-    cheapest = min(costs) if costs else 0.0
+            rejected.append(Verdict(cluster.name, False, filter_cluster(job, cluster), _NO_SCORE, rank))
     wanted = sum(d.size for d in job.datasets)
     fewest = _usage(job, {p.name: p.min_count or p.count for p in job.pod_sets})
-    candidates = []
-    for cluster in eligible:
-        rank = group_rank(job, cluster)
-        locality = (
-            sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted
-            if wanted > 0
-            else 0.0
-        )
-        cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
-        preference = 1.0 - rank / len(job.groups) if job.groups else 0.0
-        bound = _combine(weights, locality, _headroom(cluster, fewest), cost, preference)
-        candidates.append(_Candidate(cluster, rank, locality, cost, preference, bound))
-    return candidates, rejected
+    used = [(r, a) for r, a in fewest.items() if a > 0]
+    types = frozenset(p.gpu_type for p in job.pod_sets if p.gpu_type and (p.min_count or p.count) > 0)
+    # Memo keys (see ClusterView._memo): what an entry depends on besides the cluster, and what
+    # the tight bound's headroom depends on. Interned strings: hashed once per job, not per
+    # cluster, and the same objects for every job alike, so that hits compare by identity.
+    resources = repr(([r for r, _ in used], sorted(types)))
+    entry_key = sys.intern(f"entry {resources} {cheapest!r} {weights!r} {job.datasets!r} {job.groups!r}")
+    headroom_key = sys.intern(f"headroom {used!r} {resources}")
+    w_locality, w_headroom = weights.data_locality, weights.headroom
+    w_cost, w_preference = weights.cost, weights.preference
+    weight_sum = (w_locality + w_headroom + w_cost + w_preference) or 1.0
+    candidates: list[_Entry] = []
+    hopeless: list[_Entry] = []
+    candidate, no_fit = candidates.append, _HOPELESS  # locals: this loop is the hot path
+    for position in eligible:
+        cluster = clusters[position]
+        memo = cluster._memo
+        entry = memo.get(entry_key)
+        if entry is None or entry[3] != position:
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            rank = group_rank(job, cluster) if groups else 0
+            locality = (
+                sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted
+                if wanted > 0
+                else 0.0
+            )
+            cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
+            preference = 1.0 - rank / len(groups) if groups else 0.0
+            ceiling = _headroom_ceiling(cluster, used, types)
+            if ceiling < 0.0:
+                entry = (rank, _HOPELESS, cluster.name, position, locality, cost, preference, True)
+            else:
+                # The score with a headroom no packing can beat (_total inlined, not yet rounded).
+                bound = (
+                    w_locality * locality + w_headroom * ceiling + w_cost * cost + w_preference * preference
+                ) / weight_sum
+                entry = (rank, -bound, cluster.name, position, locality, cost, preference, False)
+            memo[entry_key] = entry
+        if entry[1] == no_fit:
+            hopeless.append(entry)
+        else:
+            candidate(entry)
+
+    def tighten(entry: _Entry) -> _Entry | None:
+        """The entry with the tight bound: the score with the fewest pods the gang may run with.
+
+        None if the gang's required pods cannot fit (see _fewest_headroom).
+        """
+        rank, _, name, position, locality, cost, preference, _ = entry
+        memo = clusters[position]._memo
+        headroom = memo.get(headroom_key)
+        if headroom is None:
+            headroom = memo[headroom_key] = _fewest_headroom(clusters[position], used, types)
+        if headroom < 0.0:
+            return None
+        bound = (
+            w_locality * locality + w_headroom * headroom + w_cost * cost + w_preference * preference
+        ) / weight_sum
+        return (rank, -bound, name, position, locality, cost, preference, True)
+
+    return candidates, rejected, hopeless, tighten
 
 
-def _pack(job: JobRequest, candidate: _Candidate, weights: Weights) -> Verdict:
-    cluster = candidate.cluster
+_MEMO_LIMIT = 64
+# In place of minus the bound: the entry of a cluster the gang cannot fit (see _fewest_headroom).
+_HOPELESS = math.inf
+
+
+def _headroom_ceiling(cluster: ClusterView, used: list[tuple[str, int]], types: frozenset[str]) -> float:
+    """At least _fewest_headroom whatever the amounts used (so shared by gangs using alike), or -1.
+
+    Each resource's fraction left, max(0, free - used) / allocatable, is at most
+    max(0, free) / allocatable; -1 if the cluster lacks a GPU type the gang requires.
+    """
+    if types and not types <= cluster.index().products:
+        return -1.0
+    if not used:
+        return 1.0
+    totals = cluster._totals
+    free = totals.get("free")
+    if free is None:
+        free = cluster.total("free")
+    allocatable = totals.get("allocatable")
+    if allocatable is None:
+        allocatable = cluster.total("allocatable")
+    if not allocatable:
+        allocatable = free
+    scarcest = -1.0  # none yet
+    for resource, _ in used:
+        whole = allocatable.get(resource, 0)
+        if whole > 0:
+            left = free.get(resource, 0)
+            fraction = left / whole if left > 0 else 0.0
+            if scarcest < 0.0 or fraction < scarcest:
+                scarcest = fraction
+    return scarcest if scarcest >= 0.0 else 0.0
+
+
+def _fewest_headroom(cluster: ClusterView, used: list[tuple[str, int]], types: frozenset[str]) -> float:
+    """_headroom for the `used` resources of a gang's required pods, or -1 if they cannot fit.
+
+    They cannot fit if the cluster's schedulable nodes lack the free capacity (see
+    ClusterView.room) or the GPU types they need, whatever the node shapes.
+    """
+    if types and not types <= cluster.index().products:
+        return -1.0
+    if not used:
+        return 1.0
+    totals = cluster._totals
+    room = totals.get("room")
+    if room is None:
+        room = cluster.room()
+    free = totals.get("free")
+    if free is None:
+        free = cluster.total("free")
+    allocatable = totals.get("allocatable")
+    if allocatable is None:
+        allocatable = cluster.total("allocatable")
+    if not allocatable:
+        allocatable = free
+    scarcest = -1.0  # none yet
+    for resource, amount in used:
+        if room.get(resource, 0) < amount:
+            return -1.0
+        whole = allocatable.get(resource, 0)
+        if whole > 0:
+            left = free.get(resource, 0) - amount
+            fraction = left / whole if left > 0 else 0.0
+            if scarcest < 0.0 or fraction < scarcest:
+                scarcest = fraction
+    return scarcest if scarcest >= 0.0 else 0.0
+
+
+def _selected(
+    cluster: ClusterView,
+    selector: tuple[tuple[str, str], ...],
+    required: tuple[str, ...],
+    job: JobRequest,
+    strict: bool,
+) -> bool:
+    """The selector, required-data and strict-group filters (see filter_cluster)."""
+    if selector:
+        labels = cluster.labels
+        for key, value in selector:
+            if labels.get(key) != value:
+                return False
+    if required:
+        held = cluster.datasets
+        for dataset in required:
+            if dataset not in held:
+                return False
+    return not strict or group_rank(job, cluster) < len(job.groups)
+
+
+def _pack(job: JobRequest, cluster: ClusterView, entry: _Entry, weights: Weights) -> Verdict:
+    rank, _, _, _, locality, cost, preference, _ = entry
     assignments, misfit = fit_gang(job, cluster)
     if misfit:
-        return Verdict(cluster.name, False, [misfit], Score(), candidate.rank)
+        return Verdict(cluster.name, False, [misfit], _NO_SCORE, rank)
     placed: dict[str, int] = {}
     for a in assignments:
         placed[a.pod_set] = placed.get(a.pod_set, 0) + a.count
-    headroom = _headroom(cluster, _usage(job, placed))
-    score = _combine(weights, candidate.locality, headroom, candidate.cost, candidate.preference)
-    return Verdict(cluster.name, True, [], score, candidate.rank, assignments)
+    used = [(r, amount) for r, amount in _usage(job, placed).items() if amount > 0]
+    score = _combine(weights, locality, _headroom(cluster, used), cost, preference)
+    return Verdict(cluster.name, True, [], score, rank, assignments)
 
 
 def evaluate(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()) -> list[Verdict]:
     """Every cluster's verdict for the job, best first (feasible ones ordered by preference, score)."""
-    candidates, verdicts = _candidates(job, clusters, weights)
-    verdicts += [_pack(job, c, weights) for c in candidates]
+    candidates, verdicts, hopeless, _ = _screen(job, clusters, weights, lazy=False)
+    verdicts += [_pack(job, clusters[entry[3]], entry, weights) for entry in candidates + hopeless]
     verdicts.sort(key=_rank_key)
     return verdicts
 
@@ -327,34 +569,71 @@ def best_verdicts(
 ) -> list[Verdict]:
     """Verdicts enough to know the best cluster: the same choice as evaluate(), far fewer gang fits.
 
-    Candidates are packed in order of their upper-bound score; packing stops once the best
-    feasible verdict ranks ahead of every remaining bound (branch and bound). When nothing
-    fits, every cluster has been tried and every reason is there.
+    Candidates are packed in order of their upper-bound score (popped from a heap: usually
+    only the first few are needed); packing stops once the best feasible verdict ranks ahead
+    of every remaining bound (branch and bound). When something fits, the verdicts are the
+    packed clusters' and those of clusters the cluster-level filters rejected, whose reasons
+    are built on first read; clusters shown unable to fit without packing are left out. When
+    nothing fits, every cluster has a verdict and every reason is there.
     """
-    candidates, verdicts = _candidates(job, clusters, weights)
-    candidates.sort(key=lambda c: (c.rank, -c.bound.total, c.cluster.name))
+    return _best_verdicts(job, clusters, weights)[0]
+
+
+def _best_verdicts(
+    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights
+) -> tuple[list[Verdict], int]:
+    """best_verdicts(), and the position of the chosen cluster in `clusters` (-1 if none)."""
+    candidates, verdicts, hopeless, tighten = _screen(job, clusters, weights, lazy=True)
+    heapq.heapify(candidates)
+    packed: list[Verdict] = []
     best: Verdict | None = None
-    for candidate in candidates:
-        if best is not None and _rank_key(best) <= (
-            False,
-            candidate.rank,
-            -candidate.bound.total,
-            candidate.cluster.name,
-        ):
-            break
-        verdict = _pack(job, candidate, weights)
-        verdicts.append(verdict)
+    chosen = -1
+    # Bounds are rounded like scores only when compared (round() costs more than the rest of
+    # a bound); `last` keeps the last one, since equal clusters have equal bounds.
+    last: tuple[float, float] | None = None
+    while candidates:
+        entry = candidates[0]
+        if best is not None:
+            if entry[0] > best.group_rank:
+                break
+            if last is None or entry[1] != last[0]:
+                last = (entry[1], -round(-entry[1], 6))
+            if last[1] > -best.score.total:
+                break  # this and every later bound round below the best score
+            heapq.heappop(candidates)
+            if last[1] == -best.score.total and entry[2] > best.cluster:
+                continue  # at best a tie, lost on the name
+        else:
+            heapq.heappop(candidates)
+        if not entry[7]:
+            # A loose bound on top: tighten it (far fewer clusters get here than are screened).
+            tight = tighten(entry)
+            if tight is None:
+                hopeless.append(entry)
+            else:
+                heapq.heappush(candidates, tight)
+            continue
+        verdict = _pack(job, clusters[entry[3]], entry, weights)
+        packed.append(verdict)
         if verdict.feasible and (best is None or _rank_key(verdict) < _rank_key(best)):
-            best = verdict
-    verdicts.sort(key=_rank_key)
-    return verdicts
+            best, chosen = verdict, entry[3]
+    if best is None:
+        packed += [_pack(job, clusters[entry[3]], entry, weights) for entry in hopeless]
+    feasible = sorted((v for v in packed if v.feasible), key=_rank_key)
+    verdicts += [v for v in packed if not v.feasible]
+    # Infeasible verdicts all score 0: by group rank, then name, as _rank_key orders them.
+    verdicts.sort(key=_INFEASIBLE_ORDER)
+    return feasible + verdicts, chosen
 
 
 def _rank_key(verdict: Verdict) -> tuple[bool, int, float, str]:
     return (not verdict.feasible, verdict.group_rank, -verdict.score.total, verdict.cluster)
 
 
-def _combine(weights: Weights, locality: float, headroom: float, cost: float, preference: float) -> Score:
+_INFEASIBLE_ORDER = attrgetter("group_rank", "cluster")
+
+
+def _total(weights: Weights, locality: float, headroom: float, cost: float, preference: float) -> float:
     weight_sum = weights.data_locality + weights.headroom + weights.cost + weights.preference
     total = (
         weights.data_locality * locality
@@ -362,8 +641,16 @@ def _combine(weights: Weights, locality: float, headroom: float, cost: float, pr
         + weights.cost * cost
         + weights.preference * preference
     ) / (weight_sum or 1.0)
+    return round(total, 6)
+
+
+def _combine(weights: Weights, locality: float, headroom: float, cost: float, preference: float) -> Score:
     return Score(
-        round(total, 6), round(locality, 6), round(headroom, 6), round(cost, 6), round(preference, 6)
+        _total(weights, locality, headroom, cost, preference),
+        round(locality, 6),
+        round(headroom, 6),
+        round(cost, 6),
+        round(preference, 6),
     )
 
 
@@ -376,30 +663,61 @@ def _usage(job: JobRequest, pods: dict[str, int]) -> dict[str, int]:
     return used
 
 
-def _headroom(cluster: ClusterView, used: dict[str, int]) -> float:
-    """Fraction of the scarcest requested resource left free in the cluster after placement."""
-    used = {r: a for r, a in used.items() if a > 0}
+def _headroom(cluster: ClusterView, used: list[tuple[str, int]]) -> float:
+    """Fraction of the scarcest requested resource left free in the cluster after placement.
+
+    `used` lists the resources used in positive amounts.
+    """
     if not used:
         return 1.0
     free = cluster.total("free")
     allocatable = cluster.total("allocatable") or free
-    fractions = [
-        max(0, free.get(r, 0) - amount) / allocatable[r]
-        for r, amount in used.items()
-        if allocatable.get(r, 0) > 0
-    ]
-    return min(fractions) if fractions else 0.0
+    scarcest: float | None = None
+    for resource, amount in used:
+        total = allocatable.get(resource, 0)
+        if total > 0:
+            fraction = max(0, free.get(resource, 0) - amount) / total
+            if scarcest is None or fraction < scarcest:
+                scarcest = fraction
+    return scarcest if scarcest is not None else 0.0
 
 
 def deduct(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignment]) -> None:
     """Take the assigned pods' requests out of the cluster's node free capacity (in place)."""
     requests = {p.name: p.requests for p in job.pod_sets}
-    nodes = {n.name: n for n in cluster.nodes}
+    position = cluster.index().position
+    # The cached totals follow the nodes (see ClusterView.took); the memo is out of date.
+    free_total, room = cluster._totals.get("free"), cluster._totals.get("room")
+    cluster._memo.clear()
     for a in assignments:
-        node = nodes[a.node]
+        node = cluster.nodes[position[a.node]]
+        free = node.free
         for resource, amount in requests[a.pod_set].items():
-            node.free[resource] = node.free.get(resource, 0) - amount * a.count
-            cluster.took(resource, amount * a.count)
+            before = free.get(resource, 0)
+            free[resource] = after = before - amount * a.count
+            if free_total is not None:
+                free_total[resource] = free_total.get(resource, 0) - amount * a.count
+            if room is not None and node.schedulable:
+                room[resource] = room.get(resource, 0) + max(0, after) - max(0, before)
+
+
+def deducted(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignment]) -> ClusterView:
+    """The cluster after deduct(), as a new view: copy-on-write, the cluster itself is not modified.
+
+    Only the nodes the assignments use are copied (`ClusterView.with_free`), so views handed
+    to placement can be shared, and a deduction costs what it touches.
+    """
+    requests = {p.name: p.requests for p in job.pod_sets}
+    position = cluster.index().position
+    changes: dict[int, dict[str, int]] = {}
+    for a in assignments:
+        i = position[a.node]
+        free = changes.get(i)
+        if free is None:
+            free = changes[i] = dict(cluster.nodes[i].free)
+        for resource, amount in requests[a.pod_set].items():
+            free[resource] = free.get(resource, 0) - amount * a.count
+    return cluster.with_free(changes)
 
 
 def place_batch(
@@ -407,16 +725,17 @@ def place_batch(
 ) -> list[Decision]:
     """Place jobs in priority then submission order, deducting capacity as it goes.
 
-    Works on copies: a job placed earlier in the batch reduces what later jobs see, so
-    capacity is never promised twice. A job that fits nowhere does not block later ones.
+    A job placed earlier in the batch reduces what later jobs see, so capacity is never
+    promised twice. Copy-on-write: a cluster is replaced by a deducted copy when a job goes
+    there (`deducted`), so the views passed in are never modified and cost nothing to pass.
+    A job that fits nowhere does not block later ones.
     """
-    working = [c.copy() for c in clusters]
-    by_name = {c.name: c for c in working}
+    working = list(clusters)
     decisions: list[Decision] = []
     for job in sorted(jobs, key=lambda j: (-j.priority, j.seq, j.id)):
-        verdicts = best_verdicts(job, working, weights)
-        best = verdicts[0] if verdicts and verdicts[0].feasible else None
+        verdicts, chosen = _best_verdicts(job, working, weights)
+        best = verdicts[0] if chosen >= 0 else None
         if best is not None:
-            deduct(by_name[best.cluster], job, best.assignments)
+            working[chosen] = deducted(working[chosen], job, best.assignments)
         decisions.append(Decision(job.id, best.cluster if best else None, verdicts))
     return decisions

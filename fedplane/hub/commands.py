@@ -1,13 +1,16 @@
 """Dispatch commands on their way to the agents' durable consumers.
 
 A command is queued once its dispatch record is in etcd and leaves the queue only when
-JetStream has stored it; failed publishes are retried every second. Each command carries a
-Nats-Msg-Id (job:generation:action), so a command sent again after a hub restart is stored once.
+JetStream has stored it; failed publishes are retried after a second. Commands travel in one
+DispatchBatch message per cluster and round. A command sent twice (a retry, or a re-send after
+a hub restart) is harmless: agents apply commands idempotently by (job, generation).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Iterator
 
 from nats.js import JetStreamContext
 from opentelemetry import trace
@@ -37,53 +40,127 @@ def delete_command(job: pb.Job, reason: str) -> agent_pb.DispatchCommand:
     )
 
 
+MAX_BATCH_BYTES = 512 * 1024
+MAX_BATCH_COMMANDS = 2000
+# (cluster, command, the job's trace context)
+_Item = tuple[str, agent_pb.DispatchCommand, dict[str, str]]
+
+
 class CommandSender:
-    def __init__(self, js: JetStreamContext) -> None:
+    """Publishes queued commands in the background, a batch at a time, retrying failures.
+
+    Placement never waits for JetStream: while one batch awaits its acks the next collects,
+    so under load each batch is larger, not later. A command stays queued until stored.
+    """
+
+    def __init__(self, js: JetStreamContext, batch: int = 10_000, retry_delay: float = 1.0) -> None:
         self.js = js
-        self._unsent: dict[str, tuple[str, agent_pb.DispatchCommand, dict[str, str]]] = {}
+        self.batch = batch
+        self.retry_delay = retry_delay
+        self._unsent: dict[str, _Item] = {}
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __len__(self) -> int:
-        return len(self._unsent)
+        return len(self._unsent) + self._in_flight
 
     def queue(self, job: pb.Job, command: agent_pb.DispatchCommand) -> None:
         """Queue a command for the job's cluster, under the job's trace."""
         key = f"{command.job_id}:{command.generation}:{command.WhichOneof('action') or ''}"
         self._unsent[key] = (job.status.cluster, command, dict(job.trace_context))
+        self._idle.clear()
+        self._wake.set()
 
-    async def flush(self) -> None:
-        """Publish every queued command concurrently; failures stay queued."""
-        if not self._unsent:
-            return
-        results = await asyncio.gather(
-            *(self._publish(key, *item) for key, item in list(self._unsent.items())), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, str):
-                self._unsent.pop(result, None)
-            else:
-                log.warning("command publish failed; will retry", error=str(result))
+    async def sent(self) -> None:
+        """Wait until nothing is queued or in flight (for callers that must know it left)."""
+        await self._idle.wait()
 
-    async def _publish(
-        self, key: str, cluster: str, command: agent_pb.DispatchCommand, ctx: dict[str, str]
-    ) -> str:
-        with telemetry.tracer().start_as_current_span(
-            f"hub.dispatch.{command.WhichOneof('action')}",
-            context=telemetry.extract(ctx),
-            kind=trace.SpanKind.PRODUCER,
-            attributes={"job.id": command.job_id, "cluster": cluster, "generation": command.generation},
-        ):
-            await self.js.publish(
-                bus.subject("cmd", cluster),
-                command.SerializeToString(),
-                headers=bus.headers("DispatchCommand", key),
-                timeout=5,
-            )
-        return key
-
-    async def resend_forever(self, every: float = 1.0) -> None:
+    async def run(self) -> None:
         while True:
-            await asyncio.sleep(every)
+            await self._wake.wait()
+            self._wake.clear()
+            items = list(itertools.islice(self._unsent.items(), self.batch))
+            for key, _ in items:
+                del self._unsent[key]
+            self._in_flight = len(items)
             try:
-                await self.flush()
+                failed = await self._publish(items)
             except Exception as exc:
-                log.warning("resend failed", error=str(exc))
+                log.warning("command publish failed; will retry", error=str(exc))
+                failed = items
+            self._in_flight = 0
+            for key, item in failed:
+                self._unsent.setdefault(key, item)
+            if failed:
+                await asyncio.sleep(self.retry_delay)
+            if self._unsent:
+                self._wake.set()
+            else:
+                self._idle.set()
+
+    async def _publish(self, items: list[tuple[str, _Item]]) -> list[tuple[str, _Item]]:
+        """Publish a round of commands as one DispatchBatch per cluster; the items not stored."""
+        recording = telemetry.recording()
+        spans = []
+        by_cluster: dict[str, list[tuple[str, _Item]]] = {}
+        for key, item in items:
+            cluster, command, ctx = item
+            trace_ctx = ctx
+            if recording:
+                span = telemetry.tracer().start_span(
+                    f"hub.dispatch.{command.WhichOneof('action')}",
+                    context=telemetry.extract(ctx),
+                    kind=trace.SpanKind.PRODUCER,
+                    attributes={
+                        "job.id": command.job_id,
+                        "cluster": cluster,
+                        "generation": command.generation,
+                    },
+                )
+                spans.append(span)
+                trace_ctx = telemetry.inject_span(span)
+            command.trace_context.clear()
+            command.trace_context.update(trace_ctx)
+            by_cluster.setdefault(cluster, []).append((key, item))
+        chunks: list[list[tuple[str, _Item]]] = []
+        messages = []
+        for cluster, entries in by_cluster.items():
+            for chunk in _chunks(entries):
+                batch = agent_pb.DispatchBatch(commands=[command for _, (_, command, _) in chunk])
+                chunks.append(chunk)
+                messages.append(
+                    (bus.subject("cmd", cluster), batch.SerializeToString(), bus.headers("DispatchBatch"))
+                )
+        results = await bus.publish_all(self.js, messages)
+        failed = [
+            entry
+            for chunk, error in zip(chunks, results, strict=True)
+            if error is not None
+            for entry in chunk
+        ]
+        failed_keys = {key for key, _ in failed}
+        for (key, _), span in zip(items, spans, strict=False):
+            if key in failed_keys:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "not stored by JetStream"))
+            span.end()
+        if failed:
+            error = next(e for e in results if e is not None)
+            log.warning("command publish failed; will retry", failed=len(failed), error=str(error))
+        return failed
+
+
+def _chunks(entries: list[tuple[str, _Item]]) -> Iterator[list[tuple[str, _Item]]]:
+    """Split a cluster's commands into messages well under NATS's default 1 MiB payload limit."""
+    chunk: list[tuple[str, _Item]] = []
+    size = 0
+    for entry in entries:
+        command_size = entry[1][1].ByteSize()
+        if chunk and (size + command_size > MAX_BATCH_BYTES or len(chunk) >= MAX_BATCH_COMMANDS):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += command_size + 8
+    if chunk:
+        yield chunk

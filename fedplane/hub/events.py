@@ -13,10 +13,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from fedplane.v1 import hub_pb2 as hub_pb
 
-Wanted = Callable[[hub_pb.JobEvent], bool]
-Replay = Callable[[int, int], AsyncIterator[hub_pb.JobEvent]]
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One status write, as the log keeps it: the API event is built only when a watcher wants it."""
+
+    revision: int
+    job_id: str
+    queue: str
+    status_blob: bytes
+
+
+Wanted = Callable[[Change], bool]
+Replay = Callable[[int, int], AsyncIterator[Change]]
 
 
 class WatchFellBehind(Exception):
@@ -26,10 +35,10 @@ class WatchFellBehind(Exception):
 @dataclass(eq=False)
 class _Watcher:
     limit: int
-    queue: asyncio.Queue[hub_pb.JobEvent | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
     behind: bool = False
 
-    def offer(self, event: hub_pb.JobEvent | None) -> None:
+    def offer(self, event: Change | None) -> None:
         if event is not None and self.queue.qsize() >= self.limit:
             self.behind = True
             event = None
@@ -38,13 +47,13 @@ class _Watcher:
 
 class EventLog:
     def __init__(self, capacity: int = 20_000, watcher_backlog: int = 50_000) -> None:
-        self.events: deque[hub_pb.JobEvent] = deque(maxlen=capacity)
+        self.events: deque[Change] = deque(maxlen=capacity)
         # Every change up to this revision has been published.
         self.revision = 0
         self._watchers: set[_Watcher] = set()
         self._backlog = watcher_backlog
 
-    def publish(self, event: hub_pb.JobEvent) -> None:
+    def publish(self, event: Change) -> None:
         self.revision = max(self.revision, event.revision)
         self.events.append(event)
         for watcher in self._watchers:
@@ -55,9 +64,7 @@ class EventLog:
         for watcher in self._watchers:
             watcher.queue.put_nowait(None)
 
-    async def stream(
-        self, from_revision: int, wanted: Wanted, replay: Replay
-    ) -> AsyncIterator[hub_pb.JobEvent]:
+    async def stream(self, from_revision: int, wanted: Wanted, replay: Replay) -> AsyncIterator[Change]:
         """Events strictly after `from_revision` (0: from now), each (revision, job) once."""
         watcher = _Watcher(self._backlog)
         self._watchers.add(watcher)
@@ -66,16 +73,16 @@ class EventLog:
         last = floor
         sent_at_last: set[str] = set()
 
-        def fresh(event: hub_pb.JobEvent) -> bool:
+        def fresh(event: Change) -> bool:
             nonlocal last
             if event.revision <= floor or event.revision < last:
                 return False
-            if event.revision == last and event.job.id in sent_at_last:
+            if event.revision == last and event.job_id in sent_at_last:
                 return False
             if event.revision > last:
                 last = event.revision
                 sent_at_last.clear()
-            sent_at_last.add(event.job.id)
+            sent_at_last.add(event.job_id)
             return True
 
         try:

@@ -10,8 +10,10 @@ also feeds the resumable event stream that clients watch.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +27,15 @@ from opentelemetry import trace
 from fedplane import bus, logs, tasks, telemetry
 from fedplane.config import HubConfig
 from fedplane.core import dispatch as sm
-from fedplane.core.placement import Decision, Weights, evaluate, place_batch
+from fedplane.core.model import JobRequest
+from fedplane.core.placement import Decision, Weights, evaluate
+from fedplane.core.queue import PendingQueue
 from fedplane.core.validation import validate_spec
 from fedplane.hub import convert
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandSender, create_command, delete_command
-from fedplane.hub.events import EventLog, WatchFellBehind
-from fedplane.hub.store import JobRecord, RevisionCompacted, StatusWrite, Store
+from fedplane.hub.events import Change, EventLog, WatchFellBehind
+from fedplane.hub.store import JobRecord, NewJob, RevisionCompacted, StatusWrite, Store
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
@@ -40,6 +44,8 @@ log = logs.get("fedplane.hub")
 S = pb.JobState
 MAX_IDEMPOTENCY_KEY = 256
 EVENT_BUFFER = 20_000
+# States in which a job holds (or is about to hold) capacity in its cluster.
+_HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
 
 
 class HubError(Exception):
@@ -68,14 +74,17 @@ class JobFilter:
     cluster: str = ""
     labels: dict[str, str] = field(default_factory=dict)
 
-    def matches(self, job: pb.Job) -> bool:
-        if self.queue and job.spec.queue != self.queue:
+    def matches(self, record: JobRecord) -> bool:
+        if self.queue and record.queue != self.queue:
             return False
-        if self.states and job.status.state not in self.states:
+        if self.states and record.state not in self.states:
             return False
-        if self.cluster and job.status.cluster != self.cluster:
+        if self.cluster and record.cluster != self.cluster:
             return False
-        return all(job.spec.labels.get(k) == v for k, v in self.labels.items())
+        if not self.labels:
+            return True
+        labels = record.spec_record.spec.labels
+        return all(labels.get(k) == v for k, v in self.labels.items())
 
 
 class Hub:
@@ -86,7 +95,11 @@ class Hub:
         self.js = js
         self.weights = Weights(**vars(config.weights))
         self.jobs: dict[str, JobRecord] = {}
-        self.pending_reasons: dict[str, str] = {}
+        # Jobs waiting for a cluster, by shape: what each placement cycle works on.
+        self.queue = PendingQueue()
+        # Jobs per (queue, state) and active jobs per cluster, kept as statuses change.
+        self.counts: Counter[tuple[str, int]] = Counter()
+        self.active: Counter[str] = Counter()
         self.registry = ClusterRegistry(config.heartbeat_timeout_seconds)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,11 +108,16 @@ class Hub:
         self.commands = CommandSender(js)
         self._ready_clusters: frozenset[str] = frozenset()
         self._stopping = False
+        # Submits waiting for the next etcd transaction (see _store).
+        self._intake: list[tuple[list[NewJob], asyncio.Future[list[tuple[JobRecord, bool]]]]] = []
+        self._intake_ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def start(cls, config: HubConfig) -> Hub:
-        store = await Store.connect(config.etcd_endpoint, config.etcd_prefix)
+        store = await Store.connect(
+            config.etcd_endpoint, config.etcd_prefix, max_txn_ops=config.etcd_max_txn_ops
+        )
         nc = await bus.connect(config.nats_url, f"fedplane-hub-{config.hub_id}")
         js = nc.jetstream()
         await bus.ensure_streams(js, config.stream_max_age_seconds)
@@ -110,32 +128,41 @@ class Hub:
     async def _recover(self) -> None:
         """Load every job and cluster, then resume: watch, consume, and re-send what may be unsent."""
         records, revision = await self.store.load_jobs()
-        self.jobs = {r.job.id: r for r in records}
         self.events.revision = revision
         for name, admin in (await self.store.load_clusters()).items():
             state, _ = self.registry.get_or_add(name)
             state.admin = admin
         for record in records:
-            status = record.job.status
-            if status.state in sm.ON_CLUSTER and status.cluster:
+            self._add(record)
+            if record.state in sm.ON_CLUSTER and record.cluster:
                 # Hold the capacity until the cluster's inventory confirms it.
-                state, _ = self.registry.get_or_add(status.cluster)
+                job = record.job
+                state, _ = self.registry.get_or_add(record.cluster)
                 state.reserve(
-                    convert.job_request(record.job, record.seq),
-                    status.generation,
-                    convert.assignments_core(status.assignments),
+                    convert.job_request(job, record.seq),
+                    record.generation,
+                    convert.assignments_core(job.status.assignments),
                 )
-            if status.state == S.DISPATCHED:
-                self.commands.queue(record.job, create_command(record.job, self.config.hub_id))
-            elif status.state == S.CANCELLING:
-                self.commands.queue(record.job, delete_command(record.job, status.message))
-        log.info("hub recovered", jobs=len(records), revision=revision, resend=len(self.commands))
+            if record.state == S.DISPATCHED:
+                job = record.job
+                self.commands.queue(job, create_command(job, self.config.hub_id))
+            elif record.state == S.CANCELLING:
+                job = record.job
+                self.commands.queue(job, delete_command(job, job.status.message))
+        log.info(
+            "hub recovered",
+            jobs=len(records),
+            pending=len(self.queue),
+            revision=revision,
+            resend=len(self.commands),
+        )
         self._tasks = [
+            asyncio.create_task(self._intake_loop(), name="hub-intake"),
             asyncio.create_task(self._watch_own_statuses(), name="hub-watch"),
             asyncio.create_task(self._schedule_loop(), name="hub-schedule"),
             asyncio.create_task(self._consume_status(), name="hub-status"),
             asyncio.create_task(self._health_loop(), name="hub-health"),
-            asyncio.create_task(self.commands.resend_forever(), name="hub-resend"),
+            asyncio.create_task(self.commands.run(), name="hub-commands"),
             asyncio.create_task(self._retention_loop(), name="hub-retention"),
         ]
         await self._subscribe_reports()
@@ -146,31 +173,65 @@ class Hub:
         self.events.close()
         # Let the status consumer finish its batch, so no fetched update waits out its ack deadline.
         await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "hub-status"), None), 3)
+        # Commands not yet stored would be re-sent after a restart anyway; this only saves the wait.
+        await tasks.bounded(self.commands.sent(), 2, "command publish")
         await tasks.cancel_all(self._tasks)
+        for _, future in self._intake:
+            if not future.done():
+                future.set_exception(HubError("UNAVAILABLE", "the hub is shutting down; submit again"))
         for sub in self._subs:
             await tasks.bounded(sub.unsubscribe(), 2, "unsubscribe")
         await tasks.bounded(self.nc.close(), 5, "NATS close")
         await tasks.bounded(self.store.close(), 5, "etcd close")
 
     # ------------------------------------------------------------------ job table
-    def _merge(self, job_id: str, status: pb.JobStatus, revision: int) -> JobRecord | None:
+    def _add(self, record: JobRecord, request: JobRequest | None = None) -> JobRecord:
+        """Hold a job (once): count it, and queue it when it waits for a cluster."""
+        held = self.jobs.setdefault(record.id, record)
+        if held is not record:
+            return held
+        self._count(record, 1)
+        if record.state == S.PENDING:
+            self.queue.add(request or convert.job_request(record.spec_record, record.seq))
+        return record
+
+    def _forget(self, record: JobRecord) -> None:
+        if self.jobs.pop(record.id, None) is not None:
+            self._count(record, -1)
+            self.queue.discard(record.id)
+
+    def _count(self, record: JobRecord, delta: int) -> None:
+        self.counts[(record.queue, record.state)] += delta
+        if record.cluster and record.state in _HOLDING:
+            self.active[record.cluster] += delta
+
+    def _merge(
+        self, job_id: str, status: pb.JobStatus, revision: int, blob: bytes | None = None
+    ) -> JobRecord | None:
         """Apply a status at `revision` unless the table already holds a newer one."""
         record = self.jobs.get(job_id)
         if record is None:
             return None
         if revision > record.revision:
-            record.job.status.CopyFrom(status)
-            record.revision = revision
+            self._count(record, -1)
+            was_pending = record.state == S.PENDING
+            record.set_status(status, revision, blob)
+            self._count(record, 1)
+            if was_pending and record.state != S.PENDING:
+                self.queue.discard(job_id)
         return record
 
     def _job_out(self, record: JobRecord) -> pb.Job:
-        job = pb.Job()
-        job.CopyFrom(record.job)
+        job = record.job
         job.revision = record.revision
         job.ClearField("trace_context")
         if job.status.state == S.PENDING:
-            job.pending_reason = self.pending_reasons.get(job.id, "waiting for the next placement cycle")
+            job.pending_reason = self._pending_reason(record.id)
         return job
+
+    def _pending_reason(self, job_id: str) -> str:
+        misfit = self.queue.misfit(job_id)
+        return misfit.summary() if misfit is not None else "waiting for the next placement cycle"
 
     async def _write(self, writes: Sequence[StatusWrite]) -> list[JobRecord | None]:
         revisions = await self.store.write_statuses(writes)
@@ -179,10 +240,10 @@ class Hub:
             if revision is None:
                 fresh = await self.store.read_job(write.job_id)
                 if fresh is not None:
-                    self._merge(write.job_id, fresh.job.status, fresh.revision)
+                    self._merge(write.job_id, fresh.status, fresh.revision, fresh.status_blob)
                 out.append(None)
             else:
-                out.append(self._merge(write.job_id, write.status, revision))
+                out.append(self._merge(write.job_id, write.status, revision, write.blob))
         return out
 
     # ------------------------------------------------------------------ API
@@ -197,7 +258,9 @@ class Hub:
             raise HubError("INVALID_ARGUMENT", "; ".join(problems))
         now = time.time()
         trace_context = telemetry.inject()
-        jobs: list[pb.Job] = []
+        created_at = _now_ts(now)
+        pending = sm.new_pending(now)
+        new_jobs: list[NewJob] = []
         # For each item, the index of the job that answers it; a key repeated in the batch
         # answers with the first occurrence's job, as a retry would.
         answer: list[int] = []
@@ -206,31 +269,66 @@ class Hub:
             if key and key in first_by_key:
                 answer.append(first_by_key[key])
                 continue
-            job = pb.Job(id=new_job_id(), spec=spec, idempotency_key=key, trace_context=trace_context)
+            job = pb.Job(
+                id=new_job_id(),
+                spec=spec,
+                idempotency_key=key,
+                trace_context=trace_context,
+                create_time=created_at,
+            )
             job.spec.queue = job.spec.queue or "default"
-            job.create_time.CopyFrom(_now_ts(now))
-            job.status.CopyFrom(sm.new_pending(now))
             if key:
-                first_by_key[key] = len(jobs)
-            answer.append(len(jobs))
-            jobs.append(job)
-        with telemetry.tracer().start_as_current_span("hub.store_jobs", attributes={"jobs": len(jobs)}):
-            stored = await self.store.create_jobs(jobs)
+                first_by_key[key] = len(new_jobs)
+            answer.append(len(new_jobs))
+            new_jobs.append(NewJob.of(job, pending))
+        with telemetry.tracer().start_as_current_span("hub.store_jobs", attributes={"jobs": len(new_jobs)}):
+            stored = await self._store(new_jobs)
         outs: list[tuple[pb.Job, bool]] = []
-        for record, created in stored:
-            self.jobs.setdefault(record.job.id, record)
-            outs.append((self._job_out(self.jobs[record.job.id]), created))
+        for new, (record, created) in zip(new_jobs, stored, strict=True):
+            held = self._add(record, new.request if created else None)
+            outs.append((self._job_out(held), created))
         results: list[tuple[pb.Job, bool]] = []
         answered: set[int] = set()
         for index in answer:
-            job, created = outs[index]
-            results.append((job, created and index not in answered))
+            out, created = outs[index]
+            results.append((out, created and index not in answered))
             answered.add(index)
         if any(created for _, created in stored):
             self._wake.set()
-        for job, created in outs:
-            log.info("job submitted", job_id=job.id, queue=job.spec.queue, created=created)
+        log.debug("jobs submitted", count=len(new_jobs), created=sum(1 for _, c in stored if c))
         return results
+
+    async def _store(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
+        """Store jobs together with those of concurrent submits (group commit).
+
+        While one etcd transaction is in flight the next submits queue up and go in the
+        following one, so many single SubmitJob calls cost a few transactions, not one each;
+        an idle hub writes at once.
+        """
+        future: asyncio.Future[list[tuple[JobRecord, bool]]] = asyncio.get_running_loop().create_future()
+        self._intake.append((jobs, future))
+        self._intake_ready.set()
+        return await future
+
+    async def _intake_loop(self) -> None:
+        while True:
+            await self._intake_ready.wait()
+            self._intake_ready.clear()
+            groups, self._intake = self._intake, []
+            if not groups:
+                continue
+            try:
+                stored = await self.store.create_jobs([job for jobs, _ in groups for job in jobs])
+            except Exception as exc:
+                for _, future in groups:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for jobs, future in groups:
+                if not future.done():
+                    future.set_result(stored[start : start + len(jobs)])
+                start += len(jobs)
 
     def get(self, job_id: str) -> pb.Job:
         record = self.jobs.get(job_id)
@@ -254,35 +352,47 @@ class Hub:
                 raise HubError("INVALID_ARGUMENT", f"page_token: {page_token!r} is not a token from ListJobs")
             after = (int(seq), job_id)
         revision = self.events.revision
-        matching = sorted(
-            (r for r in self.jobs.values() if (r.seq, r.job.id) > after and flt.matches(r.job)),
-            key=lambda r: (r.seq, r.job.id),
+        # One pass and a bounded heap: a page of a million jobs costs one scan, not a sort.
+        matching = heapq.nsmallest(
+            page_size + 1,
+            (r for r in self.jobs.values() if (r.seq, r.id) > after and flt.matches(r)),
+            key=lambda r: (r.seq, r.id),
         )
         page = matching[:page_size]
-        next_token = f"{page[-1].seq}:{page[-1].job.id}" if len(matching) > page_size else ""
+        next_token = f"{page[-1].seq}:{page[-1].id}" if len(matching) > page_size else ""
         return [self._job_out(r) for r in page], next_token, revision
+
+    def job_stats(self, queue: str) -> tuple[dict[str, int], int, int]:
+        """(jobs per state name, total, revision) from counters: cheap enough for clients to poll."""
+        counts: dict[int, int] = {}
+        for (job_queue, state), n in self.counts.items():
+            if n and (not queue or job_queue == queue):
+                counts[state] = counts.get(state, 0) + n
+        by_state = {sm.state_name(state): n for state, n in counts.items()}
+        return by_state, sum(counts.values()), self.events.revision
 
     async def cancel(self, job_id: str, reason: str) -> pb.Job:
         for _ in range(10):
             record = self.jobs.get(job_id)
             if record is None:
                 raise HubError("NOT_FOUND", f"job {job_id!r} not found")
+            status = record.status
             try:
-                outcome = sm.request_cancel(record.job.status, reason, time.time())
+                outcome = sm.request_cancel(status, reason, time.time())
             except sm.TransitionError as exc:
                 raise HubError("FAILED_PRECONDITION", f"job {job_id}: {exc}") from None
-            if outcome.status is record.job.status:
+            if outcome.status is status:
                 written: JobRecord | None = record
             else:
-                (written,) = await self._write([StatusWrite(job_id, outcome.status, record.revision)])
+                (written,) = await self._write([StatusWrite.of(job_id, outcome.status, record.revision)])
             if written is None:
                 continue  # lost a race with a status update: re-read and decide again
             if outcome.send_delete:
-                self.commands.queue(written.job, delete_command(written.job, reason))
-                await self.commands.flush()
+                job = written.job
+                self.commands.queue(job, delete_command(job, reason))
             else:
                 self._wake.set()
-            log.info("job cancel requested", job_id=job_id, state=sm.state_name(written.job.status.state))
+            log.info("job cancel requested", job_id=job_id, state=sm.state_name(written.state))
             return self._job_out(written)
         raise HubError("ABORTED", f"job {job_id} kept changing; try again")
 
@@ -302,8 +412,9 @@ class Hub:
             job.id, verdicts[0].cluster if verdicts and verdicts[0].feasible else None, verdicts
         )
         out.chosen_cluster = decision.cluster or ""
-        if status.state == S.PENDING and job.id:
-            out.summary = self.pending_reasons.get(job.id, decision.summary())
+        misfit = self.queue.misfit(job.id) if job.id and status.state == S.PENDING else None
+        if misfit is not None:
+            out.summary = misfit.summary()
         else:
             out.summary = decision.summary()
             if not job.id and decision.cluster:
@@ -324,13 +435,8 @@ class Hub:
 
     def clusters(self) -> list[pb.Cluster]:
         now = time.time()
-        active: dict[str, int] = {}
-        for record in self.jobs.values():
-            status = record.job.status
-            if status.cluster and status.state in sm.ON_CLUSTER | {S.CANCELLING}:
-                active[status.cluster] = active.get(status.cluster, 0) + 1
         return [
-            c.to_pb(now, self.registry.timeout, active.get(c.name, 0))
+            c.to_pb(now, self.registry.timeout, self.active.get(c.name, 0))
             for c in sorted(self.registry.clusters.values(), key=lambda c: c.name)
         ]
 
@@ -351,7 +457,7 @@ class Hub:
         await self.store.put_cluster(admin)
         state.admin = admin
         log.info("cluster cordon changed", cluster=name, cordoned=cordoned, reason=reason)
-        self._wake.set()
+        self._clusters_changed()
         return self.cluster(name)
 
     async def watch(
@@ -360,22 +466,24 @@ class Hub:
         """Job changes after `from_revision` (0: from now), from memory when recent enough, else etcd."""
         ids = frozenset(job_ids)
 
-        def wanted(event: hub_pb.JobEvent) -> bool:
-            if ids and event.job.id not in ids:
+        def wanted(change: Change) -> bool:
+            if ids and change.job_id not in ids:
                 return False
-            return not queue or event.job.spec.queue == queue
+            return not queue or change.queue == queue
 
-        async def replay(after: int, until: int) -> AsyncIterator[hub_pb.JobEvent]:
-            async for revision, job_id, status in self.store.watch_statuses(after):
+        async def replay(after: int, until: int) -> AsyncIterator[Change]:
+            async for revision, job_id, blob in self.store.watch_statuses(after):
                 record = self.jobs.get(job_id)
                 if record is not None:
-                    yield self._event(record, status, revision)
+                    yield Change(revision, job_id, record.queue, blob)
                 if revision >= until:
                     return
 
         try:
-            async for event in self.events.stream(from_revision, wanted, replay):
-                yield event
+            async for change in self.events.stream(from_revision, wanted, replay):
+                event = self._event(change)
+                if event is not None:
+                    yield event
         except RevisionCompacted as exc:
             raise HubError(
                 "OUT_OF_RANGE",
@@ -384,24 +492,31 @@ class Hub:
         except WatchFellBehind as exc:
             raise HubError("UNAVAILABLE", str(exc)) from None
 
-    def _event(self, record: JobRecord, status: pb.JobStatus, revision: int) -> hub_pb.JobEvent:
-        job = self._job_out(record)
-        job.status.CopyFrom(status)
-        job.revision = revision
-        return hub_pb.JobEvent(revision=revision, job=job)
+    def _event(self, change: Change) -> hub_pb.JobEvent | None:
+        record = self.jobs.get(change.job_id)
+        if record is None:
+            return None  # deleted since
+        job = record.spec_record
+        job.ClearField("trace_context")
+        job.status.ParseFromString(change.status_blob)
+        job.revision = change.revision
+        if job.status.state == S.PENDING:
+            job.pending_reason = self._pending_reason(job.id)
+        return hub_pb.JobEvent(revision=change.revision, job=job)
 
     async def _watch_own_statuses(self) -> None:
         while not self._stopping:
             try:
-                async for revision, job_id, status in self.store.watch_statuses(self.events.revision):
-                    if job_id not in self.jobs:
+                async for revision, job_id, blob in self.store.watch_statuses(self.events.revision):
+                    record = self.jobs.get(job_id)
+                    if record is None:
                         loaded = await self.store.read_job(job_id)
                         if loaded is None:
                             continue
-                        self.jobs.setdefault(job_id, loaded)
-                    record = self.jobs[job_id]
-                    self._merge(job_id, status, revision)
-                    self.events.publish(self._event(record, status, revision))
+                        record = self._add(loaded)
+                    if revision > record.revision:
+                        self._merge(job_id, pb.JobStatus.FromString(blob), revision, blob)
+                    self.events.publish(Change(revision, job_id, record.queue, blob))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -411,6 +526,11 @@ class Hub:
                 await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ placement
+    def _clusters_changed(self) -> None:
+        """Capacity or clusters changed: shapes that fit nowhere get another look."""
+        self.queue.unblock()
+        self._wake.set()
+
     async def _schedule_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -423,69 +543,74 @@ class Hub:
             except Exception:
                 log.exception("placement cycle failed; retrying")
                 await asyncio.sleep(1)
-                self._wake.set()
+                self._clusters_changed()
 
     async def _place_pending(self) -> None:
-        pending = [r for r in self.jobs.values() if r.job.status.state == S.PENDING]
-        if not pending:
+        if not self.queue:
             return
         now = time.time()
         cycle_start = time.time_ns()
-        requests = {r.job.id: convert.job_request(r.job, r.seq) for r in pending}
-        with telemetry.tracer().start_as_current_span("hub.place_batch", attributes={"jobs": len(pending)}):
-            decisions = place_batch(requests.values(), self.registry.views(now), self.weights)
+        limit = self.config.max_dispatch_per_cycle
+        with telemetry.tracer().start_as_current_span(
+            "hub.place_batch", attributes={"queued": len(self.queue)}
+        ):
+            placed = self.queue.cycle(self.registry.views(now), self.weights, limit)
+        if len(placed) >= limit:
+            self._wake.set()  # more may fit: carry on right after this batch is written
         writes: list[StatusWrite] = []
-        chosen: dict[str, Decision] = {}
-        for decision in decisions:
-            if decision.cluster is None:
-                self.pending_reasons[decision.job_id] = decision.summary()
-                continue
+        chosen: dict[str, tuple[JobRequest, Decision]] = {}
+        for request, decision in placed:
             verdict = decision.chosen
-            assert verdict is not None
+            assert verdict is not None and decision.cluster is not None
             record = self.jobs[decision.job_id]
             status = sm.dispatch(
-                record.job.status,
+                record.status,
                 decision.cluster,
                 convert.assignments_pb(verdict.assignments),
                 convert.score_pb(verdict.score),
                 now,
             )
-            writes.append(StatusWrite(decision.job_id, status, record.revision))
-            chosen[decision.job_id] = decision
+            writes.append(StatusWrite.of(decision.job_id, status, record.revision))
+            chosen[decision.job_id] = (request, decision)
         if not writes:
             return
         for write, written in zip(writes, await self._write(writes), strict=True):
+            request, decision = chosen[write.job_id]
             if written is None:
-                self._wake.set()  # raced with another writer: decide again next cycle
+                # Raced with another writer (a cancel): decide again if the job still waits.
+                current = self.jobs.get(write.job_id)
+                if current is not None and current.state == S.PENDING:
+                    self.queue.add(request)
+                    self._wake.set()
                 continue
-            decision = chosen[write.job_id]
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
-            # The job's own placement span, in its submit's trace: the cycle that decided it.
-            telemetry.tracer().start_span(
-                "hub.place",
-                context=telemetry.extract(written.job.trace_context),
-                start_time=cycle_start,
-                attributes={
-                    "job.id": write.job_id,
-                    "cluster": decision.cluster,
-                    "score": verdict.score.total,
-                    "clusters.considered": len(decision.verdicts),
-                },
-            ).end()
-            self.pending_reasons.pop(write.job_id, None)
-            state = self.registry.clusters[decision.cluster]
-            state.reserve(requests[write.job_id], write.status.generation, verdict.assignments)
-            self.commands.queue(written.job, create_command(written.job, self.config.hub_id))
+            job = written.job
+            if telemetry.recording():
+                # The job's own placement span, in its submit's trace: the cycle that decided it.
+                telemetry.tracer().start_span(
+                    "hub.place",
+                    context=telemetry.extract(job.trace_context),
+                    start_time=cycle_start,
+                    attributes={
+                        "job.id": write.job_id,
+                        "cluster": decision.cluster,
+                        "score": verdict.score.total,
+                        "clusters.considered": len(decision.verdicts),
+                    },
+                ).end()
+            self.registry.clusters[decision.cluster].reserve(
+                request, write.status.generation, verdict.assignments
+            )
+            self.commands.queue(job, create_command(job, self.config.hub_id))
             log.info(
                 "job dispatched",
                 job_id=write.job_id,
-                trace_id=telemetry.trace_id_of(written.job.trace_context),
+                trace_id=telemetry.trace_id_of(job.trace_context),
                 cluster=decision.cluster,
                 generation=write.status.generation,
                 score=verdict.score.total,
             )
-        await self.commands.flush()
 
     # ------------------------------------------------------------------ retention
     async def _retention_loop(self) -> None:
@@ -504,14 +629,12 @@ class Hub:
         old = [
             r
             for r in self.jobs.values()
-            if sm.is_terminal(r.job.status.state)
-            and r.job.status.finish_time.ToNanoseconds() / 1e9 < finished_before
+            if sm.is_terminal(r.state) and r.status.finish_time.ToNanoseconds() / 1e9 < finished_before
         ]
         deleted = 0
         for record, ok in zip(old, await self.store.delete_jobs(old), strict=True):
             if ok:
-                self.jobs.pop(record.job.id, None)
-                self.pending_reasons.pop(record.job.id, None)
+                self._forget(record)
                 deleted += 1
         if deleted:
             log.info("finished jobs deleted", count=deleted)
@@ -519,13 +642,17 @@ class Hub:
 
     # ------------------------------------------------------------------ status updates
     async def _consume_status(self) -> None:
-        sub = await self.js.pull_subscribe(
+        statuses = bus.consume(
+            self.js,
             f"{bus.PREFIX}.status.*",
-            durable="hub",
-            stream=bus.STATUS_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=20_000),
+            "hub-statuses",
+            bus.STATUS_STREAM,
+            ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=4096),
+            2048,
+            lambda: self._stopping,
+            replaces="hub",
         )
-        async for msgs in bus.batches(sub, 512, lambda: self._stopping):
+        async for msgs in statuses:
             try:
                 await self._apply_status_batch(msgs)
             except asyncio.CancelledError:
@@ -535,65 +662,71 @@ class Hub:
                 await asyncio.sleep(0.5)
 
     async def _apply_status_batch(self, msgs: list[Any]) -> None:
+        """Apply the updates in a batch of messages with one etcd write per job, then ack.
+
+        A message is acked once every update in it is applied (or ignored as stale); a lost
+        compare-and-swap naks the messages involved, and the redelivered updates apply again
+        idempotently.
+        """
         now = time.time()
         pending: dict[str, tuple[pb.JobStatus, int]] = {}
-        msgs_by_job: dict[str, list[Any]] = {}
-        ack_now: list[Any] = []
-        for msg in msgs:
-            update = agent_pb.StatusUpdate.FromString(msg.data)
-            with telemetry.tracer().start_as_current_span(
-                "hub.status",
-                context=telemetry.extract(bus.trace_headers(msg)),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "job.id": update.job_id,
-                    "cluster": update.cluster,
-                    "state": sm.state_name(update.state),
-                },
-            ):
-                record = self.jobs.get(update.job_id)
-                if record is None:
-                    ack_now.append(msg)
-                    continue
-                base, revision = pending.get(update.job_id, (record.job.status, record.revision))
-                outcome = sm.apply_update(
-                    base,
-                    update.cluster,
-                    update.generation,
-                    update.state,
-                    now,
-                    reason=update.reason,
-                    message=update.message,
-                )
-                if outcome.status is None:
-                    log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
-                    ack_now.append(msg)
-                    continue
-                pending[update.job_id] = (outcome.status, revision)
-                msgs_by_job.setdefault(update.job_id, []).append(msg)
-                log.info(
-                    "job status",
-                    job_id=update.job_id,
-                    cluster=update.cluster,
-                    state=sm.state_name(update.state),
-                    reason=update.reason,
-                )
-        writes = [StatusWrite(job_id, status, revision) for job_id, (status, revision) in pending.items()]
+        msgs_by_job: dict[str, set[int]] = {}
+        for index, msg in enumerate(msgs):
+            for update in _updates_in(msg):
+                with telemetry.child_span(
+                    "hub.status",
+                    update.trace_context,
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        "job.id": update.job_id,
+                        "cluster": update.cluster,
+                        "state": sm.state_name(update.state),
+                    },
+                ):
+                    record = self.jobs.get(update.job_id)
+                    if record is None:
+                        continue
+                    found = pending.get(update.job_id)
+                    base, revision = found if found else (record.status, record.revision)
+                    outcome = sm.apply_update(
+                        base,
+                        update.cluster,
+                        update.generation,
+                        update.state,
+                        now,
+                        reason=update.reason,
+                        message=update.message,
+                    )
+                    if outcome.status is None:
+                        log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
+                        continue
+                    pending[update.job_id] = (outcome.status, revision)
+                    msgs_by_job.setdefault(update.job_id, set()).add(index)
+                    log.debug(
+                        "job status",
+                        job_id=update.job_id,
+                        cluster=update.cluster,
+                        state=sm.state_name(update.state),
+                        reason=update.reason,
+                    )
+        writes = [StatusWrite.of(job_id, status, revision) for job_id, (status, revision) in pending.items()]
         freed = False
+        lost: set[int] = set()
         for write, record in zip(writes, await self._write(writes), strict=True):
-            job_msgs = msgs_by_job[write.job_id]
             if record is None:
-                await asyncio.gather(*(m.nak(delay=0.1) for m in job_msgs), return_exceptions=True)
+                lost |= msgs_by_job[write.job_id]
                 continue
-            ack_now.extend(job_msgs)
             if sm.is_terminal(write.status.state):
                 state = self.registry.clusters.get(write.status.cluster)
                 if state is not None:
                     state.release(write.job_id, write.status.generation)
                 freed = True
-        await asyncio.gather(*(m.ack() for m in ack_now), return_exceptions=True)
+        await asyncio.gather(
+            *(msg.nak(delay=0.1) if index in lost else msg.ack() for index, msg in enumerate(msgs)),
+            return_exceptions=True,
+        )
         if freed:
-            self._wake.set()
+            self._clusters_changed()
 
     # ------------------------------------------------------------------ cluster reports
     async def _subscribe_reports(self) -> None:
@@ -617,7 +750,7 @@ class Hub:
             orphans = []
             for ref in query.workloads:
                 record = self.jobs.get(ref.job_id)
-                if sm.is_orphan(record.job.status if record else None, query.cluster, ref.generation):
+                if sm.is_orphan(record.status if record else None, query.cluster, ref.generation):
                     orphans.append(ref)
             await msg.respond(agent_pb.OrphanReply(orphans=orphans).SerializeToString())
         except Exception:
@@ -639,10 +772,10 @@ class Hub:
             elif kind == "inventory":
                 state.apply_inventory(agent_pb.Inventory.FromString(msg.data))
                 state.last_seen = max(state.last_seen, min(stamped, time.time()))
-                self._wake.set()
+                self._clusters_changed()
             elif kind == "datasets":
                 state.datasets = agent_pb.DataLocalityReport.FromString(msg.data)
-                self._wake.set()
+                self._clusters_changed()
         except Exception:
             log.exception("bad cluster report", subject=msg.subject)
 
@@ -654,9 +787,19 @@ class Hub:
             for name in self._ready_clusters - ready:
                 log.warning("cluster not ready", cluster=name)
             self._ready_clusters = ready
-            self._wake.set()
+            self._clusters_changed()
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.registry.timeout / 4))
             self._check_health()
+
+
+def _updates_in(msg: Any) -> list[agent_pb.StatusUpdate]:
+    """The updates a message carries: a StatusBatch, or one StatusUpdate (earlier agents)."""
+    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "StatusBatch":
+        return list(agent_pb.StatusBatch.FromString(msg.data).updates)
+    update = agent_pb.StatusUpdate.FromString(msg.data)
+    if not update.trace_context:
+        update.trace_context.update(bus.trace_headers(msg))
+    return [update]

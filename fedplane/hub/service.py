@@ -101,6 +101,10 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
 
         return await _call(context, run)
 
+    async def GetJobStats(self, request: hub_pb.GetJobStatsRequest, context: Any) -> hub_pb.JobStats:
+        by_state, total, revision = self.hub.job_stats(request.queue)
+        return hub_pb.JobStats(by_state=by_state, total=total, revision=revision)
+
 
 class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
     def __init__(self, hub: Hub) -> None:

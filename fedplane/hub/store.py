@@ -12,19 +12,20 @@ writers (a restarted hub racing its old self, a cancel racing a dispatch) cannot
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aetcd
+from aetcd import rpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 
 from fedplane.config import StartupError
+from fedplane.core.model import JobRequest
+from fedplane.hub import convert
 from fedplane.v1 import types_pb2 as pb
-
-# etcd's default limit is 128 operations per transaction.
-_MAX_TXN_OPS = 120
 
 
 class RevisionCompacted(Exception):
@@ -33,36 +34,144 @@ class RevisionCompacted(Exception):
         self.compacted = compacted
 
 
-@dataclass
+@dataclass(slots=True)
 class JobRecord:
-    """A job as stored: the spec record plus its status, with the etcd revisions the hub needs."""
+    """A job as the hub holds it: serialized, with the few fields it reads often kept parsed.
 
-    job: pb.Job
+    A parsed protobuf Job costs about 3 KB of memory and its bytes about 250, which is the
+    difference between a million queued jobs fitting in the hub or not. `job` parses on demand.
+    """
+
+    id: str
     # Create revision of the spec key: a total order of submission.
     seq: int
     # Mod revision of the status key: the CAS token for the next status write.
     revision: int
+    # The stored spec record (a Job without status), exactly as in etcd.
+    spec_blob: bytes
+    status_blob: bytes
+    state: int
+    cluster: str
+    generation: int
+    queue: str
+    idempotency_key: str
+
+    @classmethod
+    def of(cls, job: pb.Job, seq: int, revision: int, spec_blob: bytes, status_blob: bytes) -> JobRecord:
+        status = job.status
+        return cls(
+            job.id,
+            seq,
+            revision,
+            spec_blob,
+            status_blob,
+            status.state,
+            status.cluster,
+            status.generation,
+            job.spec.queue,
+            job.idempotency_key,
+        )
+
+    @property
+    def job(self) -> pb.Job:
+        """A fresh parsed copy: changes to it do not change the record."""
+        job = pb.Job.FromString(self.spec_blob)
+        job.status.ParseFromString(self.status_blob)
+        return job
+
+    @property
+    def spec_record(self) -> pb.Job:
+        """The job without its status (spec, trace context, create time)."""
+        return pb.Job.FromString(self.spec_blob)
+
+    @property
+    def status(self) -> pb.JobStatus:
+        return pb.JobStatus.FromString(self.status_blob)
+
+    def set_status(self, status: pb.JobStatus, revision: int, blob: bytes | None = None) -> None:
+        self.status_blob = blob if blob is not None else status.SerializeToString()
+        self.revision = revision
+        self.state = status.state
+        self.cluster = status.cluster
+        self.generation = status.generation
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
+class NewJob:
+    """A job about to be stored; `record` is what the hub will hold once etcd has it."""
+
+    record: JobRecord
+    # What placement needs, built from the parsed job while it is at hand.
+    request: JobRequest
+
+    @classmethod
+    def of(cls, job: pb.Job, status: pb.JobStatus) -> NewJob:
+        """From a job without status and its initial status (stored under a key of its own)."""
+        record = JobRecord(
+            job.id,
+            0,
+            0,
+            job.SerializeToString(),
+            status.SerializeToString(),
+            status.state,
+            status.cluster,
+            status.generation,
+            job.spec.queue,
+            job.idempotency_key,
+        )
+        return cls(record, convert.job_request(job, 0))
+
+    @property
+    def spec_blob(self) -> bytes:
+        return self.record.spec_blob
+
+    @property
+    def status_blob(self) -> bytes:
+        return self.record.status_blob
+
+    def stored_at(self, revision: int) -> JobRecord:
+        self.record.seq = self.record.revision = revision
+        self.request = replace(self.request, seq=revision)
+        return self.record
+
+
+@dataclass(frozen=True, slots=True)
 class StatusWrite:
     job_id: str
     status: pb.JobStatus
     expected_revision: int
+    blob: bytes = b""
+
+    @classmethod
+    def of(cls, job_id: str, status: pb.JobStatus, expected_revision: int) -> StatusWrite:
+        return cls(job_id, status, expected_revision, status.SerializeToString())
+
+
+def _record(spec_blob: bytes, seq: int, status_blob: bytes, revision: int) -> JobRecord:
+    job = pb.Job.FromString(spec_blob)
+    job.status.ParseFromString(status_blob)
+    return JobRecord.of(job, seq, revision, spec_blob, status_blob)
+
+
+_PAGE = 5000
 
 
 class Store:
-    def __init__(self, client: aetcd.Client, prefix: str = "/fedplane") -> None:
+    def __init__(self, client: aetcd.Client, prefix: str = "/fedplane", max_txn_ops: int = 128) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
+        # etcd's --max-txn-ops (128 unless the server says otherwise): writes are batched up to it.
+        self.max_txn_ops = max_txn_ops
 
     @classmethod
-    async def connect(cls, endpoint: str, prefix: str = "/fedplane", rpc_timeout: int = 10) -> Store:
+    async def connect(
+        cls, endpoint: str, prefix: str = "/fedplane", rpc_timeout: int = 10, max_txn_ops: int = 128
+    ) -> Store:
         host, _, port = endpoint.removeprefix("http://").rpartition(":")
         client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=rpc_timeout)
         try:
             await client.connect()
-            store = cls(client, prefix)
+            store = cls(client, prefix, max_txn_ops)
             await store.revision()  # fail fast when etcd is unreachable
         except ClientError as exc:
             await client.close()
@@ -94,43 +203,35 @@ class Store:
         return int(result.header.revision) if hasattr(result, "header") else 0
 
     # jobs
-    def _create_ops(self, job: pb.Job) -> tuple[list[Any], list[Any]]:
+    def _create_ops(self, job: NewJob) -> tuple[list[Any], list[Any]]:
         t = self.client.transactions
-        spec_record = pb.Job()
-        spec_record.CopyFrom(job)
-        spec_record.ClearField("status")
-        compares = [t.create(self.spec_key(job.id)) == 0]
+        job_id = job.record.id
+        compares = [t.create(self.spec_key(job_id)) == 0]
         ops = [
-            t.put(self.spec_key(job.id), spec_record.SerializeToString()),
-            t.put(self.status_key(job.id), job.status.SerializeToString()),
+            t.put(self.spec_key(job_id), job.spec_blob),
+            t.put(self.status_key(job_id), job.status_blob),
         ]
-        if job.idempotency_key:
-            compares.append(t.create(self.idem_key(job.idempotency_key)) == 0)
-            ops.append(t.put(self.idem_key(job.idempotency_key), job.id.encode()))
+        if job.record.idempotency_key:
+            compares.append(t.create(self.idem_key(job.record.idempotency_key)) == 0)
+            ops.append(t.put(self.idem_key(job.record.idempotency_key), job_id.encode()))
         return compares, ops
 
-    async def create_jobs(self, jobs: Sequence[pb.Job]) -> list[tuple[JobRecord, bool]]:
+    async def create_jobs(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
         """Store new jobs durably; a job whose idempotency key exists returns the earlier job instead.
 
         Jobs are written in as few transactions as etcd allows; when one of a batch's keys
         already exists the batch falls back to one transaction per job.
         """
         results: list[tuple[JobRecord, bool]] = []
-        chunk: list[pb.Job] = []
-        per_job = 3
-        for job in jobs:
-            chunk.append(job)
-            if (len(chunk) + 1) * per_job > _MAX_TXN_OPS:
-                results.extend(await self._create_chunk(chunk))
-                chunk = []
-        if chunk:
-            results.extend(await self._create_chunk(chunk))
+        per_txn = max(1, self.max_txn_ops // 3)
+        # One after another, so that jobs earlier in a batch get earlier revisions (FIFO).
+        for start in range(0, len(jobs), per_txn):
+            results.extend(await self._create_chunk(jobs[start : start + per_txn]))
         return results
 
-    async def _create_chunk(self, jobs: list[pb.Job]) -> list[tuple[JobRecord, bool]]:
-        if len(jobs) > 1 and len({j.idempotency_key for j in jobs if j.idempotency_key}) == sum(
-            1 for j in jobs if j.idempotency_key
-        ):
+    async def _create_chunk(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
+        keys = [j.record.idempotency_key for j in jobs if j.record.idempotency_key]
+        if len(jobs) > 1 and len(set(keys)) == len(keys):
             compares: list[Any] = []
             ops: list[Any] = []
             for job in jobs:
@@ -139,24 +240,23 @@ class Store:
                 ops += o
             ok, responses = await self.client.transaction(compare=compares, success=ops, failure=[])
             if ok:
-                revision = int(responses[0].response_put.header.revision)
-                return [(JobRecord(job, revision, revision), True) for job in jobs]
+                return [(job.stored_at(int(responses[0].response_put.header.revision)), True) for job in jobs]
         return [await self._create_one(job) for job in jobs]
 
-    async def _create_one(self, job: pb.Job) -> tuple[JobRecord, bool]:
+    async def _create_one(self, job: NewJob) -> tuple[JobRecord, bool]:
         t = self.client.transactions
         compares, ops = self._create_ops(job)
-        failure = [t.get(self.idem_key(job.idempotency_key))] if job.idempotency_key else []
+        key = job.record.idempotency_key
+        failure = [t.get(self.idem_key(key))] if key else []
         ok, responses = await self.client.transaction(compare=compares, success=ops, failure=failure)
         if ok:
-            revision = int(responses[0].response_put.header.revision)
-            return JobRecord(job, revision, revision), True
-        if job.idempotency_key and responses and responses[0]:
+            return job.stored_at(int(responses[0].response_put.header.revision)), True
+        if key and responses and responses[0]:
             existing_id = responses[0][0][0].decode()
             record = await self.read_job(existing_id)
             if record is not None:
                 return record, False
-        raise RuntimeError(f"job {job.id} could not be created and no earlier job holds its key")
+        raise RuntimeError(f"job {job.record.id} could not be created and no earlier job holds its key")
 
     async def read_job(self, job_id: str) -> JobRecord | None:
         t = self.client.transactions
@@ -169,54 +269,72 @@ class Store:
             return None
         spec_value, spec_kv = responses[0][0]
         status_value, status_kv = responses[1][0]
-        job = pb.Job.FromString(spec_value)
-        job.status.ParseFromString(status_value)
-        return JobRecord(job, int(spec_kv.create_revision), int(status_kv.mod_revision))
+        return _record(spec_value, int(spec_kv.create_revision), status_value, int(status_kv.mod_revision))
+
+    async def _pages(self, prefix: bytes, revision: int) -> AsyncIterator[list[Any]]:
+        """Every key under `prefix` at `revision`, a page at a time (a million jobs do not fit one reply)."""
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        start = prefix
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=_PAGE, revision=revision)
+            response = await self.client.kvstub.Range(request, timeout=60, metadata=self.client.metadata)
+            if response.kvs:
+                yield list(response.kvs)
+            if not response.more or not response.kvs:
+                return
+            start = response.kvs[-1].key + b"\0"
 
     async def load_jobs(self) -> tuple[list[JobRecord], int]:
-        """Every job, and the revision the load reflects (to watch from)."""
-        specs = await self.client.get_prefix(f"{self.prefix}/jobs/spec/".encode())
-        revision = int(specs.header.revision)
-        statuses = await self.client.get_prefix(self.status_prefix)
-        by_id = {kv.key.decode().rsplit("/", 1)[1]: kv for kv in statuses}
+        """Every job in submission order, and the revision the load reflects (to watch from)."""
+        revision = await self.revision()
+        statuses: dict[bytes, tuple[bytes, int]] = {}
+        status_prefix = self.status_prefix
+        async for page in self._pages(status_prefix, revision):
+            for kv in page:
+                statuses[kv.key[len(status_prefix) :]] = (kv.value, kv.mod_revision)
+        spec_prefix = f"{self.prefix}/jobs/spec/".encode()
         records = []
-        for kv in specs:
-            job = pb.Job.FromString(kv.value)
-            status_kv = by_id.get(job.id)
-            if status_kv is None:
-                continue
-            job.status.ParseFromString(status_kv.value)
-            records.append(JobRecord(job, int(kv.create_revision), int(status_kv.mod_revision)))
-        return records, max(revision, int(statuses.header.revision))
+        async for page in self._pages(spec_prefix, revision):
+            for kv in page:
+                found = statuses.pop(kv.key[len(spec_prefix) :], None)
+                if found is not None:
+                    records.append(_record(kv.value, kv.create_revision, *found))
+        records.sort(key=lambda r: (r.seq, r.id))
+        return records, revision
 
     async def write_statuses(self, writes: Sequence[StatusWrite]) -> list[int | None]:
         """Compare-and-swap each status; the new mod revision, or None where another writer won.
 
-        Writes are packed into one transaction; if any compare fails the batch is retried
-        one by one so that the others still land.
+        Writes are packed into as few transactions as etcd allows, sent concurrently; if any
+        compare of a transaction fails, its writes are retried one by one so that the others land.
         """
         if not writes:
             return []
+        chunks = await asyncio.gather(
+            *(
+                self._write_chunk(writes[start : start + self.max_txn_ops])
+                for start in range(0, len(writes), self.max_txn_ops)
+            )
+        )
+        return [revision for chunk in chunks for revision in chunk]
+
+    async def _write_chunk(self, batch: Sequence[StatusWrite]) -> list[int | None]:
         t = self.client.transactions
+        ok, responses = await self.client.transaction(
+            compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision for w in batch],
+            success=[t.put(self.status_key(w.job_id), w.blob) for w in batch],
+            failure=[],
+        )
+        if ok:
+            return [int(responses[0].response_put.header.revision)] * len(batch)
         out: list[int | None] = []
-        for start in range(0, len(writes), _MAX_TXN_OPS):
-            batch = writes[start : start + _MAX_TXN_OPS]
+        for w in batch:
             ok, responses = await self.client.transaction(
-                compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision for w in batch],
-                success=[t.put(self.status_key(w.job_id), w.status.SerializeToString()) for w in batch],
+                compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision],
+                success=[t.put(self.status_key(w.job_id), w.blob)],
                 failure=[],
             )
-            if ok:
-                revision = int(responses[0].response_put.header.revision)
-                out.extend([revision] * len(batch))
-                continue
-            for w in batch:
-                ok, responses = await self.client.transaction(
-                    compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision],
-                    success=[t.put(self.status_key(w.job_id), w.status.SerializeToString())],
-                    failure=[],
-                )
-                out.append(int(responses[0].response_put.header.revision) if ok else None)
+            out.append(int(responses[0].response_put.header.revision) if ok else None)
         return out
 
     async def delete_jobs(self, records: Sequence[JobRecord]) -> list[bool]:
@@ -224,16 +342,16 @@ class Store:
         t = self.client.transactions
         out = []
         for record in records:
-            ops = [t.delete(self.spec_key(record.job.id)), t.delete(self.status_key(record.job.id))]
-            if record.job.idempotency_key:
-                ops.append(t.delete(self.idem_key(record.job.idempotency_key)))
+            ops = [t.delete(self.spec_key(record.id)), t.delete(self.status_key(record.id))]
+            if record.idempotency_key:
+                ops.append(t.delete(self.idem_key(record.idempotency_key)))
             ok, _ = await self.client.transaction(
-                compare=[t.mod(self.status_key(record.job.id)) == record.revision], success=ops, failure=[]
+                compare=[t.mod(self.status_key(record.id)) == record.revision], success=ops, failure=[]
             )
             out.append(bool(ok))
         return out
 
-    async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, pb.JobStatus]]:
+    async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
         """Status changes after `from_revision`, in revision order; raises RevisionCompacted."""
         try:
             watch = await self.client.watch_prefix(self.status_prefix, start_revision=from_revision + 1)
@@ -246,7 +364,7 @@ class Store:
                 if event.kind != "PUT":
                     continue
                 job_id = event.kv.key.decode().rsplit("/", 1)[1]
-                yield int(event.kv.mod_revision), job_id, pb.JobStatus.FromString(event.kv.value)
+                yield int(event.kv.mod_revision), job_id, event.kv.value
         except RevisionCompactedError as exc:
             raise RevisionCompacted(exc.compacted_revision) from exc
         finally:

@@ -70,6 +70,11 @@ class JobServiceStub:
                 request_serializer=fedplane_dot_v1_dot_hub__pb2.ExplainJobRequest.SerializeToString,
                 response_deserializer=fedplane_dot_v1_dot_types__pb2.Explanation.FromString,
                 _registered_method=True)
+        self.GetJobStats = channel.unary_unary(
+                '/fedplane.v1.JobService/GetJobStats',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.GetJobStatsRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_hub__pb2.JobStats.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -122,6 +127,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobStats(self, request, context):
+        """How many jobs are in each state, from the hub's memory: cheap enough to poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +171,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ExplainJob,
                     request_deserializer=fedplane_dot_v1_dot_hub__pb2.ExplainJobRequest.FromString,
                     response_serializer=fedplane_dot_v1_dot_types__pb2.Explanation.SerializeToString,
+            ),
+            'GetJobStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobStats,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.GetJobStatsRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_hub__pb2.JobStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +367,33 @@ class JobService:
             '/fedplane.v1.JobService/ExplainJob',
             fedplane_dot_v1_dot_hub__pb2.ExplainJobRequest.SerializeToString,
             fedplane_dot_v1_dot_types__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.JobService/GetJobStats',
+            fedplane_dot_v1_dot_hub__pb2.GetJobStatsRequest.SerializeToString,
+            fedplane_dot_v1_dot_hub__pb2.JobStats.FromString,
             options,
             channel_credentials,
             insecure,

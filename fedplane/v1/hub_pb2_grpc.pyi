@@ -45,6 +45,8 @@ class JobServiceStub:
     """Stream job changes. Resume after a disconnect with from_revision = last seen revision."""
     ExplainJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ExplainJobRequest, _types_pb2.Explanation]
     """Each cluster's verdict and score for a submitted job or a spec (dry run)."""
+    GetJobStats: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetJobStatsRequest, _hub_pb2.JobStats]
+    """How many jobs are in each state, from the hub's memory: cheap enough to poll."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -62,6 +64,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """Stream job changes. Resume after a disconnect with from_revision = last seen revision."""
     ExplainJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.ExplainJobRequest, _types_pb2.Explanation]  # type: ignore[assignment]
     """Each cluster's verdict and score for a submitted job or a spec (dry run)."""
+    GetJobStats: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetJobStatsRequest, _hub_pb2.JobStats]  # type: ignore[assignment]
+    """How many jobs are in each state, from the hub's memory: cheap enough to poll."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -118,6 +122,14 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Explanation, _abc.Awaitable[_types_pb2.Explanation]]:
         """Each cluster's verdict and score for a submitted job or a spec (dry run)."""
+
+    @_abc_1.abstractmethod
+    def GetJobStats(
+        self,
+        request: _hub_pb2.GetJobStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.JobStats, _abc.Awaitable[_hub_pb2.JobStats]]:
+        """How many jobs are in each state, from the hub's memory: cheap enough to poll."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

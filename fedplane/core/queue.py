@@ -1,0 +1,165 @@
+"""The pending queue: jobs waiting for a cluster, grouped by shape so that a deep queue costs little.
+
+Jobs of one shape (everything placement looks at except identity, priority and submission
+order) are interchangeable to placement. Within a placement cycle capacity only shrinks, so
+once a job of a shape fits nowhere, no later job of that shape fits in that cycle either:
+the cycle stops looking at the shape at its first misfit. The shape then stays blocked
+across cycles until capacity or the clusters change (`unblock`), so a cycle costs what its
+placements cost, not what the queue holds: a million queued jobs of a few shapes are a few
+heap operations per cycle. Jobs are otherwise taken exactly as `place_batch` takes them, by
+priority, then submission order, then id; a job that fits nowhere does not hold up others.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from fedplane.core.model import ClusterView, JobRequest
+from fedplane.core.placement import Decision, Weights, best_verdicts, deducted
+
+# (-priority, seq, job id): heap order is placement order.
+_Entry = tuple[int, int, str]
+
+
+def shape_of(job: JobRequest) -> Hashable:
+    """Everything about a job that placement looks at, except who it is and when it came."""
+    return (
+        tuple(
+            (p.name, p.count, p.min_count, tuple(sorted(p.requests.items())), p.gpu_type)
+            for p in job.pod_sets
+        ),
+        tuple(sorted(job.cluster_selector.items())),
+        job.tolerations,
+        tuple((g.clusters, tuple(sorted(g.match_labels.items()))) for g in job.groups),
+        job.strict_groups,
+        job.datasets,
+    )
+
+
+@dataclass(slots=True)
+class _Shape:
+    # A job of this shape; any job's request is this one with its own id, priority and seq.
+    template: JobRequest
+    heap: list[_Entry] = field(default_factory=list)
+    queued: int = 0
+    # A job of the shape fit nowhere: skip the shape until unblock().
+    blocked: bool = False
+    # The last misfit (kept across unblock() until a job of the shape is placed): every
+    # job of the shape is pending for its reasons.
+    misfit: Decision | None = None
+
+
+class PendingQueue:
+    def __init__(self) -> None:
+        self._shapes: dict[Hashable, _Shape] = {}
+        # job id -> (shape key, its heap entry); heap entries of removed jobs are skipped lazily.
+        self._jobs: dict[str, tuple[Hashable, _Entry]] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def add(self, job: JobRequest) -> None:
+        """Queue a job (again): a job already queued keeps its place."""
+        if job.id in self._jobs:
+            return
+        key = shape_of(job)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(replace(job, id="", priority=0, seq=0))
+        entry = (-job.priority, job.seq, job.id)
+        heapq.heappush(shape.heap, entry)
+        shape.queued += 1
+        self._jobs[job.id] = (key, entry)
+
+    def discard(self, job_id: str) -> bool:
+        """Take a job out (cancelled, or dispatched by another writer); False if it was not queued."""
+        found = self._jobs.pop(job_id, None)
+        if found is None:
+            return False
+        key = found[0]
+        shape = self._shapes[key]
+        shape.queued -= 1
+        if shape.queued == 0:
+            del self._shapes[key]
+        return True
+
+    def request(self, job_id: str) -> JobRequest | None:
+        found = self._jobs.get(job_id)
+        if found is None:
+            return None
+        key, (priority, seq, _) = found
+        return replace(self._shapes[key].template, id=job_id, priority=-priority, seq=seq)
+
+    def misfit(self, job_id: str) -> Decision | None:
+        """Why the job's shape fit nowhere in the last cycle that tried it, if it did not."""
+        found = self._jobs.get(job_id)
+        return self._shapes[found[0]].misfit if found else None
+
+    def unblock(self) -> None:
+        """Capacity or clusters changed: every shape is worth another look."""
+        for shape in self._shapes.values():
+            shape.blocked = False
+
+    @property
+    def shapes(self) -> int:
+        return len(self._shapes)
+
+    def _head(self, shape: _Shape) -> _Entry | None:
+        """The shape's first queued entry, dropping entries of jobs no longer queued."""
+        heap = shape.heap
+        while heap:
+            entry = heap[0]
+            found = self._jobs.get(entry[2])
+            if found is not None and found[1] == entry:
+                return entry
+            heapq.heappop(heap)
+        return None
+
+    def cycle(
+        self, clusters: Sequence[ClusterView], weights: Weights, limit: int
+    ) -> list[tuple[JobRequest, Decision]]:
+        """Place up to `limit` jobs: they leave the queue, and are returned with their decisions.
+
+        A misfit blocks its shape (see `misfit`). Deductions are copy-on-write (`deducted`),
+        so the caller's views are never modified.
+        """
+        working = list(clusters)
+        index = {c.name: i for i, c in enumerate(working)}
+        heads: list[tuple[_Entry, int, Hashable]] = []
+        for order, (key, shape) in enumerate(self._shapes.items()):
+            if not shape.blocked:
+                entry = self._head(shape)
+                if entry is not None:
+                    heads.append((entry, order, key))
+        heapq.heapify(heads)
+        placed: list[tuple[JobRequest, Decision]] = []
+        while heads and len(placed) < limit:
+            entry, order, key = heapq.heappop(heads)
+            shape = self._shapes[key]
+            priority, seq, job_id = entry
+            job = replace(shape.template, id=job_id, priority=-priority, seq=seq)
+            verdicts = best_verdicts(job, working, weights)
+            best = verdicts[0] if verdicts and verdicts[0].feasible else None
+            if best is None:
+                shape.blocked = True
+                shape.misfit = Decision(job_id, None, verdicts)
+                continue
+            at = index[best.cluster]
+            working[at] = deducted(working[at], job, best.assignments)
+            placed.append((job, Decision(job_id, best.cluster, verdicts)))
+            shape.misfit = None
+            heapq.heappop(shape.heap)
+            self.discard(job_id)
+            if shape.queued:
+                following = self._head(shape)
+                if following is not None:
+                    heapq.heappush(heads, (following, order, key))
+        return placed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._jobs)
