@@ -204,11 +204,13 @@ async def consume(
                 batch.append(inbox.get_nowait())
             yield batch
     finally:
+        # Bounded: on a connection that is closing, these may never complete.
         if sub is not None:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await asyncio.wait_for(sub.unsubscribe(), 2)
         left = [inbox.get_nowait() for _ in range(inbox.qsize())]
-        await asyncio.gather(*(m.nak() for m in left), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(m.nak() for m in left), return_exceptions=True), 2)
 
 
 async def publish_all(

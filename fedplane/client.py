@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import importlib
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -104,7 +105,10 @@ class FedplaneClient:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             self._jobs = self._clusters = None
-            await channel.close()
+            # Cancels every call; bounded, so a stream that never acknowledges its
+            # cancellation cannot keep a CLI command (say, watch after Ctrl-C) from exiting.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.close(), 5)
 
     def _connect(self) -> None:
         # Created lazily so the channel binds to the event loop that uses it.
