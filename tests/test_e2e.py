@@ -163,14 +163,21 @@ def test_cli_drives_a_federation_of_separate_processes(daemons: Daemons, tmp_pat
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "COLUMNS": "250"},
+        env={**os.environ, "COLUMNS": "250", "PYTHONFAULTHANDLER": "1"},
+        # As at a terminal: a suite started in the background inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(2)  # the watch is open before the job exists
     submitted = fedplane("submit", str(spec), "--wait", hub=hub)
     assert "gpu-a" in submitted.stdout
     time.sleep(1)
     watcher.send_signal(signal.SIGINT)
-    watched, _ = watcher.communicate(timeout=15)
+    try:
+        watched, _ = watcher.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        watcher.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        _, stack = watcher.communicate(timeout=10)
+        raise AssertionError(f"watch did not stop on Ctrl-C:\n{stack[-6000:]}") from None
     states = [line.split()[4] for line in watched.splitlines() if "e2e-train" in line]
     # One event per write: updates that arrive together (ADMITTED with RUNNING) share one.
     assert states[0] == "PENDING" and states[-1] == "SUCCEEDED", watched

@@ -595,6 +595,22 @@ async def _backlog(
     drain = last - uncordoned
     window = sampler.window(uncordoned, last) if admitted else {}
     return {
+        **_queued_figures(params, submitted, rss_before, rss_queued),
+        "dispatched": len(admitted),
+        "timed_out": not drained,
+        "first_dispatch_ms": round((min(admitted) - uncordoned) * 1000, 1) if admitted else None,
+        "drain_seconds": round(drain, 3) if admitted else None,
+        "dispatch_per_s": round(len(admitted) / drain, 1) if admitted and drain > 0 else None,
+        "hub_cpu_seconds": window.get("hub", {}).get("cpu_seconds"),
+        "hub_cores": window.get("hub", {}).get("cores"),
+    }
+
+
+def _queued_figures(
+    params: BenchParams, submitted: float, rss_before: int | None, rss_queued: int | None
+) -> dict[str, Any]:
+    """What building the backlog measured: how fast it was queued, and the hub's memory for it."""
+    return {
         "jobs": params.queued,
         "submit_seconds": round(submitted, 3),
         "submitted_per_s": round(params.queued / submitted, 1) if submitted > 0 else None,
@@ -603,13 +619,6 @@ async def _backlog(
         "hub_bytes_per_queued_job": (
             round((rss_queued - rss_before) / params.queued) if rss_queued and rss_before else None
         ),
-        "dispatched": len(admitted),
-        "timed_out": not drained,
-        "first_dispatch_ms": round((min(admitted) - uncordoned) * 1000, 1) if admitted else None,
-        "drain_seconds": round(drain, 3) if admitted else None,
-        "dispatch_per_s": round(len(admitted) / drain, 1) if admitted and drain > 0 else None,
-        "hub_cpu_seconds": window.get("hub", {}).get("cpu_seconds"),
-        "hub_cores": window.get("hub", {}).get("cores"),
     }
 
 
@@ -645,15 +654,8 @@ async def _partial_drain(
     say(f"{dispatched:,} of {params.queued:,} queued jobs dispatched in {elapsed:.1f}s")
     window = sampler.window(uncordoned, time.time())
     return {
-        "jobs": params.queued,
-        "submit_seconds": round(submitted, 3),
-        "submitted_per_s": round(params.queued / submitted, 1) if submitted > 0 else None,
-        "hub_rss_before_bytes": rss_before,
-        "hub_rss_queued_bytes": rss_queued,
+        **_queued_figures(params, submitted, rss_before, rss_queued),
         "hub_rss_peak_draining_bytes": peak_rss,
-        "hub_bytes_per_queued_job": (
-            round((rss_queued - rss_before) / params.queued) if rss_queued and rss_before else None
-        ),
         "dispatched": dispatched,
         "timed_out": False,
         "first_dispatch_ms": round((first - uncordoned) * 1000, 1) if first else None,

@@ -137,10 +137,12 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class StatusWrite:
+    """A compare-and-swap of one status; `blob` is `status` serialized once, for etcd and the table."""
+
     job_id: str
     status: pb.JobStatus
     expected_revision: int
-    blob: bytes = b""
+    blob: bytes
 
     @classmethod
     def of(cls, job_id: str, status: pb.JobStatus, expected_revision: int) -> StatusWrite:
