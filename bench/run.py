@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,6 +143,7 @@ async def bench_e2e(args: argparse.Namespace) -> None:
         await hub.stop(grace=0.1)
         nats.stop()
         etcd.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
