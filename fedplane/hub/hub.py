@@ -108,8 +108,9 @@ class Hub:
         self.commands = CommandSender(js)
         self._ready_clusters: frozenset[str] = frozenset()
         self._stopping = False
-        # Submits waiting for the next etcd transaction (see _store).
+        # Submits waiting for the next etcd transaction (see _store), and those in it by job id.
         self._intake: list[tuple[list[NewJob], asyncio.Future[list[tuple[JobRecord, bool]]]]] = []
+        self._creating: dict[str, NewJob] = {}
         self._intake_ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,9 +188,10 @@ class Hub:
     # ------------------------------------------------------------------ job table
     def _add(self, record: JobRecord, request: JobRequest | None = None) -> JobRecord:
         """Hold a job (once): count it, and queue it when it waits for a cluster."""
-        held = self.jobs.setdefault(record.id, record)
-        if held is not record:
+        held = self.jobs.get(record.id)
+        if held is not None:
             return held
+        self.jobs[record.id] = record
         self._count(record, 1)
         if record.state == S.PENDING:
             self.queue.add(request or convert.job_request(record.spec_record, record.seq))
@@ -317,13 +319,18 @@ class Hub:
             groups, self._intake = self._intake, []
             if not groups:
                 continue
+            writing = [job for jobs, _ in groups for job in jobs]
+            self._creating.update((job.record.id, job) for job in writing)
             try:
-                stored = await self.store.create_jobs([job for jobs, _ in groups for job in jobs])
+                stored = await self.store.create_jobs(writing)
             except Exception as exc:
                 for _, future in groups:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                for job in writing:
+                    self._creating.pop(job.record.id, None)
             start = 0
             for jobs, future in groups:
                 if not future.done():
@@ -510,10 +517,16 @@ class Hub:
                 async for revision, job_id, blob in self.store.watch_statuses(self.events.revision):
                     record = self.jobs.get(job_id)
                     if record is None:
-                        loaded = await self.store.read_job(job_id)
-                        if loaded is None:
-                            continue
-                        record = self._add(loaded)
+                        creating = self._creating.get(job_id)
+                        if creating is not None:
+                            # Our own submit, its transaction's reply not yet handled: the record
+                            # is at hand (created at this revision), no need to read it back.
+                            record = self._add(creating.stored_at(revision), creating.request)
+                        else:
+                            loaded = await self.store.read_job(job_id)
+                            if loaded is None:
+                                continue
+                            record = self._add(loaded)
                     if revision > record.revision:
                         self._merge(job_id, pb.JobStatus.FromString(blob), revision, blob)
                     self.events.publish(Change(revision, job_id, record.queue, blob))
@@ -558,24 +571,26 @@ class Hub:
         if len(placed) >= limit:
             self._wake.set()  # more may fit: carry on right after this batch is written
         writes: list[StatusWrite] = []
-        chosen: dict[str, tuple[JobRequest, Decision]] = {}
+        # The job, parsed once: its status to dispatch from, then its spec for the command.
+        chosen: dict[str, tuple[JobRequest, Decision, pb.Job]] = {}
         for request, decision in placed:
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
             record = self.jobs[decision.job_id]
+            job = record.job
             status = sm.dispatch(
-                record.status,
+                job.status,
                 decision.cluster,
                 convert.assignments_pb(verdict.assignments),
                 convert.score_pb(verdict.score),
                 now,
             )
             writes.append(StatusWrite.of(decision.job_id, status, record.revision))
-            chosen[decision.job_id] = (request, decision)
+            chosen[decision.job_id] = (request, decision, job)
         if not writes:
             return
         for write, written in zip(writes, await self._write(writes), strict=True):
-            request, decision = chosen[write.job_id]
+            request, decision, job = chosen[write.job_id]
             if written is None:
                 # Raced with another writer (a cancel): decide again if the job still waits.
                 current = self.jobs.get(write.job_id)
@@ -585,7 +600,7 @@ class Hub:
                 continue
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
-            job = written.job
+            job.status.CopyFrom(write.status)  # what was written
             if telemetry.recording():
                 # The job's own placement span, in its submit's trace: the cycle that decided it.
                 telemetry.tracer().start_span(
