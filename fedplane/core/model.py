@@ -124,19 +124,7 @@ class ClusterView:
             NodeView(n.name, dict(n.free), n.allocatable, n.labels, n.taints, n.schedulable)
             for n in self.nodes
         ]
-        return ClusterView(
-            self.name,
-            nodes,
-            self.labels,
-            self.taints,
-            self.datasets,
-            self.cost,
-            self.ready,
-            self.cordoned,
-            self.not_ready_reason,
-            {which: dict(totals) for which, totals in self._totals.items()},
-            self._index,
-        )
+        return self._sharing(nodes, {which: dict(totals) for which, totals in self._totals.items()})
 
     def with_free(self, changes: Mapping[int, dict[str, int]]) -> ClusterView:
         """A new view in which node `i` has free capacity `changes[i]` (the dict is taken over).
@@ -151,6 +139,26 @@ class ClusterView:
             old = nodes[i]
             nodes[i] = NodeView(old.name, free, old.allocatable, old.labels, old.taints, old.schedulable)
             pairs.append((old, nodes[i]))
+        return self._sharing(nodes, _carried_totals(self._totals, pairs))
+
+    def with_status(self, ready: bool, cordoned: bool, not_ready_reason: str) -> ClusterView:
+        """A new view with other health and cordon, sharing nodes and caches with this one."""
+        return self._sharing(self.nodes, self._totals, self._memo, (ready, cordoned, not_ready_reason))
+
+    def _sharing(
+        self,
+        nodes: list[NodeView],
+        totals: dict[str, dict[str, int]],
+        memo: dict[str, Any] | None = None,
+        status: tuple[bool, bool, str] | None = None,
+    ) -> ClusterView:
+        """A view of this cluster with these nodes and totals; the rest (and the index) shared.
+
+        The memo starts empty unless given: it holds for unchanged nodes only.
+        """
+        ready, cordoned, why = (
+            status if status is not None else (self.ready, self.cordoned, self.not_ready_reason)
+        )
         return ClusterView(
             self.name,
             nodes,
@@ -158,28 +166,12 @@ class ClusterView:
             self.taints,
             self.datasets,
             self.cost,
-            self.ready,
-            self.cordoned,
-            self.not_ready_reason,
-            _carried_totals(self._totals, pairs),
-            self._index,
-        )
-
-    def with_status(self, ready: bool, cordoned: bool, not_ready_reason: str) -> ClusterView:
-        """A new view with other health and cordon, sharing nodes and caches with this one."""
-        return ClusterView(
-            self.name,
-            self.nodes,
-            self.labels,
-            self.taints,
-            self.datasets,
-            self.cost,
             ready,
             cordoned,
-            not_ready_reason,
-            self._totals,
+            why,
+            totals,
             self._index,
-            self._memo,
+            memo if memo is not None else {},
         )
 
     def index(self) -> NodeIndex:

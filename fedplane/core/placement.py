@@ -457,6 +457,18 @@ _MEMO_LIMIT = 64
 _HOPELESS = math.inf
 
 
+def _free_and_allocatable(cluster: ClusterView) -> tuple[dict[str, int], dict[str, int]]:
+    """The cluster's cached free and allocatable totals (allocatable falls back to free when unknown)."""
+    totals = cluster._totals
+    free = totals.get("free")
+    if free is None:
+        free = cluster.total("free")
+    allocatable = totals.get("allocatable")
+    if allocatable is None:
+        allocatable = cluster.total("allocatable")
+    return free, allocatable or free
+
+
 def _headroom_ceiling(cluster: ClusterView, used: list[tuple[str, int]], types: frozenset[str]) -> float:
     """At least _fewest_headroom whatever the amounts used (so shared by gangs using alike), or -1.
 
@@ -467,15 +479,7 @@ def _headroom_ceiling(cluster: ClusterView, used: list[tuple[str, int]], types: 
         return -1.0
     if not used:
         return 1.0
-    totals = cluster._totals
-    free = totals.get("free")
-    if free is None:
-        free = cluster.total("free")
-    allocatable = totals.get("allocatable")
-    if allocatable is None:
-        allocatable = cluster.total("allocatable")
-    if not allocatable:
-        allocatable = free
+    free, allocatable = _free_and_allocatable(cluster)
     scarcest = -1.0  # none yet
     for resource, _ in used:
         whole = allocatable.get(resource, 0)
@@ -501,14 +505,7 @@ def _fewest_headroom(cluster: ClusterView, used: list[tuple[str, int]], types: f
     room = totals.get("room")
     if room is None:
         room = cluster.room()
-    free = totals.get("free")
-    if free is None:
-        free = cluster.total("free")
-    allocatable = totals.get("allocatable")
-    if allocatable is None:
-        allocatable = cluster.total("allocatable")
-    if not allocatable:
-        allocatable = free
+    free, allocatable = _free_and_allocatable(cluster)
     scarcest = -1.0  # none yet
     for resource, amount in used:
         if room.get(resource, 0) < amount:
@@ -670,8 +667,7 @@ def _headroom(cluster: ClusterView, used: list[tuple[str, int]]) -> float:
     """
     if not used:
         return 1.0
-    free = cluster.total("free")
-    allocatable = cluster.total("allocatable") or free
+    free, allocatable = _free_and_allocatable(cluster)
     scarcest: float | None = None
     for resource, amount in used:
         total = allocatable.get(resource, 0)

@@ -88,13 +88,6 @@ class PendingQueue:
             del self._shapes[key]
         return True
 
-    def request(self, job_id: str) -> JobRequest | None:
-        found = self._jobs.get(job_id)
-        if found is None:
-            return None
-        key, (priority, seq, _) = found
-        return replace(self._shapes[key].template, id=job_id, priority=-priority, seq=seq)
-
     def misfit(self, job_id: str) -> Decision | None:
         """Why the job's shape fit nowhere in the last cycle that tried it, if it did not."""
         found = self._jobs.get(job_id)

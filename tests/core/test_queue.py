@@ -125,9 +125,8 @@ def test_discarded_jobs_are_skipped_and_readding_keeps_one_entry() -> None:
     assert len(queue) == 0 and queue.shapes == 0
 
 
-def test_the_request_of_a_queued_job_is_its_own() -> None:
+def test_jobs_that_differ_only_in_who_and_when_share_a_shape() -> None:
     queue = queued(cpu_job("a", 2, seq=7, priority=3), cpu_job("b", 2, seq=8))
-    request = queue.request("a")
-    assert request == cpu_job("a", 2, seq=7, priority=3)
-    assert queue.request("nope") is None
     assert queue.shapes == 1
+    queue.add(cpu_job("c", 3, seq=9))
+    assert queue.shapes == 2
