@@ -54,7 +54,7 @@ class HubConfig:
     # A cluster with no heartbeat for this long gets no new placements.
     heartbeat_timeout_seconds: float = 30.0
     # Events arriving within this window are placed in one batch.
-    batch_window_seconds: float = 0.02
+    batch_window_seconds: float = 0.0
     # At most this many jobs are dispatched per placement cycle (the next cycle follows at once),
     # so that one cycle's etcd transaction and command burst stay bounded.
     max_dispatch_per_cycle: int = 1000
@@ -105,6 +105,8 @@ class AgentConfig:
     cost: float = 0.0
     heartbeat_interval_seconds: float = 5.0
     inventory_interval_seconds: float = 30.0
+    # After a change, wait this long before reporting, so that a burst of changes is one report.
+    inventory_coalesce_seconds: float = 0.2
     # Status updates not yet acknowledged by JetStream are kept here across restarts.
     state_dir: str = ""
     hub_id: str = "fedplane"

@@ -22,6 +22,7 @@ from fedplane.core.model import (
     NodeView,
     PodSetRequest,
     Taint,
+    pods_fitting,
 )
 from fedplane.core.placement import place_batch
 from fedplane.hub.clusters import ClusterRegistry, ClusterState, reservation_key
@@ -81,7 +82,20 @@ def fresh_view(state: ClusterState, now: float) -> ClusterView:
     )
 
 
+def assert_fits_current(view: ClusterView) -> None:
+    """Every best-fit list cached on the view (and carried to views derived from it) is what
+    its nodes' free capacity gives now."""
+    for cached in view._fits.values():
+        recomputed = []
+        for i in cached.positions:
+            n = pods_fitting(view.nodes[i].free, cached.wanted)
+            if n > 0:
+                recomputed.append((n, view.nodes[i].name))
+        assert cached.entries == sorted(recomputed)
+
+
 def assert_same(actual: ClusterView, expected: ClusterView) -> None:
+    assert_fits_current(actual)
     assert actual == expected
     index, fresh_index = actual.index(), NodeIndex.of(expected.nodes)
     assert (index.position, index.products) == (fresh_index.position, fresh_index.products)

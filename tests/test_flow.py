@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import grpc
+import pytest
+
+from fedplane.hub.store import Store
 from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
 from tests.federation import Federation, cpu_nodes, gpu_nodes, job_spec, sim_agent_config
@@ -407,3 +411,33 @@ async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) 
     table = await asyncio.to_thread(runner.invoke, app, ["--hub", target, "stats", "--queue", "a"])
     assert table.exit_code == 0, table.output
     assert "RUNNING" in table.stdout and "3" in table.stdout and "queue a" in table.stdout
+
+
+async def test_watch_from_a_compacted_revision_says_to_list_again(federation: Federation) -> None:
+    first = await federation.submit(job_spec("old", cpu="100"))  # fits nowhere: stays pending
+    await federation.submit(job_spec("newer", cpu="100"))
+    # A new hub holds no events in memory before its start, so an old revision is read from
+    # etcd, where compaction has removed it.
+    await federation.stop_hub()
+    store = await Store.connect(federation.hub_config.etcd_endpoint, federation.hub_config.etcd_prefix)
+    try:
+        await store.client.compact(await store.revision())
+    finally:
+        await store.close()
+    await federation.start_hub()
+
+    call = federation.jobs.WatchJobs(hub_pb2.WatchJobsRequest(from_revision=first.revision - 1))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "list again" in (raised.value.details() or "")
+
+    # Watching from now still works, and sees new changes.
+    listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())
+    job = await federation.submit(job_spec("after", cpu="100"))
+    call = federation.jobs.WatchJobs(hub_pb2.WatchJobsRequest(from_revision=listed.revision))
+    async for event in call:
+        assert event.job.id == job.id and event.job.status.state == pb.PENDING
+        break
+    call.cancel()

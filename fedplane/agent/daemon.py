@@ -80,6 +80,8 @@ class Agent:
         self._overrun: set[str] = set()
         self._max_run: dict[str, int] = {}
         self._changed = asyncio.Event()
+        # The datasets last published (serialized without sequence and time): sent again on change.
+        self._datasets_sent = b""
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0
         self.nc: NATS | None = None
@@ -147,20 +149,30 @@ class Agent:
             await asyncio.sleep(self.config.heartbeat_interval_seconds)
 
     async def _inventory_loop(self) -> None:
-        """Report on change (coalesced over a short window) and at least every interval."""
+        """Report on change and at least every interval.
+
+        Changes are coalesced over `inventory_coalesce_seconds`: a busy cluster starts and
+        ends many workloads a second, and each report costs the agent and the hub in
+        proportion to the cluster's nodes and workloads. Capacity the hub has dispatched is
+        held for it until a report counts it, so a later report never double-books a node.
+        """
         while True:
-            with contextlib.suppress(TimeoutError):
+            periodic = False
+            try:
                 await asyncio.wait_for(self._changed.wait(), self.config.inventory_interval_seconds)
-            await asyncio.sleep(0.05)
+            except TimeoutError:
+                periodic = True
+            await asyncio.sleep(self.config.inventory_coalesce_seconds)
             self._changed.clear()
             try:
-                await self.publish_reports()
+                await self.publish_reports(datasets_unchanged_too=periodic)
             except Exception as exc:
                 log.debug("inventory not sent", error=str(exc))
                 await asyncio.sleep(1.0)
                 self._changed.set()
 
-    async def publish_reports(self) -> None:
+    async def publish_reports(self, datasets_unchanged_too: bool = True) -> None:
+        """Publish the inventory, and the data-locality report if it changed (or when asked)."""
         assert self.js is not None
         snapshot = await self.backend.inventory()
         datasets = await self.backend.datasets()
@@ -176,13 +188,23 @@ class Agent:
             cost=self.config.cost,
             accounted_jobs=snapshot.accounted_jobs,
         )
-        report = agent_pb.DataLocalityReport(
-            cluster=self.cluster, agent_id=self.agent_id, sequence=self._seq, time=_now(), datasets=datasets
-        )
-        await asyncio.gather(
-            self.js.publish(bus.subject("datasets", self.cluster), report.SerializeToString(), timeout=5),
-            self.js.publish(bus.subject("inventory", self.cluster), inventory.SerializeToString(), timeout=5),
-        )
+        publishing = [
+            self.js.publish(bus.subject("inventory", self.cluster), inventory.SerializeToString(), timeout=5)
+        ]
+        present = agent_pb.DataLocalityReport(datasets=datasets).SerializeToString()
+        if datasets_unchanged_too or present != self._datasets_sent:
+            report = agent_pb.DataLocalityReport(
+                cluster=self.cluster,
+                agent_id=self.agent_id,
+                sequence=self._seq,
+                time=_now(),
+                datasets=datasets,
+            )
+            publishing.append(
+                self.js.publish(bus.subject("datasets", self.cluster), report.SerializeToString(), timeout=5)
+            )
+        await asyncio.gather(*publishing)
+        self._datasets_sent = present
 
     # ------------------------------------------------------------------ commands
     async def _command_loop(self) -> None:

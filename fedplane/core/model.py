@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +115,9 @@ class ClusterView:
     # Placement's results for this view by gang shape (see placement._screen): a view that does
     # not change is screened once per shape, not once per job. Cleared by deduct() and took().
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Per pod shape, the usable nodes that can take such a pod, in best-fit order (see
+    # placement._fits): carried to deducted views node by node. Cleared with the memo.
+    _fits: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> ClusterView:
         """A copy whose node free capacity can be deducted without touching the original.
@@ -139,11 +143,16 @@ class ClusterView:
             old = nodes[i]
             nodes[i] = NodeView(old.name, free, old.allocatable, old.labels, old.taints, old.schedulable)
             pairs.append((old, nodes[i]))
-        return self._sharing(nodes, _carried_totals(self._totals, pairs))
+        view = self._sharing(nodes, _carried_totals(self._totals, pairs))
+        if self._fits:
+            view._fits = _carried_fits(self, changes)
+        return view
 
     def with_status(self, ready: bool, cordoned: bool, not_ready_reason: str) -> ClusterView:
         """A new view with other health and cordon, sharing nodes and caches with this one."""
-        return self._sharing(self.nodes, self._totals, self._memo, (ready, cordoned, not_ready_reason))
+        view = self._sharing(self.nodes, self._totals, self._memo, (ready, cordoned, not_ready_reason))
+        view._fits = self._fits
+        return view
 
     def _sharing(
         self,
@@ -244,6 +253,7 @@ class ClusterView:
             free[resource] = free.get(resource, 0) - amount
         self._totals.pop("room", None)  # which node it left is unknown here: recount when needed
         self._memo.clear()
+        self._fits.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +305,53 @@ class Assignment:
     pod_set: str
     node: str
     count: int
+
+
+# Pods of a shape fitting a node: more than any node holds when the shape requests nothing.
+UNBOUNDED_PODS = 1 << 30
+
+
+def pods_fitting(free: Mapping[str, int], wanted: tuple[tuple[str, int], ...]) -> int:
+    """How many pods requesting `wanted` fit in `free`; uncapped, so that best fit can tell a
+    nearly full node from an empty one."""
+    n = UNBOUNDED_PODS
+    for resource, amount in wanted:
+        fits = free.get(resource, 0) // amount
+        if fits < n:
+            n = fits
+            if n <= 0:
+                return 0
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class Fits:
+    """The usable nodes that can take a pod of one shape, as sorted (pods that fit, node name)."""
+
+    positions: frozenset[int]
+    wanted: tuple[tuple[str, int], ...]
+    entries: list[tuple[int, str]]
+
+
+def _carried_fits(before: ClusterView, changes: Mapping[int, Mapping[str, int]]) -> dict[Any, Fits]:
+    """`before`'s cached fits, updated for nodes whose free capacity is now `changes[i]`."""
+    carried: dict[Any, Fits] = {}
+    for cache_key, cached in before._fits.items():
+        entries: list[tuple[int, str]] | None = None
+        for i, free in changes.items():
+            if i not in cached.positions:
+                continue
+            if entries is None:
+                entries = list(cached.entries)
+            node = before.nodes[i]
+            old = pods_fitting(node.free, cached.wanted)
+            if old > 0:
+                del entries[bisect.bisect_left(entries, (old, node.name))]
+            new = pods_fitting(free, cached.wanted)
+            if new > 0:
+                bisect.insort(entries, (new, node.name))
+        carried[cache_key] = cached if entries is None else Fits(cached.positions, cached.wanted, entries)
+    return carried
 
 
 def _carried_totals(

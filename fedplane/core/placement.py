@@ -27,11 +27,13 @@ from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
     Assignment,
     ClusterView,
+    Fits,
     JobRequest,
     NodeView,
     PodSetRequest,
     Taint,
     Toleration,
+    pods_fitting,
     untolerated,
 )
 
@@ -154,9 +156,6 @@ def group_rank(job: JobRequest, cluster: ClusterView) -> int:
     return len(job.groups)
 
 
-_UNBOUNDED = 1 << 30
-
-
 def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], str]:
     """Assign every pod set's pods to nodes, or say why the gang does not fit.
 
@@ -169,39 +168,40 @@ def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], s
     taken: dict[str, dict[str, int]] = {}  # nodes this gang already used: their remaining free
     placed: dict[tuple[str, str], int] = {}
     pod_sets = sorted(job.pod_sets, key=_pod_set_order)
-    usable_by_set = {p.name: _usable_nodes(job, p, cluster) for p in pod_sets}
+    keys = {p.name: _usable_key(job, p) for p in pod_sets}
+    position = cluster.index().position
     for optional in (False, True):
         for pod_set in pod_sets:
             needed = pod_set.min_count or pod_set.count
             want = pod_set.count - needed if optional else needed
             if want <= 0:
                 continue
-            wanted = [(r, a) for r, a in pod_set.requests.items() if a > 0]
-            usable = usable_by_set[pod_set.name]
-            candidates: list[tuple[int, str]] = []
+            wanted = tuple((r, a) for r, a in pod_set.requests.items() if a > 0)
+            usable_key = keys[pod_set.name]
             placeable = 0
-            for node in usable:
-                free = taken.get(node.name, node.free) if taken else node.free
-                # Uncapped, so that best fit can tell a nearly full node from an empty one.
-                n = _UNBOUNDED
-                for resource, amount in wanted:
-                    fits = free.get(resource, 0) // amount
-                    if fits < n:
-                        n = fits
-                        if n <= 0:
-                            break
-                if n > 0:
-                    candidates.append((n, node.name))
+            if taken:
+                # Nodes this gang already used count with what it left on them.
+                candidates: list[tuple[int, str]] = []
+                for node in _usable_nodes(usable_key, cluster):
+                    n = pods_fitting(taken.get(node.name, node.free), wanted)
+                    if n > 0:
+                        candidates.append((n, node.name))
+                        placeable += n if n < want else want
+                candidates.sort()
+            else:
+                candidates = _fits(cluster, usable_key, wanted)
+                for n, _ in candidates:
                     placeable += n if n < want else want
+                    if placeable >= want:
+                        break  # enough to know it fits; the exact count only serves a misfit
             if not optional and placeable < needed:
                 free_now = {n.name: taken.get(n.name, n.free) for n in cluster.nodes}
                 requests = dict(pod_set.requests)
+                usable = _usable_nodes(usable_key, cluster)
                 return [], _shortfall(pod_set, needed, placeable, cluster, requests, free_now, usable)
             if not candidates:
                 continue
             remaining = want
-            nodes = {n.name: n for n in usable}
-            candidates.sort()
             for n, name in candidates:
                 if remaining == 0:
                     break
@@ -209,21 +209,27 @@ def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], s
                 remaining -= take
                 node_free = taken.get(name)
                 if node_free is None:
-                    node_free = taken[name] = dict(nodes[name].free)
+                    node_free = taken[name] = dict(cluster.nodes[position[name]].free)
                 for resource, amount in wanted:
                     node_free[resource] = node_free.get(resource, 0) - amount * take
                 placed[(pod_set.name, name)] = placed.get((pod_set.name, name), 0) + take
     return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
 
 
-def _usable_nodes(job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView) -> list[NodeView]:
-    """Nodes the pod set's pods may run on; which ones is cached in the cluster's node index."""
-    tolerations = _tolerations(job, pod_set)
-    gpu_type = pod_set.gpu_type
+_UsableKey = tuple[tuple[Toleration, ...], str]
+
+
+def _usable_key(job: JobRequest, pod_set: PodSetRequest) -> _UsableKey:
+    """What decides which nodes a pod set may use: its tolerations and GPU type."""
+    return _tolerations(job, pod_set), pod_set.gpu_type
+
+
+def _usable_positions(key: _UsableKey, cluster: ClusterView) -> list[int]:
+    """Positions of the nodes pods with these tolerations and GPU type may run on (cached in the index)."""
     usable = cluster.index().usable
-    key = (tolerations, gpu_type)
     positions = usable.get(key)
     if positions is None:
+        tolerations, gpu_type = key
         positions = usable[key] = [
             i
             for i, n in enumerate(cluster.nodes)
@@ -231,8 +237,39 @@ def _usable_nodes(job: JobRequest, pod_set: PodSetRequest, cluster: ClusterView)
             and not (n.taints and untolerated(n.taints, tolerations))
             and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
         ]
+    return positions
+
+
+def _usable_nodes(key: _UsableKey, cluster: ClusterView) -> list[NodeView]:
     nodes = cluster.nodes
-    return [nodes[i] for i in positions]
+    return [nodes[i] for i in _usable_positions(key, cluster)]
+
+
+def _fits(
+    cluster: ClusterView, key: _UsableKey, wanted: tuple[tuple[str, int], ...]
+) -> list[tuple[int, str]]:
+    """Best-fit candidates for a pod shape on the cluster's free capacity, cached on the view.
+
+    Scanning every node for every job was most of placement's cost; the list is built once
+    per view and shape, and a deducted view gets it updated for the nodes it changed
+    (`ClusterView.with_free`), so placing a job costs what it changes, not the size of the cluster.
+    """
+    cache_key = (key, wanted)
+    cached = cluster._fits.get(cache_key)
+    if cached is None:
+        positions = _usable_positions(key, cluster)
+        nodes = cluster.nodes
+        built = []
+        for i in positions:
+            n = pods_fitting(nodes[i].free, wanted)
+            if n > 0:
+                built.append((n, nodes[i].name))
+        built.sort()
+        if len(cluster._fits) >= _MEMO_LIMIT:
+            cluster._fits.clear()
+        cached = cluster._fits[cache_key] = Fits(frozenset(positions), wanted, built)
+    entries: list[tuple[int, str]] = cached.entries
+    return entries
 
 
 _STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage", "pods"})
@@ -685,6 +722,7 @@ def deduct(cluster: ClusterView, job: JobRequest, assignments: Iterable[Assignme
     # The cached totals follow the nodes (see ClusterView.took); the memo is out of date.
     free_total, room = cluster._totals.get("free"), cluster._totals.get("room")
     cluster._memo.clear()
+    cluster._fits.clear()
     for a in assignments:
         node = cluster.nodes[position[a.node]]
         free = node.free

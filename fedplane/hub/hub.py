@@ -545,8 +545,15 @@ class Hub:
         self._wake.set()
 
     async def _schedule_loop(self) -> None:
+        """Place as soon as something changed; what changes during a cycle waits for the next.
+
+        Batches form by themselves: jobs submitted while a cycle writes its dispatches are
+        placed together by the next one, so an idle hub places a job at once and a busy one
+        in large batches. `batch_window_seconds` adds a fixed wait before each cycle.
+        """
         while True:
             await self._wake.wait()
+            # At least one turn of the loop: submits finishing in this same turn join the batch.
             await asyncio.sleep(self.config.batch_window_seconds)
             self._wake.clear()
             try:

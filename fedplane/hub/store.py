@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import aetcd
+from aetcd import exceptions as etcd_errors
 from aetcd import rpc
-from aetcd.exceptions import ClientError, RevisionCompactedError
+from aetcd.exceptions import ClientError
 
 from fedplane.config import StartupError
 from fedplane.core.model import JobRequest
@@ -156,14 +157,43 @@ def _record(spec_blob: bytes, seq: int, status_blob: bytes, revision: int) -> Jo
 
 
 _PAGE = 5000
+_EQUAL = rpc.Compare.EQUAL
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end that makes a range or watch cover every key starting with `prefix`."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _created_never(key: bytes) -> rpc.Compare:
+    return rpc.Compare(result=_EQUAL, target=rpc.Compare.CREATE, key=key, create_revision=0)
+
+
+def _modified_at(key: bytes, revision: int) -> rpc.Compare:
+    return rpc.Compare(result=_EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=revision)
+
+
+def _put(key: bytes, value: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
+
+
+def _get(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+
+
+def _delete(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
 
 
 class Store:
-    def __init__(self, client: aetcd.Client, prefix: str = "/fedplane", max_txn_ops: int = 128) -> None:
+    def __init__(
+        self, client: aetcd.Client, prefix: str = "/fedplane", max_txn_ops: int = 128, rpc_timeout: float = 10
+    ) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
         # etcd's --max-txn-ops (128 unless the server says otherwise): writes are batched up to it.
         self.max_txn_ops = max_txn_ops
+        self.rpc_timeout = rpc_timeout
 
     @classmethod
     async def connect(
@@ -173,7 +203,7 @@ class Store:
         client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=rpc_timeout)
         try:
             await client.connect()
-            store = cls(client, prefix, max_txn_ops)
+            store = cls(client, prefix, max_txn_ops, rpc_timeout)
             await store.revision()  # fail fast when etcd is unreachable
         except ClientError as exc:
             await client.close()
@@ -204,19 +234,35 @@ class Store:
         result = await self.client.get_prefix(f"{self.prefix}/none/".encode(), keys_only=True)
         return int(result.header.revision) if hasattr(result, "header") else 0
 
+    async def _txn(
+        self, compare: list[rpc.Compare], success: list[rpc.RequestOp], failure: Sequence[rpc.RequestOp] = ()
+    ) -> Any:
+        """One etcd transaction, built as protobuf directly.
+
+        aetcd's transaction() builds Python objects for every operation and compare and then
+        the protobuf; on the hub's hot paths (thousands of keys a second) that cost as much as
+        the rest of the write. Errors are mapped to aetcd's exceptions, as its own calls do.
+        """
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+        try:
+            return await self.client.kvstub.Txn(
+                request, timeout=self.rpc_timeout, metadata=self.client.metadata
+            )
+        except rpc.AioRpcError as exc:
+            etcd_errors._handle_exception(exc)
+            raise
+
     # jobs
-    def _create_ops(self, job: NewJob) -> tuple[list[Any], list[Any]]:
-        t = self.client.transactions
-        job_id = job.record.id
-        compares = [t.create(self.spec_key(job_id)) == 0]
-        ops = [
-            t.put(self.spec_key(job_id), job.spec_blob),
-            t.put(self.status_key(job_id), job.status_blob),
-        ]
-        if job.record.idempotency_key:
-            compares.append(t.create(self.idem_key(job.record.idempotency_key)) == 0)
-            ops.append(t.put(self.idem_key(job.record.idempotency_key), job_id.encode()))
-        return compares, ops
+    def _create_ops(self, job: NewJob, compares: list[rpc.Compare], ops: list[rpc.RequestOp]) -> None:
+        record = job.record
+        spec_key = self.spec_key(record.id)
+        compares.append(_created_never(spec_key))
+        ops.append(_put(spec_key, record.spec_blob))
+        ops.append(_put(self.status_key(record.id), record.status_blob))
+        if record.idempotency_key:
+            idem_key = self.idem_key(record.idempotency_key)
+            compares.append(_created_never(idem_key))
+            ops.append(_put(idem_key, record.id.encode()))
 
     async def create_jobs(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
         """Store new jobs durably; a job whose idempotency key exists returns the earlier job instead.
@@ -234,48 +280,43 @@ class Store:
     async def _create_chunk(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
         keys = [j.record.idempotency_key for j in jobs if j.record.idempotency_key]
         if len(jobs) > 1 and len(set(keys)) == len(keys):
-            compares: list[Any] = []
-            ops: list[Any] = []
+            compares: list[rpc.Compare] = []
+            ops: list[rpc.RequestOp] = []
             for job in jobs:
-                c, o = self._create_ops(job)
-                compares += c
-                ops += o
-            ok, responses = await self.client.transaction(compare=compares, success=ops, failure=[])
-            if ok:
-                return [(job.stored_at(int(responses[0].response_put.header.revision)), True) for job in jobs]
+                self._create_ops(job, compares, ops)
+            response = await self._txn(compares, ops)
+            if response.succeeded:
+                revision = int(response.header.revision)
+                return [(job.stored_at(revision), True) for job in jobs]
         return [await self._create_one(job) for job in jobs]
 
     async def _create_one(self, job: NewJob) -> tuple[JobRecord, bool]:
-        t = self.client.transactions
-        compares, ops = self._create_ops(job)
+        compares: list[rpc.Compare] = []
+        ops: list[rpc.RequestOp] = []
+        self._create_ops(job, compares, ops)
         key = job.record.idempotency_key
-        failure = [t.get(self.idem_key(key))] if key else []
-        ok, responses = await self.client.transaction(compare=compares, success=ops, failure=failure)
-        if ok:
-            return job.stored_at(int(responses[0].response_put.header.revision)), True
-        if key and responses and responses[0]:
-            existing_id = responses[0][0][0].decode()
+        response = await self._txn(compares, ops, [_get(self.idem_key(key))] if key else [])
+        if response.succeeded:
+            return job.stored_at(int(response.header.revision)), True
+        if key and response.responses and response.responses[0].response_range.kvs:
+            existing_id = response.responses[0].response_range.kvs[0].value.decode()
             record = await self.read_job(existing_id)
             if record is not None:
                 return record, False
         raise RuntimeError(f"job {job.record.id} could not be created and no earlier job holds its key")
 
     async def read_job(self, job_id: str) -> JobRecord | None:
-        t = self.client.transactions
-        _, responses = await self.client.transaction(
-            compare=[],
-            success=[t.get(self.spec_key(job_id)), t.get(self.status_key(job_id))],
-            failure=[],
-        )
-        if not responses[0] or not responses[1]:
+        response = await self._txn([], [_get(self.spec_key(job_id)), _get(self.status_key(job_id))])
+        spec_kvs = response.responses[0].response_range.kvs
+        status_kvs = response.responses[1].response_range.kvs
+        if not spec_kvs or not status_kvs:
             return None
-        spec_value, spec_kv = responses[0][0]
-        status_value, status_kv = responses[1][0]
-        return _record(spec_value, int(spec_kv.create_revision), status_value, int(status_kv.mod_revision))
+        spec, status = spec_kvs[0], status_kvs[0]
+        return _record(spec.value, int(spec.create_revision), status.value, int(status.mod_revision))
 
     async def _pages(self, prefix: bytes, revision: int) -> AsyncIterator[list[Any]]:
         """Every key under `prefix` at `revision`, a page at a time (a million jobs do not fit one reply)."""
-        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        end = _prefix_end(prefix)
         start = prefix
         while True:
             request = rpc.RangeRequest(key=start, range_end=end, limit=_PAGE, revision=revision)
@@ -321,56 +362,68 @@ class Store:
         return [revision for chunk in chunks for revision in chunk]
 
     async def _write_chunk(self, batch: Sequence[StatusWrite]) -> list[int | None]:
-        t = self.client.transactions
-        ok, responses = await self.client.transaction(
-            compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision for w in batch],
-            success=[t.put(self.status_key(w.job_id), w.blob) for w in batch],
-            failure=[],
+        keys = [self.status_key(w.job_id) for w in batch]
+        response = await self._txn(
+            [_modified_at(key, w.expected_revision) for key, w in zip(keys, batch, strict=True)],
+            [_put(key, w.blob) for key, w in zip(keys, batch, strict=True)],
         )
-        if ok:
-            return [int(responses[0].response_put.header.revision)] * len(batch)
+        if response.succeeded:
+            return [int(response.header.revision)] * len(batch)
         out: list[int | None] = []
-        for w in batch:
-            ok, responses = await self.client.transaction(
-                compare=[t.mod(self.status_key(w.job_id)) == w.expected_revision],
-                success=[t.put(self.status_key(w.job_id), w.blob)],
-                failure=[],
-            )
-            out.append(int(responses[0].response_put.header.revision) if ok else None)
+        for key, w in zip(keys, batch, strict=True):
+            response = await self._txn([_modified_at(key, w.expected_revision)], [_put(key, w.blob)])
+            out.append(int(response.header.revision) if response.succeeded else None)
         return out
 
     async def delete_jobs(self, records: Sequence[JobRecord]) -> list[bool]:
         """Delete finished jobs with their idempotency keys, each only if its status is unchanged."""
-        t = self.client.transactions
         out = []
         for record in records:
-            ops = [t.delete(self.spec_key(record.id)), t.delete(self.status_key(record.id))]
+            status_key = self.status_key(record.id)
+            ops = [_delete(self.spec_key(record.id)), _delete(status_key)]
             if record.idempotency_key:
-                ops.append(t.delete(self.idem_key(record.idempotency_key)))
-            ok, _ = await self.client.transaction(
-                compare=[t.mod(self.status_key(record.id)) == record.revision], success=ops, failure=[]
-            )
-            out.append(bool(ok))
+                ops.append(_delete(self.idem_key(record.idempotency_key)))
+            response = await self._txn([_modified_at(status_key, record.revision)], ops)
+            out.append(bool(response.succeeded))
         return out
 
     async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
-        """Status changes after `from_revision`, in revision order; raises RevisionCompacted."""
+        """Status changes after `from_revision`, in revision order; raises RevisionCompacted.
+
+        A watch stream of its own, read as protobuf: every status write of the hub comes back
+        here, and aetcd's watcher builds several Python objects per event on top.
+        """
+        prefix = self.status_prefix
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=prefix,
+                range_end=_prefix_end(prefix),
+                start_revision=from_revision + 1,
+                filters=[rpc.WatchCreateRequest.NODELETE],
+            )
+        )
+
+        async def requests() -> AsyncIterator[Any]:
+            yield create
+            await asyncio.Event().wait()  # keep the stream open until the call is cancelled
+
+        call = rpc.WatchStub(self.client.channel).Watch(requests(), metadata=self.client.metadata)
+        cut = len(prefix)
         try:
-            watch = await self.client.watch_prefix(self.status_prefix, start_revision=from_revision + 1)
-        except RevisionCompactedError as exc:
-            raise RevisionCompacted(exc.compacted_revision) from exc
-        try:
-            async for event in watch:
-                if isinstance(event, Exception):
-                    raise event
-                if event.kind != "PUT":
-                    continue
-                job_id = event.kv.key.decode().rsplit("/", 1)[1]
-                yield int(event.kv.mod_revision), job_id, event.kv.value
-        except RevisionCompactedError as exc:
-            raise RevisionCompacted(exc.compacted_revision) from exc
+            async for response in call:
+                if response.compact_revision:
+                    raise RevisionCompacted(int(response.compact_revision))
+                if response.canceled:
+                    raise ClientError(
+                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}"
+                    )
+                for event in response.events:
+                    kv = event.kv
+                    yield int(kv.mod_revision), kv.key[cut:].decode(), kv.value
+        except rpc.AioRpcError as exc:
+            etcd_errors._handle_exception(exc)
         finally:
-            await watch.cancel()
+            call.cancel()
 
     # clusters
     async def load_clusters(self) -> dict[str, pb.Cluster]:
