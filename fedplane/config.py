@@ -6,6 +6,7 @@ Unknown keys are errors: a misspelt setting silently ignored is worse than a ref
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -123,6 +124,46 @@ class AgentConfig:
             raise ConfigError(f"cluster {self.cluster}: {exc}") from None
 
 
+# The range of each numeric setting: (lowest, whether the lowest itself is refused, highest).
+# Checked by name, so a setting of that name means the same in every section.
+_RANGES: dict[str, tuple[float, bool, float]] = {
+    "heartbeat_timeout_seconds": (0, True, math.inf),
+    "batch_window_seconds": (0, False, math.inf),
+    "max_dispatch_per_cycle": (1, False, math.inf),
+    # A job's create is up to 3 operations (spec, status, idempotency key) in one transaction.
+    "etcd_max_txn_ops": (3, False, math.inf),
+    "stream_max_age_seconds": (0, True, math.inf),
+    "finished_job_retention_seconds": (0, False, math.inf),
+    "data_locality": (0, False, math.inf),
+    "headroom": (0, False, math.inf),
+    "cost": (0, False, math.inf),
+    "preference": (0, False, math.inf),
+    "heartbeat_interval_seconds": (0, True, math.inf),
+    "inventory_interval_seconds": (0, True, math.inf),
+    "inventory_coalesce_seconds": (0, False, math.inf),
+    "gc_interval_seconds": (0, False, math.inf),
+    "count": (0, False, math.inf),
+    "default_duration_seconds": (0, False, math.inf),
+    "failure_rate": (0, False, 1),
+    "start_delay_seconds": (0, False, math.inf),
+}
+
+
+def _out_of_range(name: str, value: Any, where: str) -> str | None:
+    """Why `value` is no good for setting `name`, or None (a 0 batch size fails at the first write,
+    long after start-up, so the loader refuses it)."""
+    limits = _RANGES.get(name)
+    if limits is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    low, exclusive, high = limits
+    if value < low or (exclusive and value == low) or value > high or math.isnan(value):
+        wanted = f"above {low:g}" if exclusive else f"at least {low:g}"
+        if high != math.inf:
+            wanted = f"from {low:g} to {high:g}"
+        return f"{where}: {value!r} is out of range; it must be {wanted}"
+    return None
+
+
 def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, converting nested dataclasses and naming bad keys."""
     if data is None:
@@ -133,12 +174,22 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    problems: list[str] = []
     for key, value in data.items():
         name = str(key).replace("-", "_")
         here = f"{where}.{key}" if where else str(key)
         if name not in fields:
             raise ConfigError(f"{here}: unknown setting (known: {', '.join(sorted(fields))})")
-        kwargs[name] = _convert(hints[name], value, here)
+        try:
+            kwargs[name] = _convert(hints[name], value, here)
+        except ConfigError as exc:  # a nested section's problems, all of them
+            problems.append(str(exc))
+            continue
+        why = _out_of_range(name, kwargs[name], here)
+        if why:
+            problems.append(why)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cls(**kwargs)
 
 
@@ -196,7 +247,12 @@ def load(cls: type[T], path: str | os.PathLike[str] | None, env_prefix: str) -> 
     for f in dataclasses.fields(config):
         env = os.environ.get(f"{env_prefix}{f.name.upper()}")
         if env is not None and f.type in ("str", "float", "int", str, float, int):
-            setattr(config, f.name, _convert(typing.get_type_hints(cls)[f.name], _coerce(env), f.name))
+            where = f"{env_prefix}{f.name.upper()}"
+            value = _convert(typing.get_type_hints(cls)[f.name], _coerce(env), where)
+            why = _out_of_range(f.name, value, where)
+            if why:
+                raise ConfigError(why)
+            setattr(config, f.name, value)
     return config
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,30 @@ def test_a_hub_without_etcd_says_so(tmp_path: Path) -> None:
     (tmp_path / "hub.yaml").write_text(f"etcd_endpoint: 127.0.0.1:{port}\nlisten: 127.0.0.1:0\n")
     line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
     assert f"cannot reach etcd at 127.0.0.1:{port}" in line
+
+
+def test_out_of_range_settings_are_refused_at_start_all_at_once(tmp_path: Path) -> None:
+    # Zero transaction ops or a zero heartbeat timeout would only fail later, at the first write
+    # or by marking every cluster unready: the hub refuses them before it connects anywhere.
+    (tmp_path / "hub.yaml").write_text(
+        "etcd_max_txn_ops: 0\nheartbeat_timeout_seconds: 0\nweights: {cost: -1}\nbatch_window_seconds: 0\n"
+    )
+    line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
+    assert "etcd_max_txn_ops: 0 is out of range; it must be at least 3" in line
+    assert "heartbeat_timeout_seconds: 0.0 is out of range; it must be above 0" in line
+    assert "weights.cost: -1.0 is out of range" in line
+    assert "batch_window_seconds" not in line  # 0 is a valid window
+
+
+def test_an_out_of_range_environment_override_is_named(tmp_path: Path) -> None:
+    (tmp_path / "agent.yaml").write_text("cluster: edge\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fedplane", "agent", "--config", "agent.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "FEDPLANE_AGENT_HEARTBEAT_INTERVAL_SECONDS": "-5"},
+    )
+    line = one_error_line(result)
+    assert "FEDPLANE_AGENT_HEARTBEAT_INTERVAL_SECONDS: -5.0 is out of range; it must be above 0" in line
