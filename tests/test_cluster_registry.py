@@ -17,12 +17,12 @@ from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
     Assignment,
     ClusterView,
+    Fits,
     JobRequest,
     NodeIndex,
     NodeView,
     PodSetRequest,
     Taint,
-    pods_fitting,
 )
 from fedplane.core.placement import place_batch
 from fedplane.hub.clusters import ClusterRegistry, ClusterState, reservation_key
@@ -86,12 +86,7 @@ def assert_fits_current(view: ClusterView) -> None:
     """Every best-fit list cached on the view (and carried to views derived from it) is what
     its nodes' free capacity gives now."""
     for cached in view._fits.values():
-        recomputed = []
-        for i in cached.positions:
-            n = pods_fitting(view.nodes[i].free, cached.wanted)
-            if n > 0:
-                recomputed.append((n, view.nodes[i].name))
-        assert cached.entries == sorted(recomputed)
+        assert cached.entries == Fits.of(view.nodes, sorted(cached.positions), cached.wanted).entries
 
 
 def assert_same(actual: ClusterView, expected: ClusterView) -> None:

@@ -117,7 +117,7 @@ class ClusterView:
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Per pod shape, the usable nodes that can take such a pod, in best-fit order (see
     # placement._fits): carried to deducted views node by node. Cleared with the memo.
-    _fits: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _fits: dict[Any, Fits] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> ClusterView:
         """A copy whose node free capacity can be deducted without touching the original.
@@ -143,16 +143,14 @@ class ClusterView:
             old = nodes[i]
             nodes[i] = NodeView(old.name, free, old.allocatable, old.labels, old.taints, old.schedulable)
             pairs.append((old, nodes[i]))
-        view = self._sharing(nodes, _carried_totals(self._totals, pairs))
-        if self._fits:
-            view._fits = _carried_fits(self, changes)
-        return view
+        fits = _carried_fits(self, changes) if self._fits else None
+        return self._sharing(nodes, _carried_totals(self._totals, pairs), fits=fits)
 
     def with_status(self, ready: bool, cordoned: bool, not_ready_reason: str) -> ClusterView:
         """A new view with other health and cordon, sharing nodes and caches with this one."""
-        view = self._sharing(self.nodes, self._totals, self._memo, (ready, cordoned, not_ready_reason))
-        view._fits = self._fits
-        return view
+        return self._sharing(
+            self.nodes, self._totals, self._memo, (ready, cordoned, not_ready_reason), self._fits
+        )
 
     def _sharing(
         self,
@@ -160,10 +158,11 @@ class ClusterView:
         totals: dict[str, dict[str, int]],
         memo: dict[str, Any] | None = None,
         status: tuple[bool, bool, str] | None = None,
+        fits: dict[Any, Fits] | None = None,
     ) -> ClusterView:
         """A view of this cluster with these nodes and totals; the rest (and the index) shared.
 
-        The memo starts empty unless given: it holds for unchanged nodes only.
+        The memo and the fits start empty unless given: they hold for unchanged nodes only.
         """
         ready, cordoned, why = (
             status if status is not None else (self.ready, self.cordoned, self.not_ready_reason)
@@ -331,6 +330,17 @@ class Fits:
     positions: frozenset[int]
     wanted: tuple[tuple[str, int], ...]
     entries: list[tuple[int, str]]
+
+    @classmethod
+    def of(cls, nodes: list[NodeView], positions: list[int], wanted: tuple[tuple[str, int], ...]) -> Fits:
+        """Built from scratch: the nodes at `positions` that can take such a pod, best fit first."""
+        entries = []
+        for i in positions:
+            n = pods_fitting(nodes[i].free, wanted)
+            if n > 0:
+                entries.append((n, nodes[i].name))
+        entries.sort()
+        return cls(frozenset(positions), wanted, entries)
 
 
 def _carried_fits(before: ClusterView, changes: Mapping[int, Mapping[str, int]]) -> dict[Any, Fits]:

@@ -257,17 +257,9 @@ def _fits(
     cache_key = (key, wanted)
     cached = cluster._fits.get(cache_key)
     if cached is None:
-        positions = _usable_positions(key, cluster)
-        nodes = cluster.nodes
-        built = []
-        for i in positions:
-            n = pods_fitting(nodes[i].free, wanted)
-            if n > 0:
-                built.append((n, nodes[i].name))
-        built.sort()
         if len(cluster._fits) >= _MEMO_LIMIT:
             cluster._fits.clear()
-        cached = cluster._fits[cache_key] = Fits(frozenset(positions), wanted, built)
+        cached = cluster._fits[cache_key] = Fits.of(cluster.nodes, _usable_positions(key, cluster), wanted)
     entries: list[tuple[int, str]] = cached.entries
     return entries
 

@@ -13,8 +13,9 @@ writers (a restarted hub racing its old self, a cancel racing a dispatch) cannot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -160,6 +161,17 @@ _PAGE = 5000
 _EQUAL = rpc.Compare.EQUAL
 
 
+@contextlib.contextmanager
+def _etcd_errors() -> Iterator[None]:
+    """gRPC failures of a call made on aetcd's channel, raised as aetcd's exceptions (as its own
+    calls raise them, and as the hub's callers expect)."""
+    try:
+        yield
+    except rpc.AioRpcError as exc:
+        etcd_errors._handle_exception(exc)
+        raise
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The range end that makes a range or watch cover every key starting with `prefix`."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -244,13 +256,10 @@ class Store:
         the rest of the write. Errors are mapped to aetcd's exceptions, as its own calls do.
         """
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
-        try:
+        with _etcd_errors():
             return await self.client.kvstub.Txn(
                 request, timeout=self.rpc_timeout, metadata=self.client.metadata
             )
-        except rpc.AioRpcError as exc:
-            etcd_errors._handle_exception(exc)
-            raise
 
     # jobs
     def _create_ops(self, job: NewJob, compares: list[rpc.Compare], ops: list[rpc.RequestOp]) -> None:
@@ -410,18 +419,17 @@ class Store:
         call = rpc.WatchStub(self.client.channel).Watch(requests(), metadata=self.client.metadata)
         cut = len(prefix)
         try:
-            async for response in call:
-                if response.compact_revision:
-                    raise RevisionCompacted(int(response.compact_revision))
-                if response.canceled:
-                    raise ClientError(
-                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}"
-                    )
-                for event in response.events:
-                    kv = event.kv
-                    yield int(kv.mod_revision), kv.key[cut:].decode(), kv.value
-        except rpc.AioRpcError as exc:
-            etcd_errors._handle_exception(exc)
+            with _etcd_errors():
+                async for response in call:
+                    if response.compact_revision:
+                        raise RevisionCompacted(int(response.compact_revision))
+                    if response.canceled:
+                        raise ClientError(
+                            f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}"
+                        )
+                    for event in response.events:
+                        kv = event.kv
+                        yield int(kv.mod_revision), kv.key[cut:].decode(), kv.value
         finally:
             call.cancel()
 
