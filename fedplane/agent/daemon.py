@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
-from fedplane import __version__, bus, logs, tasks, telemetry
+from fedplane import __version__, bus, gcpolicy, logs, tasks, telemetry
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
 from fedplane.agent.outbox import Outbox
 from fedplane.config import AgentConfig, load_agent
@@ -435,6 +435,7 @@ async def run(config: AgentConfig) -> None:
 def main(config_path: str) -> None:
     config = load_agent(config_path)
     logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    gcpolicy.for_daemon()
     telemetry.configure(
         f"fedplane-agent-{config.cluster}", config.telemetry.exporter, config.telemetry.endpoint or None
     )

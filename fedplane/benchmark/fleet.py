@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from fedplane import logs, quantity, tasks
+from fedplane import gcpolicy, logs, quantity, tasks
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
 from fedplane.config import AgentConfig, NodeShape, SimulatedBackendConfig
@@ -139,6 +139,7 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure("warning", "json")
+    gcpolicy.for_daemon()
     asyncio.run(_main(args))
 
 

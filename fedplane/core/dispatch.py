@@ -15,11 +15,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from fedplane.v1 import types_pb2 as pb
 
-S = pb.JobState
+
+class S:
+    """The JobState values as plain class attributes: reading `pb.JobState.X` goes through a
+    Python-level __getattr__ each time, and the hub reads states several times per job."""
+
+    JOB_STATE_UNSPECIFIED = pb.JOB_STATE_UNSPECIFIED
+    PENDING = pb.PENDING
+    DISPATCHED = pb.DISPATCHED
+    ADMITTED = pb.ADMITTED
+    RUNNING = pb.RUNNING
+    SUCCEEDED = pb.SUCCEEDED
+    FAILED = pb.FAILED
+    CANCELLING = pb.CANCELLING
+    CANCELLED = pb.CANCELLED
+
+
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 ON_CLUSTER = frozenset({S.DISPATCHED, S.ADMITTED, S.RUNNING})
 # Forward order of the states a member cluster reports.
@@ -47,34 +60,38 @@ def state_name(state: int) -> str:
         return f"JobState({state})"
 
 
-def _timestamp(now: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(now * 1e9))
-    return ts
-
-
 def _transition(
     status: pb.JobStatus, state: int, now: float, *, reason: str = "", message: str = ""
 ) -> pb.JobStatus:
     new = pb.JobStatus()
     new.CopyFrom(status)
+    return _transitioned(new, state, now, reason, message)
+
+
+def _transitioned(new: pb.JobStatus, state: int, now: float, reason: str, message: str) -> pb.JobStatus:
+    """`new` (a copy the caller owns) moved to `state`, with the move in its history."""
     new.state = state  # type: ignore[assignment]
     new.reason = reason
     new.message = message
-    new.update_time.CopyFrom(_timestamp(now))
-    entry = new.history.add()
-    entry.state = state  # type: ignore[assignment]
-    entry.time.CopyFrom(new.update_time)
-    entry.cluster = new.cluster
-    entry.generation = new.generation
-    entry.reason = reason
-    entry.message = message
+    nanos = int(now * 1e9)
+    seconds, nanos = divmod(nanos, 1_000_000_000)
+    update_time = new.update_time
+    update_time.seconds = seconds
+    update_time.nanos = nanos
+    new.history.add(
+        state=state,  # type: ignore[arg-type]
+        time=update_time,
+        cluster=new.cluster,
+        generation=new.generation,
+        reason=reason,
+        message=message,
+    )
     if len(new.history) > MAX_HISTORY:
         del new.history[1 : len(new.history) - MAX_HISTORY + 1]
     if state == S.RUNNING and not new.HasField("start_time"):
-        new.start_time.CopyFrom(new.update_time)
+        new.start_time.CopyFrom(update_time)
     if state in TERMINAL:
-        new.finish_time.CopyFrom(new.update_time)
+        new.finish_time.CopyFrom(update_time)
     return new
 
 
@@ -99,7 +116,7 @@ def dispatch(
     del new.assignments[:]
     new.assignments.extend(assignments)
     new.placement_score.CopyFrom(score)
-    return _transition(new, S.DISPATCHED, now, reason="Placed", message=f"dispatched to {cluster}")
+    return _transitioned(new, S.DISPATCHED, now, "Placed", f"dispatched to {cluster}")
 
 
 @dataclass(frozen=True)

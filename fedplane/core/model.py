@@ -180,6 +180,7 @@ class ClusterView:
             totals,
             self._index,
             memo if memo is not None else {},
+            fits if fits is not None else {},
         )
 
     def index(self) -> NodeIndex:

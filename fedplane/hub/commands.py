@@ -23,13 +23,13 @@ log = logs.get("fedplane.hub")
 
 
 def create_command(job: pb.Job, hub_id: str) -> agent_pb.DispatchCommand:
-    spec = pb.JobSpec()
-    spec.CopyFrom(job.spec)
-    return agent_pb.DispatchCommand(
-        job_id=job.id,
-        generation=job.status.generation,
-        create=agent_pb.CreateWorkload(spec=spec, assignments=list(job.status.assignments), hub_id=hub_id),
-    )
+    # Filled in place: building the parts as messages of their own copies the spec twice more.
+    command = agent_pb.DispatchCommand(job_id=job.id, generation=job.status.generation)
+    create = command.create
+    create.spec.CopyFrom(job.spec)
+    create.assignments.extend(job.status.assignments)
+    create.hub_id = hub_id
+    return command
 
 
 def delete_command(job: pb.Job, reason: str) -> agent_pb.DispatchCommand:
@@ -67,9 +67,12 @@ class CommandSender:
         return len(self._unsent) + self._in_flight
 
     def queue(self, job: pb.Job, command: agent_pb.DispatchCommand) -> None:
-        """Queue a command for the job's cluster, under the job's trace."""
+        """Queue a command for the job's cluster, under the job's trace (the command carries the
+        job's context unless a span of its own replaces it when published)."""
         key = f"{command.job_id}:{command.generation}:{command.WhichOneof('action') or ''}"
-        self._unsent[key] = (job.status.cluster, command, dict(job.trace_context))
+        context = job.trace_context
+        command.trace_context.update(context)
+        self._unsent[key] = (job.status.cluster, command, dict(context))
         self._idle.clear()
         self._wake.set()
 
@@ -107,7 +110,6 @@ class CommandSender:
         by_cluster: dict[str, list[tuple[str, _Item]]] = {}
         for key, item in items:
             cluster, command, ctx = item
-            trace_ctx = ctx
             if recording:
                 span = telemetry.tracer().start_span(
                     f"hub.dispatch.{command.WhichOneof('action')}",
@@ -120,9 +122,8 @@ class CommandSender:
                     },
                 )
                 spans.append(span)
-                trace_ctx = telemetry.inject_span(span)
-            command.trace_context.clear()
-            command.trace_context.update(trace_ctx)
+                command.trace_context.clear()
+                command.trace_context.update(telemetry.inject_span(span))
             by_cluster.setdefault(cluster, []).append((key, item))
         chunks: list[list[tuple[str, _Item]]] = []
         messages = []

@@ -41,7 +41,7 @@ from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
-S = pb.JobState
+S = sm.S
 MAX_IDEMPOTENCY_KEY = 256
 EVENT_BUFFER = 20_000
 # States in which a job holds (or is about to hold) capacity in its cluster.
@@ -262,6 +262,7 @@ class Hub:
         trace_context = telemetry.inject()
         created_at = _now_ts(now)
         pending = sm.new_pending(now)
+        pending_blob = pending.SerializeToString()
         new_jobs: list[NewJob] = []
         # For each item, the index of the job that answers it; a key repeated in the batch
         # answers with the first occurrence's job, as a retry would.
@@ -282,13 +283,22 @@ class Hub:
             if key:
                 first_by_key[key] = len(new_jobs)
             answer.append(len(new_jobs))
-            new_jobs.append(NewJob.of(job, pending))
+            new_jobs.append(NewJob.of(job, pending, pending_blob))
         with telemetry.tracer().start_as_current_span("hub.store_jobs", attributes={"jobs": len(new_jobs)}):
             stored = await self._store(new_jobs)
         outs: list[tuple[pb.Job, bool]] = []
         for new, (record, created) in zip(new_jobs, stored, strict=True):
             held = self._add(record, new.request if created else None)
-            outs.append((self._job_out(held), created))
+            if created and held.revision == record.seq:
+                # Unchanged since it was stored: answer with the job at hand, not a parsed copy.
+                out = new.job
+                out.status.CopyFrom(pending)
+                out.revision = held.revision
+                out.ClearField("trace_context")
+                out.pending_reason = self._pending_reason(held.id)
+                outs.append((out, created))
+            else:
+                outs.append((self._job_out(held), created))
         results: list[tuple[pb.Job, bool]] = []
         answered: set[int] = set()
         for index in answer:
@@ -683,6 +693,39 @@ class Hub:
                 log.exception("applying status updates failed; they will be redelivered")
                 await asyncio.sleep(0.5)
 
+    def _take_update(
+        self, update: agent_pb.StatusUpdate, now: float, pending: dict[str, tuple[pb.JobStatus, int]]
+    ) -> bool:
+        """Apply one update to the job's status as `pending` (the batch's writes so far) holds
+        it; whether it changed the status."""
+        found = pending.get(update.job_id)
+        if found is None:
+            record = self.jobs.get(update.job_id)
+            if record is None:
+                return False
+            found = (record.status, record.revision)
+        outcome = sm.apply_update(
+            found[0],
+            update.cluster,
+            update.generation,
+            update.state,
+            now,
+            reason=update.reason,
+            message=update.message,
+        )
+        if outcome.status is None:
+            log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
+            return False
+        pending[update.job_id] = (outcome.status, found[1])
+        log.debug(
+            "job status",
+            job_id=update.job_id,
+            cluster=update.cluster,
+            state=sm.state_name(update.state),
+            reason=update.reason,
+        )
+        return True
+
     async def _apply_status_batch(self, msgs: list[Any]) -> None:
         """Apply the updates in a batch of messages with one etcd write per job, then ack.
 
@@ -693,8 +736,14 @@ class Hub:
         now = time.time()
         pending: dict[str, tuple[pb.JobStatus, int]] = {}
         msgs_by_job: dict[str, set[int]] = {}
+        # Without a span to make or a debug line to write, no per-update trace context is set up.
+        traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
             for update in _updates_in(msg):
+                if not traced:
+                    if self._take_update(update, now, pending):
+                        msgs_by_job.setdefault(update.job_id, set()).add(index)
+                    continue
                 with telemetry.child_span(
                     "hub.status",
                     update.trace_context,
@@ -705,32 +754,8 @@ class Hub:
                         "state": sm.state_name(update.state),
                     },
                 ):
-                    record = self.jobs.get(update.job_id)
-                    if record is None:
-                        continue
-                    found = pending.get(update.job_id)
-                    base, revision = found if found else (record.status, record.revision)
-                    outcome = sm.apply_update(
-                        base,
-                        update.cluster,
-                        update.generation,
-                        update.state,
-                        now,
-                        reason=update.reason,
-                        message=update.message,
-                    )
-                    if outcome.status is None:
-                        log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
-                        continue
-                    pending[update.job_id] = (outcome.status, revision)
-                    msgs_by_job.setdefault(update.job_id, set()).add(index)
-                    log.debug(
-                        "job status",
-                        job_id=update.job_id,
-                        cluster=update.cluster,
-                        state=sm.state_name(update.state),
-                        reason=update.reason,
-                    )
+                    if self._take_update(update, now, pending):
+                        msgs_by_job.setdefault(update.job_id, set()).add(index)
         writes = [StatusWrite.of(job_id, status, revision) for job_id, (status, revision) in pending.items()]
         freed = False
         lost: set[int] = set()

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fedplane import logs, tasks, telemetry
+from fedplane import gcpolicy, logs, tasks, telemetry
 from fedplane.config import HubConfig, StartupError, load_hub
 from fedplane.hub.hub import Hub
 from fedplane.hub.service import ClusterService, JobService
@@ -66,6 +66,7 @@ class HubServer:
 
 async def serve(config: HubConfig) -> None:
     server = await HubServer.start(config)
+    gcpolicy.settle()  # the jobs recovered from etcd stay for as long as they are held
     await tasks.stop_event().wait()
     log.info("hub stopping")
     await server.stop()
@@ -74,6 +75,7 @@ async def serve(config: HubConfig) -> None:
 def main(config_path: str | None) -> None:
     config = load_hub(config_path)
     logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    gcpolicy.for_daemon()
     telemetry.configure("fedplane-hub", config.telemetry.exporter, config.telemetry.endpoint or None)
     try:
         asyncio.run(serve(config))

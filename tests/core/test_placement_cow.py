@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedplane.core.model import Assignment, ClusterView, JobRequest, NodeView, PodSetRequest
+from fedplane.core.model import Assignment, ClusterView, Fits, JobRequest, NodeView, PodSetRequest
 from fedplane.core.placement import (
     Decision,
     Weights,
@@ -177,3 +178,23 @@ def test_a_tie_in_rounded_score_goes_to_the_first_name_even_when_its_bound_is_lo
     full = evaluate(job, [a, b])
     assert full[0].score == full[1].score and full[0].cluster == "a"
     assert place_batch([job], [b, a])[0].cluster == "a"
+
+
+def test_a_deducted_view_keeps_its_best_fit_lists_instead_of_rescanning_the_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Placement cost must not grow with the cluster's size: after the first job of a shape,
+    the next jobs of a batch reuse the best-fit list carried (and updated) to the deducted view."""
+    cluster = ClusterView("a", [NodeView(f"n{i}", {"cpu": 8000}, {"cpu": 8000}) for i in range(50)])
+    job = JobRequest("j", (PodSetRequest("w", 3, 0, {"cpu": 1000}),))
+    first = best_verdicts(job, [cluster])[0]
+    after = deducted(cluster, job, first.assignments)
+    scans: list[int] = []
+    real = Fits.of.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Fits, "of", classmethod(lambda cls, *a: scans.append(1) or real(cls, *a)))
+    second = best_verdicts(job, [after])[0]
+    assert scans == []
+    # The carried list is the one a scan would give: the node the first job used is fullest.
+    assert second.assignments == [Assignment("w", first.assignments[0].node, 3)]
+    (carried,) = after._fits.values()
+    assert carried.entries == real(Fits, after.nodes, sorted(carried.positions), carried.wanted).entries
