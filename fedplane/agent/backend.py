@@ -43,6 +43,7 @@ class CreateRequest:
 
 @dataclass
 class InventorySnapshot:
+    # Read-only: a backend may hand out the same messages again while its nodes do not change.
     nodes: list[pb.Node]
     # "job_id:generation" of workloads whose pods are already subtracted from nodes' free capacity.
     accounted_jobs: list[str] = field(default_factory=list)

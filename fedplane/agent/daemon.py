@@ -16,13 +16,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
-from fedplane import __version__, bus, gcpolicy, logs, tasks, telemetry
+from fedplane import __version__, bus, gcpolicy, logs, tasks, telemetry, timestamps
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
 from fedplane.agent.outbox import Outbox
 from fedplane.config import AgentConfig, load_agent
@@ -47,12 +46,6 @@ def make_backend(config: AgentConfig) -> Backend:
         settings.setdefault("hub_id", config.hub_id)
         return KubernetesBackend(KubernetesBackendConfig.from_mapping(settings))
     raise ValueError(f"backend.type: unknown backend {kind!r} (use simulated or kubernetes)")
-
-
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 class Agent:
@@ -138,7 +131,7 @@ class Agent:
         assert self.js is not None
         while True:
             beat = agent_pb.Heartbeat(
-                cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=_now()
+                cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=timestamps.now()
             )
             try:
                 await self.js.publish(
@@ -181,7 +174,7 @@ class Agent:
             cluster=self.cluster,
             agent_id=self.agent_id,
             sequence=self._seq,
-            time=_now(),
+            time=timestamps.now(),
             labels=self.config.labels,
             taints=[pb.Taint(key=t.key, value=t.value, effect=t.effect) for t in self.taints],
             nodes=snapshot.nodes,
@@ -197,7 +190,7 @@ class Agent:
                 cluster=self.cluster,
                 agent_id=self.agent_id,
                 sequence=self._seq,
-                time=_now(),
+                time=timestamps.now(),
                 datasets=datasets,
             )
             publishing.append(
@@ -383,7 +376,7 @@ class Agent:
             state=event.state,
             reason=event.reason,
             message=event.message,
-            time=_now(),
+            time=timestamps.now(),
         )
         with telemetry.child_span(
             "agent.status",

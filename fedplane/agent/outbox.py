@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -64,7 +65,7 @@ class Outbox:
         delay = retry_delay
         while True:
             await self._ready.wait()
-            items = list(self._queue)[:batch]
+            items = list(itertools.islice(self._queue, batch))  # not a copy of the whole backlog
             if not items:
                 self._ready.clear()
                 continue

@@ -51,6 +51,14 @@ def parse_duration(text: str) -> float:
 class _SimNode:
     proto: pb.Node
     free: dict[str, int]
+    # The node as last reported, rebuilt only after its free capacity changed.
+    reported: pb.Node | None = None
+
+    def take(self, used: dict[str, int], sign: int) -> None:
+        free = self.free
+        for resource, amount in used.items():
+            free[resource] = free.get(resource, 0) - sign * amount
+        self.reported = None
 
 
 @dataclass
@@ -110,9 +118,11 @@ class SimulatedBackend(Backend):
     async def inventory(self) -> InventorySnapshot:
         nodes = []
         for sim in self.nodes.values():
-            node = pb.Node()
-            node.CopyFrom(sim.proto)
-            node.free.quantities.update(sim.free)
+            node = sim.reported
+            if node is None:
+                node = sim.reported = pb.Node()
+                node.CopyFrom(sim.proto)
+                node.free.quantities.update(sim.free)
             nodes.append(node)
         accounted = [f"{w.job_id}:{w.generation}" for w in self.workloads.values() if not w.done]
         return InventorySnapshot(nodes, accounted)
@@ -140,9 +150,7 @@ class SimulatedBackend(Backend):
             usage.append((a.node, {r: v * a.count for r, v in requests[a.pod_set].items()}))
         duration = self._duration(request.spec)
         for node, used in usage:
-            free = self.nodes[node].free
-            for resource, amount in used.items():
-                free[resource] = free.get(resource, 0) - amount
+            self.nodes[node].take(used, 1)
         workload = _SimWorkload(request.job_id, request.generation, usage)
         self.workloads[request.job_id] = workload
         self.started[request.job_id] += 1
@@ -180,9 +188,7 @@ class SimulatedBackend(Backend):
         workload.done = True
         workload.state = state
         for node, used in workload.usage:
-            free = self.nodes[node].free
-            for resource, amount in used.items():
-                free[resource] = free.get(resource, 0) + amount
+            self.nodes[node].take(used, -1)
         self._emit(WorkloadEvent(workload.job_id, workload.generation, state, reason, message))  # type: ignore[arg-type]
         self._changed()
 

@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
-from fedplane import bus, logs, tasks, telemetry
+from fedplane import bus, logs, tasks, telemetry, timestamps
 from fedplane.config import HubConfig
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
@@ -59,12 +58,6 @@ class HubError(Exception):
 def new_job_id() -> str:
     """Time-ordered, DNS-label-safe job id."""
     return f"j{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
-
-
-def _now_ts(now: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(now * 1e9))
-    return ts
 
 
 @dataclass
@@ -260,7 +253,7 @@ class Hub:
             raise HubError("INVALID_ARGUMENT", "; ".join(problems))
         now = time.time()
         trace_context = telemetry.inject()
-        created_at = _now_ts(now)
+        created_at = timestamps.at(now)
         pending = sm.new_pending(now)
         pending_blob = pending.SerializeToString()
         new_jobs: list[NewJob] = []
