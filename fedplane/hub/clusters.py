@@ -25,8 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from fedplane import timestamps
 from fedplane.core import model
 from fedplane.hub import convert
 from fedplane.v1 import agent_pb2 as agent_pb
@@ -269,9 +268,7 @@ class ClusterState:
             active_jobs=active_jobs,
         )
         if self.last_seen:
-            ts = Timestamp()
-            ts.FromNanoseconds(int(self.last_seen * 1e9))
-            cluster.last_heartbeat.CopyFrom(ts)
+            cluster.last_heartbeat.CopyFrom(timestamps.at(self.last_seen))
         cluster.allocatable.quantities.update(view.total("allocatable"))
         # Free as the hub schedules against it: reported free minus capacity still in flight.
         cluster.free.quantities.update(view.total("free"))

@@ -10,6 +10,7 @@ also feeds the resumable event stream that clients watch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import secrets
 import time
@@ -216,8 +217,9 @@ class Hub:
                 self.queue.discard(job_id)
         return record
 
-    def _job_out(self, record: JobRecord) -> pb.Job:
-        job = record.job
+    def _job_out(self, record: JobRecord, job: pb.Job | None = None) -> pb.Job:
+        """The job as the API shows it; `job` is the record's job when the caller holds it parsed."""
+        job = job if job is not None else record.job
         job.revision = record.revision
         job.ClearField("trace_context")
         if job.status.state == S.PENDING:
@@ -284,12 +286,8 @@ class Hub:
             held = self._add(record, new.request if created else None)
             if created and held.revision == record.seq:
                 # Unchanged since it was stored: answer with the job at hand, not a parsed copy.
-                out = new.job
-                out.status.CopyFrom(pending)
-                out.revision = held.revision
-                out.ClearField("trace_context")
-                out.pending_reason = self._pending_reason(held.id)
-                outs.append((out, created))
+                new.job.status.CopyFrom(pending)
+                outs.append((self._job_out(held, new.job), created))
             else:
                 outs.append((self._job_out(held), created))
         results: list[tuple[pb.Job, bool]] = []
@@ -733,19 +731,19 @@ class Hub:
         traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
             for update in _updates_in(msg):
-                if not traced:
-                    if self._take_update(update, now, pending):
-                        msgs_by_job.setdefault(update.job_id, set()).add(index)
-                    continue
-                with telemetry.child_span(
-                    "hub.status",
-                    update.trace_context,
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        "job.id": update.job_id,
-                        "cluster": update.cluster,
-                        "state": sm.state_name(update.state),
-                    },
+                with (
+                    telemetry.child_span(
+                        "hub.status",
+                        update.trace_context,
+                        kind=trace.SpanKind.CONSUMER,
+                        attributes={
+                            "job.id": update.job_id,
+                            "cluster": update.cluster,
+                            "state": sm.state_name(update.state),
+                        },
+                    )
+                    if traced
+                    else contextlib.nullcontext()
                 ):
                     if self._take_update(update, now, pending):
                         msgs_by_job.setdefault(update.job_id, set()).add(index)
