@@ -14,14 +14,15 @@ packed (branch and bound); reasons for rejecting a cluster are built only if som
 
 from __future__ import annotations
 
-import heapq
 import math
 import sys
+from bisect import bisect_left, bisect_right, insort
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
+from typing import Any, NamedTuple
 
 from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
@@ -362,9 +363,17 @@ def filter_cluster(job: JobRequest, cluster: ClusterView) -> list[str]:
 _Entry = tuple[int, float, str, int, float, float, float, bool]
 
 
-def _screen(
-    job: JobRequest, clusters: Sequence[ClusterView], weights: Weights, lazy: bool
-) -> tuple[list[_Entry], list[Verdict], list[_Entry], Callable[[_Entry], _Entry | None]]:
+class _Screening(NamedTuple):
+    candidates: list[_Entry]
+    rejected: list[Verdict]
+    hopeless: list[_Entry]
+    # The tight entry for a loose one, or None when the gang's required pods cannot fit.
+    tighten: Callable[[_Entry], _Entry | None]
+    # The entry of the (eligible) cluster now at a position: what a changed view screens to.
+    entry_at: Callable[[int], _Entry]
+
+
+def _screen(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights, lazy: bool) -> _Screening:
     """Split clusters into candidates, verdicts of those filtered out, and candidates that cannot fit.
 
     The filters are the same as filter_cluster's, checked without building reasons: with
@@ -431,31 +440,42 @@ def _screen(
     candidates: list[_Entry] = []
     hopeless: list[_Entry] = []
     candidate, no_fit = candidates.append, _HOPELESS  # locals: this loop is the hot path
-    for position in eligible:
+
+    def fresh(position: int, memo: dict[str, Any]) -> _Entry:
+        """The entry of the cluster at `position`, computed (a memo miss) and memoized."""
         cluster = clusters[position]
-        memo = cluster._memo
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        rank = group_rank(job, cluster) if groups else 0
+        locality = (
+            sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted
+            if wanted > 0
+            else 0.0
+        )
+        cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
+        preference = 1.0 - rank / len(groups) if groups else 0.0
+        ceiling = _headroom_ceiling(cluster, used, types)
+        if ceiling < 0.0:
+            entry = (rank, _HOPELESS, cluster.name, position, locality, cost, preference, True)
+        else:
+            # The score with a headroom no packing can beat (_total inlined, not yet rounded).
+            bound = (
+                w_locality * locality + w_headroom * ceiling + w_cost * cost + w_preference * preference
+            ) / weight_sum
+            entry = (rank, -bound, cluster.name, position, locality, cost, preference, False)
+        memo[entry_key] = entry
+        return entry
+
+    def entry_at(position: int) -> _Entry:
+        memo = clusters[position]._memo
+        entry: _Entry | None = memo.get(entry_key)
+        return entry if entry is not None and entry[3] == position else fresh(position, memo)
+
+    for position in eligible:
+        memo = clusters[position]._memo
         entry = memo.get(entry_key)
         if entry is None or entry[3] != position:
-            if len(memo) >= _MEMO_LIMIT:
-                memo.clear()
-            rank = group_rank(job, cluster) if groups else 0
-            locality = (
-                sum(min(cluster.datasets.get(d.id, 0), d.size) for d in job.datasets) / wanted
-                if wanted > 0
-                else 0.0
-            )
-            cost = cheapest / cluster.cost if cluster.cost > 0 and cheapest > 0 else 1.0
-            preference = 1.0 - rank / len(groups) if groups else 0.0
-            ceiling = _headroom_ceiling(cluster, used, types)
-            if ceiling < 0.0:
-                entry = (rank, _HOPELESS, cluster.name, position, locality, cost, preference, True)
-            else:
-                # The score with a headroom no packing can beat (_total inlined, not yet rounded).
-                bound = (
-                    w_locality * locality + w_headroom * ceiling + w_cost * cost + w_preference * preference
-                ) / weight_sum
-                entry = (rank, -bound, cluster.name, position, locality, cost, preference, False)
-            memo[entry_key] = entry
+            entry = fresh(position, memo)
         if entry[1] == no_fit:
             hopeless.append(entry)
         else:
@@ -478,7 +498,7 @@ def _screen(
         ) / weight_sum
         return (rank, -bound, name, position, locality, cost, preference, True)
 
-    return candidates, rejected, hopeless, tighten
+    return _Screening(candidates, rejected, hopeless, tighten, entry_at)
 
 
 _MEMO_LIMIT = 64
@@ -584,8 +604,11 @@ def _pack(job: JobRequest, cluster: ClusterView, entry: _Entry, weights: Weights
 
 def evaluate(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights = Weights()) -> list[Verdict]:
     """Every cluster's verdict for the job, best first (feasible ones ordered by preference, score)."""
-    candidates, verdicts, hopeless, _ = _screen(job, clusters, weights, lazy=False)
-    verdicts += [_pack(job, clusters[entry[3]], entry, weights) for entry in candidates + hopeless]
+    screening = _screen(job, clusters, weights, lazy=False)
+    verdicts = screening.rejected
+    verdicts += [
+        _pack(job, clusters[entry[3]], entry, weights) for entry in screening.candidates + screening.hopeless
+    ]
     verdicts.sort(key=_rank_key)
     return verdicts
 
@@ -609,47 +632,162 @@ def _best_verdicts(
     job: JobRequest, clusters: Sequence[ClusterView], weights: Weights
 ) -> tuple[list[Verdict], int]:
     """best_verdicts(), and the position of the chosen cluster in `clusters` (-1 if none)."""
-    candidates, verdicts, hopeless, tighten = _screen(job, clusters, weights, lazy=True)
-    heapq.heapify(candidates)
-    packed: list[Verdict] = []
-    best: Verdict | None = None
-    chosen = -1
-    # Bounds are rounded like scores only when compared (round() costs more than the rest of
-    # a bound); `last` keeps the last one, since equal clusters have equal bounds.
-    last: tuple[float, float] | None = None
-    while candidates:
-        entry = candidates[0]
-        if best is not None:
-            if entry[0] > best.group_rank:
-                break
-            if last is None or entry[1] != last[0]:
-                last = (entry[1], -round(-entry[1], 6))
-            if last[1] > -best.score.total:
-                break  # this and every later bound round below the best score
-            heapq.heappop(candidates)
-            if last[1] == -best.score.total and entry[2] > best.cluster:
-                continue  # at best a tie, lost on the name
+    return ShapeScreen(job, clusters, weights).best(job)
+
+
+class ShapeScreen:
+    """Branch and bound for jobs of one shape (`shape_of`), kept up to date across a batch.
+
+    A cluster gives every job of a shape the same entry, tight bound and gang fit until its
+    view changes, and within a batch each placed job changes one view. So the clusters are
+    screened once per shape, a changed view is screened again on its own (`changed`), and
+    tight bounds and packings are kept until their cluster changes. The entries are kept
+    sorted, so a job walks them without copying, and skips at once a run of clusters that
+    can at best tie with its best one and lose on the name (alike clusters of a large
+    federation). Over 1,000 clusters the next job of a shape then costs the few clusters
+    branch and bound packs, not a screen of all of them. Its verdicts and choice are what
+    best_verdicts gives on the same views.
+    """
+
+    def __init__(self, job: JobRequest, clusters: Sequence[ClusterView], weights: Weights) -> None:
+        screening = _screen(job, clusters, weights, lazy=True)
+        self._clusters = clusters  # read at use: the caller replaces the views it changes
+        self._weights = weights
+        self._rejected = screening.rejected
+        self._tighten = screening.tighten
+        self._entry_at = screening.entry_at
+        # Candidates in branch-and-bound order, and the entry of each candidate position.
+        self._order = sorted(screening.candidates)
+        self._entries = {entry[3]: entry for entry in screening.candidates}
+        # Candidates shown unable to fit: no GPU type (screened), or no room (tightened).
+        self._hopeless = {entry[3]: entry for entry in screening.hopeless}
+        self._packed: dict[int, Verdict] = {}
+
+    def changed(self, position: int) -> None:
+        """The view at `position` was replaced (a deduction): screen it again."""
+        self._packed.pop(position, None)
+        old = self._entries.pop(position, None)
+        if old is not None:
+            del self._order[bisect_left(self._order, old)]
+        elif self._hopeless.pop(position, None) is None:
+            return  # filtered out, which capacity does not change
+        entry = self._entry_at(position)
+        if entry[1] == _HOPELESS:
+            self._hopeless[position] = entry
         else:
-            heapq.heappop(candidates)
-        if not entry[7]:
-            # A loose bound on top: tighten it (far fewer clusters get here than are screened).
-            tight = tighten(entry)
-            if tight is None:
-                hopeless.append(entry)
-            else:
-                heapq.heappush(candidates, tight)
-            continue
-        verdict = _pack(job, clusters[entry[3]], entry, weights)
-        packed.append(verdict)
-        if verdict.feasible and (best is None or _rank_key(verdict) < _rank_key(best)):
-            best, chosen = verdict, entry[3]
-    if best is None:
-        packed += [_pack(job, clusters[entry[3]], entry, weights) for entry in hopeless]
-    feasible = sorted((v for v in packed if v.feasible), key=_rank_key)
-    verdicts += [v for v in packed if not v.feasible]
-    # Infeasible verdicts all score 0: by group rank, then name, as _rank_key orders them.
-    verdicts.sort(key=_INFEASIBLE_ORDER)
-    return feasible + verdicts, chosen
+            self._entries[position] = entry
+            insort(self._order, entry)
+
+    def _pack(self, job: JobRequest, entry: _Entry) -> Verdict:
+        position = entry[3]
+        verdict = self._packed.get(position)
+        if verdict is None:
+            verdict = self._packed[position] = _pack(job, self._clusters[position], entry, self._weights)
+        return verdict
+
+    def best(self, job: JobRequest) -> tuple[list[Verdict], int]:
+        """best_verdicts() for `job` (of this shape) on the views as they are, and the chosen position."""
+        order = self._order
+        packed: list[Verdict] = []
+        best: Verdict | None = None
+        chosen = -1
+        # Bounds are rounded like scores only when compared (round() costs more than the rest
+        # of a bound); `last` keeps the last one, since equal clusters have equal bounds.
+        last: tuple[float, float] | None = None
+        i = 0
+        while i < len(order):
+            entry = order[i]
+            if best is not None:
+                if entry[0] > best.group_rank:
+                    break
+                if last is None or entry[1] != last[0]:
+                    last = (entry[1], -round(-entry[1], 6))
+                if last[1] > -best.score.total:
+                    break  # this and every later bound round below the best score
+                if last[1] == -best.score.total and entry[2] > best.cluster:
+                    # At best a tie, lost on the name, as is every later entry of this very
+                    # bound (their names come later): skip them all.
+                    i = bisect_right(order, (entry[0], entry[1], _AFTER_EVERY_NAME))
+                    continue
+            if not entry[7]:
+                # A loose bound: tighten it (far fewer clusters get here than are screened),
+                # for this job and the shape's later ones. The tight entry sorts at or after i.
+                position = entry[3]
+                tight = self._tighten(entry)
+                del order[i]
+                if tight is None:
+                    del self._entries[position]
+                    self._hopeless[position] = entry
+                else:
+                    self._entries[position] = tight
+                    insort(order, tight)
+                continue
+            i += 1
+            verdict = self._pack(job, entry)
+            packed.append(verdict)
+            if verdict.feasible and (best is None or _rank_key(verdict) < _rank_key(best)):
+                best, chosen = verdict, entry[3]
+        if best is None:
+            packed += [self._pack(job, entry) for entry in self._hopeless.values()]
+        feasible = sorted((v for v in packed if v.feasible), key=_rank_key)
+        # Infeasible verdicts all score 0: by group rank, then name, as _rank_key orders them.
+        verdicts = self._rejected + [v for v in packed if not v.feasible]
+        verdicts.sort(key=_INFEASIBLE_ORDER)
+        return feasible + verdicts, chosen
+
+
+# Sorts after every cluster name, so that (rank, bound, _AFTER_EVERY_NAME) follows every entry
+# of that rank and bound.
+_AFTER_EVERY_NAME = chr(sys.maxunicode)
+
+
+class BatchPlacement:
+    """Places a batch job by job on copy-on-write views, with one ShapeScreen per job shape.
+
+    A placed job's cluster is replaced by a deducted view; each shape's screening catches up
+    with the replaced views when its next job is placed.
+    """
+
+    def __init__(self, clusters: Sequence[ClusterView], weights: Weights) -> None:
+        self.working = list(clusters)
+        self._weights = weights
+        self._changed: list[int] = []  # positions replaced, in order
+        self._screens: dict[Hashable, tuple[ShapeScreen, list[int]]] = {}
+
+    def place(self, job: JobRequest, shape: Hashable | None = None) -> Decision:
+        """Decide `job` (whose shape_of is `shape`, if known) and deduct it where it goes."""
+        key = shape if shape is not None else shape_of(job)
+        found = self._screens.get(key)
+        if found is None:
+            screen = ShapeScreen(job, self.working, self._weights)
+            self._screens[key] = (screen, [len(self._changed)])
+        else:
+            screen, seen = found
+            for position in self._changed[seen[0] :]:
+                screen.changed(position)
+            seen[0] = len(self._changed)
+        verdicts, chosen = screen.best(job)
+        if chosen < 0:
+            return Decision(job.id, None, verdicts)
+        best = verdicts[0]
+        self.working[chosen] = deducted(self.working[chosen], job, best.assignments)
+        self._changed.append(chosen)
+        return Decision(job.id, best.cluster, verdicts)
+
+
+def shape_of(job: JobRequest) -> Hashable:
+    """Everything about a job that placement looks at, except who it is and when it came."""
+    return (
+        tuple(
+            (p.name, p.count, p.min_count, tuple(sorted(p.requests.items())), p.gpu_type)
+            for p in job.pod_sets
+        ),
+        tuple(sorted(job.cluster_selector.items())),
+        job.tolerations,
+        tuple((g.clusters, tuple(sorted(g.match_labels.items()))) for g in job.groups),
+        job.strict_groups,
+        job.datasets,
+    )
 
 
 def _rank_key(verdict: Verdict) -> tuple[bool, int, float, str]:
@@ -756,12 +894,5 @@ def place_batch(
     there (`deducted`), so the views passed in are never modified and cost nothing to pass.
     A job that fits nowhere does not block later ones.
     """
-    working = list(clusters)
-    decisions: list[Decision] = []
-    for job in sorted(jobs, key=lambda j: (-j.priority, j.seq, j.id)):
-        verdicts, chosen = _best_verdicts(job, working, weights)
-        best = verdicts[0] if chosen >= 0 else None
-        if best is not None:
-            working[chosen] = deducted(working[chosen], job, best.assignments)
-        decisions.append(Decision(job.id, best.cluster if best else None, verdicts))
-    return decisions
+    batch = BatchPlacement(clusters, weights)
+    return [batch.place(job) for job in sorted(jobs, key=lambda j: (-j.priority, j.seq, j.id))]

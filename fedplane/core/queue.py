@@ -17,25 +17,10 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedplane.core.model import ClusterView, JobRequest
-from fedplane.core.placement import Decision, Weights, best_verdicts, deducted
+from fedplane.core.placement import BatchPlacement, Decision, Weights, shape_of
 
 # (-priority, seq, job id): heap order is placement order.
 _Entry = tuple[int, int, str]
-
-
-def shape_of(job: JobRequest) -> Hashable:
-    """Everything about a job that placement looks at, except who it is and when it came."""
-    return (
-        tuple(
-            (p.name, p.count, p.min_count, tuple(sorted(p.requests.items())), p.gpu_type)
-            for p in job.pod_sets
-        ),
-        tuple(sorted(job.cluster_selector.items())),
-        job.tolerations,
-        tuple((g.clusters, tuple(sorted(g.match_labels.items()))) for g in job.groups),
-        job.strict_groups,
-        job.datasets,
-    )
 
 
 def _as(template: JobRequest, job_id: str, priority: int, seq: int) -> JobRequest:
@@ -135,11 +120,10 @@ class PendingQueue:
     ) -> list[tuple[JobRequest, Decision]]:
         """Place up to `limit` jobs: they leave the queue, and are returned with their decisions.
 
-        A misfit blocks its shape (see `misfit`). Deductions are copy-on-write (`deducted`),
-        so the caller's views are never modified.
+        A misfit blocks its shape (see `misfit`). Deductions are copy-on-write and each shape
+        is screened once per cycle (`BatchPlacement`), so the caller's views are never modified.
         """
-        working = list(clusters)
-        index = {c.name: i for i, c in enumerate(working)}
+        batch = BatchPlacement(clusters, weights)
         heads: list[tuple[_Entry, int, Hashable]] = []
         for order, (key, shape) in enumerate(self._shapes.items()):
             if not shape.blocked:
@@ -153,15 +137,12 @@ class PendingQueue:
             shape = self._shapes[key]
             priority, seq, job_id = entry
             job = _as(shape.template, job_id, -priority, seq)
-            verdicts = best_verdicts(job, working, weights)
-            best = verdicts[0] if verdicts and verdicts[0].feasible else None
-            if best is None:
+            decision = batch.place(job, key)
+            if decision.cluster is None:
                 shape.blocked = True
-                shape.misfit = Decision(job_id, None, verdicts)
+                shape.misfit = decision
                 continue
-            at = index[best.cluster]
-            working[at] = deducted(working[at], job, best.assignments)
-            placed.append((job, Decision(job_id, best.cluster, verdicts)))
+            placed.append((job, decision))
             shape.misfit = None
             heapq.heappop(shape.heap)
             self.discard(job_id)

@@ -18,7 +18,7 @@ from fedplane.core.model import (
     Taint,
     Toleration,
 )
-from fedplane.core.placement import Decision, Verdict, evaluate, fit_gang, place_batch
+from fedplane.core.placement import Decision, Verdict, Weights, evaluate, fit_gang, place_batch
 
 CPU = "cpu"
 MEM = "memory"
@@ -616,3 +616,17 @@ def test_summary_for_a_single_cluster_names_it() -> None:
     assert d.summary() == (
         "no cluster fits: a: pod set main: insufficient capacity (cpu 8000 free < 64000 needed)"
     )
+
+
+def test_scores_that_round_equal_tie_and_the_first_name_wins_even_behind_a_run_of_equal_clusters() -> None:
+    # Scores are rounded to 6 places. "b" and "c" are alike; "a" has a slightly lower
+    # unrounded score that rounds to theirs, so branch and bound reaches it after the run of
+    # "b"-like clusters that only tie with "b" and lose on the name. "a" wins the tie.
+    def one_node(name: str, free: int) -> ClusterView:
+        return ClusterView(name, [NodeView(f"{name}-n0", {CPU: free}, {CPU: 10_000_000})])
+
+    federation = [one_node("b", 5_000_001), one_node("c", 5_000_001), one_node("a", 5_000_000)]
+    jobs = [JobRequest(f"j{i}", (PodSetRequest("w", 1, 0, {CPU: 1}),), seq=i) for i in range(2)]
+    decisions = place_batch(jobs, federation, Weights(data_locality=0, headroom=1, cost=0, preference=0))
+    assert [d.cluster for d in decisions] == ["a", "a"]
+    assert all(d.chosen is not None and d.chosen.score.total == 0.5 for d in decisions)

@@ -21,7 +21,7 @@ from fedplane.core.model import (
     Taint,
     Toleration,
 )
-from fedplane.core.placement import Weights, evaluate, place_batch
+from fedplane.core.placement import Decision, Weights, best_verdicts, deducted, evaluate, place_batch
 
 CPU, MEM, GPU = "cpu", "memory", "nvidia.com/gpu"
 GiB = 2**30
@@ -166,6 +166,15 @@ def batches() -> st.SearchStrategy[list[JobRequest]]:
     # Submission order (seq) is a permutation unrelated to the order jobs are handed over in.
     return st.lists(JOB_SHAPES, min_size=1, max_size=8).flatmap(
         lambda shapes: st.permutations(range(len(shapes))).map(lambda seqs: make_batch(shapes, seqs))
+    )
+
+
+def repeated_batches() -> st.SearchStrategy[list[JobRequest]]:
+    """A few shapes, each several times in a batch: what placement keeps screenings across."""
+    return st.tuples(
+        st.lists(JOB_SHAPES, min_size=1, max_size=3), st.lists(st.integers(0, 2), min_size=2, max_size=14)
+    ).map(
+        lambda drawn: make_batch([drawn[0][i % len(drawn[0])] for i in drawn[1]], list(range(len(drawn[1]))))
     )
 
 
@@ -362,3 +371,23 @@ def test_branch_and_bound_chooses_what_a_full_evaluation_chooses(
     chosen = decision.chosen
     assert chosen is not None
     assert chosen.score == full[0].score and chosen.assignments == full[0].assignments
+
+
+@PROPERTIES
+@given(clusters(), repeated_batches(), WEIGHTS)
+def test_each_job_of_a_batch_gets_the_verdicts_of_a_fresh_placement_on_the_views_left_to_it(
+    cluster_list: list[ClusterView], batch: list[JobRequest], weights: Weights
+) -> None:
+    # place_batch keeps each shape's screening, tight bounds and packings across the batch,
+    # re-screening only the clusters earlier jobs went to; placing each job from scratch on
+    # the deducted views must decide the same, with the same verdicts.
+    working = list(cluster_list)
+    expected = []
+    for job in sorted(batch, key=lambda j: (-j.priority, j.seq, j.id)):
+        verdicts = best_verdicts(job, working, weights)
+        cluster = verdicts[0].cluster if verdicts and verdicts[0].feasible else None
+        if cluster is not None:
+            at = next(i for i, c in enumerate(working) if c.name == cluster)
+            working[at] = deducted(working[at], job, verdicts[0].assignments)
+        expected.append(Decision(job.id, cluster, verdicts))
+    assert place_batch(batch, cluster_list, weights) == expected
