@@ -752,20 +752,20 @@ class BatchPlacement:
         self.working = list(clusters)
         self._weights = weights
         self._changed: list[int] = []  # positions replaced, in order
-        self._screens: dict[Hashable, tuple[ShapeScreen, list[int]]] = {}
+        self._screens: dict[Hashable, ShapeScreen] = {}
+        # Per shape, how many of the replacements its screen has caught up with.
+        self._caught_up: dict[Hashable, int] = {}
 
     def place(self, job: JobRequest, shape: Hashable | None = None) -> Decision:
         """Decide `job` (whose shape_of is `shape`, if known) and deduct it where it goes."""
         key = shape if shape is not None else shape_of(job)
-        found = self._screens.get(key)
-        if found is None:
-            screen = ShapeScreen(job, self.working, self._weights)
-            self._screens[key] = (screen, [len(self._changed)])
+        screen = self._screens.get(key)
+        if screen is None:
+            screen = self._screens[key] = ShapeScreen(job, self.working, self._weights)
         else:
-            screen, seen = found
-            for position in self._changed[seen[0] :]:
+            for position in self._changed[self._caught_up[key] :]:
                 screen.changed(position)
-            seen[0] = len(self._changed)
+        self._caught_up[key] = len(self._changed)
         verdicts, chosen = screen.best(job)
         if chosen < 0:
             return Decision(job.id, None, verdicts)
