@@ -472,10 +472,7 @@ def _screen(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights, 
         return entry if entry is not None and entry[3] == position else fresh(position, memo)
 
     for position in eligible:
-        memo = clusters[position]._memo
-        entry = memo.get(entry_key)
-        if entry is None or entry[3] != position:
-            entry = fresh(position, memo)
+        entry = entry_at(position)
         if entry[1] == no_fit:
             hopeless.append(entry)
         else:
