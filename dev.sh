@@ -7,13 +7,16 @@ cd "$(dirname "$0")"
 VENV=${FEDPLANE_VENV:-.venv}
 
 ensure_env() {
-  if [ ! -x "$VENV/bin/python" ]; then
+  # uv installs every part of the workspace (pyproject.toml, uv.lock) editable into $VENV; it
+  # comes from PyPI into that same environment, and uses this machine's python3 (never a download).
+  if [ ! -x "$VENV/bin/uv" ]; then
     python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q uv
   fi
   local stamp="$VENV/.fedplane-installed"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  if [ ! -f "$stamp" ] || [ -n "$(find . -maxdepth 2 \( -name pyproject.toml -o -name uv.lock \) -newer "$stamp" -print -quit)" ]; then
+    UV_PROJECT_ENVIRONMENT="$VENV" UV_PYTHON_DOWNLOADS=never "$VENV/bin/uv" sync -q --python "$VENV/bin/python"
     touch "$stamp"
   fi
 }
@@ -29,7 +32,7 @@ case "$cmd" in
     ensure_env
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
-    "$VENV/bin/mypy" fedplane tools
+    "$VENV/bin/mypy" common/src hub/src agent/src client/src local/src tools tests
     exec "$VENV/bin/pytest" -q "$@"
     ;;
   *)

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from fedplane import embedded, logs
-from fedplane.config import HubConfig
+from fedplane.local import servers as embedded
+from fedplane.runtime import logs
+from fedplane.runtime.config import HubConfig
 from tests.federation import Federation
 
 logs.configure("warning", "console")
@@ -54,7 +55,7 @@ def span_exporter() -> Any:
     """Every span of the test process, for asserting that traces cross process boundaries."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from fedplane import telemetry
+    from fedplane.runtime import telemetry
 
     exporter = InMemorySpanExporter()
     telemetry.configure("fedplane-tests", "none", extra_exporter=exporter)

@@ -12,11 +12,11 @@ from typing import Any
 
 import grpc
 
-from fedplane import embedded
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
-from fedplane.config import AgentConfig, HubConfig, NodeShape
 from fedplane.hub.server import HubServer
+from fedplane.local import servers as embedded
+from fedplane.runtime.config import AgentConfig, HubConfig, NodeShape
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
 
@@ -171,7 +171,7 @@ def job_spec(
     labels: dict[str, str] | None = None,
     max_run_seconds: int = 0,
 ) -> pb.JobSpec:
-    from fedplane import quantity
+    from fedplane.core import quantity
 
     requests = {"cpu": quantity.parse("cpu", cpu)}
     if gpus:

@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from fedplane.benchmark import loadgen, report
-from fedplane.benchmark.federation import BenchError, BenchParams, run
-from fedplane.cli import app
+from fedplane.bench import loadgen, report
+from fedplane.bench.federation import BenchError, BenchParams, run
+from fedplane.client.cli import app
 
 GiB = 2**30
 LATENCY_KEYS = {"count", "p50", "p90", "p99", "max"}

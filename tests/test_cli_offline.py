@@ -26,9 +26,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from typer.testing import CliRunner
 
-from fedplane import display
-from fedplane.cli import app
-from fedplane.client import FedplaneClient, FedplaneError
+from fedplane.client import display
+from fedplane.client.cli import app
+from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
 
@@ -97,7 +97,11 @@ def test_every_command_has_help(command: str) -> None:
 def test_python_dash_m_runs_the_cli() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedplane", "--help"], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-m", "fedplane.client", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "submit" in proc.stdout
@@ -167,7 +171,7 @@ def test_daemon_commands_call_the_lead_modules(monkeypatch: pytest.MonkeyPatch, 
     ) -> None:
         calls.append(("up", (jobs_dir, data_dir, keep_running, clusters)))
 
-    fake("fedplane.local", local_main)
+    fake("fedplane.local.federation", local_main)
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     assert invoke("hub").exit_code == 0

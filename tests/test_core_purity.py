@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parent.parent / "fedplane" / "core"
+CORE = Path(__file__).resolve().parent.parent / "common" / "src" / "fedplane" / "core"
 FORBIDDEN = (
     "grpc",
     "nats",

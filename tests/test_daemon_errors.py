@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedplane import embedded
+from fedplane.local import servers as embedded
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fedplane", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "fedplane.client", *args], capture_output=True, text=True, timeout=60, cwd=cwd
     )
 
 
@@ -59,7 +59,7 @@ def test_out_of_range_settings_are_refused_at_start_all_at_once(tmp_path: Path) 
 def test_an_out_of_range_environment_override_is_named(tmp_path: Path) -> None:
     (tmp_path / "agent.yaml").write_text("cluster: edge\n")
     result = subprocess.run(
-        [sys.executable, "-m", "fedplane", "agent", "--config", "agent.yaml"],
+        [sys.executable, "-m", "fedplane.client", "agent", "--config", "agent.yaml"],
         capture_output=True,
         text=True,
         timeout=60,

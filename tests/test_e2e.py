@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedplane import embedded
+from fedplane.local import servers as embedded
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def fedplane(
     *args: str, hub: str, check: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "fedplane", "--hub", hub, *args],
+        [sys.executable, "-m", "fedplane.client", "--hub", hub, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -60,7 +60,7 @@ class Daemons:
     def start(self, name: str, args: list[str]) -> None:
         out = (self.workdir / f"{name}.out").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "fedplane", *args],
+            [sys.executable, "-X", "faulthandler", "-m", "fedplane.client", *args],
             cwd=self.workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -159,7 +159,7 @@ def test_cli_drives_a_federation_of_separate_processes(daemons: Daemons, tmp_pat
     assert "gpu-a" in explained.stdout and "no node has GPU type A100" in explained.stdout
 
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "fedplane", "--hub", hub, "watch"],
+        [sys.executable, "-m", "fedplane.client", "--hub", hub, "watch"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

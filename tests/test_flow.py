@@ -317,7 +317,7 @@ async def test_paging_returns_every_job_once_even_within_one_transaction(federat
 
 
 async def test_client_wait_returns_only_when_every_job_is_finished(federation: Federation) -> None:
-    from fedplane.client import FedplaneClient
+    from fedplane.client.sdk import FedplaneClient
 
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)]))
     await federation.wait_clusters_ready(["cpu-a"])
@@ -376,8 +376,8 @@ async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) 
 
     from typer.testing import CliRunner
 
-    from fedplane.cli import app
-    from fedplane.client import FedplaneClient
+    from fedplane.client.cli import app
+    from fedplane.client.sdk import FedplaneClient
 
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
     await federation.wait_clusters_ready(["cpu-a"])

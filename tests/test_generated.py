@@ -13,7 +13,7 @@ import genproto  # noqa: E402
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     fresh = {p.name: p.read_bytes() for p in genproto.generate(tmp_path) if p.is_file()}
-    committed_dir = ROOT / "fedplane" / "v1"
+    committed_dir = ROOT / "common" / "src" / "fedplane" / "v1"
     committed = {p.name: p.read_bytes() for p in committed_dir.iterdir() if p.is_file()}
     stale = sorted(name for name in fresh if committed.get(name) != fresh[name])
     extra = sorted(set(committed) - set(fresh))

@@ -46,7 +46,7 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "fedplane",
+            "fedplane.client",
             "up",
             "--jobs",
             str(jobs),

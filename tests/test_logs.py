@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedplane import logs
+from fedplane.runtime import logs
 
 
 @pytest.fixture(autouse=True)

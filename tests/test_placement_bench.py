@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from fedplane.benchmark.placement import format_table, run
+from fedplane.bench.placement import format_table, run
 
 
 def test_single_job_placement_over_a_thousand_clusters_stays_fast() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fedplane import embedded
 from fedplane.agent.simulated import SimulatedBackend
+from fedplane.local import servers as embedded
 from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
 from tests.federation import Federation, cpu_nodes, eventually, job_spec, sim_agent_config
@@ -81,7 +81,7 @@ async def test_an_agent_replays_what_happened_while_its_nats_link_was_down(feder
 async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federation, span_exporter) -> None:  # type: ignore[no-untyped-def]
     import grpc
 
-    from fedplane import telemetry
+    from fedplane.runtime import telemetry
 
     span_exporter.clear()
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))

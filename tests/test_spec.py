@@ -10,8 +10,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedplane import quantity
-from fedplane.spec import (
+from fedplane.client.spec import (
     SpecError,
     default_manifest,
     dump_yaml,
@@ -21,6 +20,7 @@ from fedplane.spec import (
     parse_duration,
     spec_to_dict,
 )
+from fedplane.core import quantity
 from fedplane.v1 import types_pb2 as pb
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -1,6 +1,6 @@
-"""Regenerate the Python stubs in fedplane/v1 from proto/ (the only way they are made).
+"""Regenerate the Python stubs in common/src/fedplane/v1 from proto/ (the only way they are made).
 
-Usage: python tools/genproto.py [OUTPUT_ROOT]   (default: the repository root)
+Usage: python tools/genproto.py [OUTPUT_ROOT]   (default: common/src, the shared library)
 """
 
 from __future__ import annotations
@@ -42,4 +42,4 @@ def generate(out_root: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "common" / "src")

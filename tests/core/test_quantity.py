@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedplane import quantity
-from fedplane.quantity import QuantityError, canonical_name, format_quantity, parse, parse_map
+from fedplane.core import quantity
+from fedplane.core.quantity import QuantityError, canonical_name, format_quantity, parse, parse_map
 
 Ki, Mi, Gi, Ti, Pi = (2**10 * 1024**i for i in range(5))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from fedplane import embedded
+from fedplane.local import servers as embedded
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tools" / "build_kube_apiserver.sh"

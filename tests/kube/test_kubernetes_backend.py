@@ -36,8 +36,8 @@ from fedplane.agent.kubernetes_backend import (
     object_name,
     pod_requests,
 )
-from fedplane.config import AgentConfig, ConfigError, from_mapping
-from fedplane.spec import default_manifest
+from fedplane.client.spec import default_manifest
+from fedplane.runtime.config import AgentConfig, ConfigError, from_mapping
 from fedplane.v1 import types_pb2 as pb
 from tests.federation import Federation
 from tests.kube import apiserver

@@ -1,0 +1,446 @@
+"""The agent daemon: one per member cluster, between the hub (over NATS) and a Backend.
+
+It reports heartbeats, inventory and datasets; consumes its cluster's dispatch commands from
+a durable JetStream consumer, acknowledging a command only once the backend has accepted
+the workload; and reports workload state changes through the outbox. Commands are
+idempotent by (job, generation), so a redelivered command never creates a second workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry import trace
+
+from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
+from fedplane.agent.outbox import Outbox
+from fedplane.core.model import Taint
+from fedplane.runtime import bus, entry, gcpolicy, logs, tasks, telemetry, timestamps
+from fedplane.runtime.config import AgentConfig, load_agent
+from fedplane.runtime.version import __version__
+from fedplane.v1 import agent_pb2 as agent_pb
+from fedplane.v1 import types_pb2 as pb
+
+log = logs.get("fedplane.agent")
+_TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+
+def make_backend(config: AgentConfig) -> Backend:
+    kind = config.backend.get("type", "simulated")
+    if kind == "simulated":
+        from fedplane.agent.simulated import SimulatedBackend
+
+        return SimulatedBackend(config.simulated())
+    if kind == "kubernetes":
+        from fedplane.agent.kubernetes_backend import KubernetesBackend, KubernetesBackendConfig
+
+        settings = {k: v for k, v in config.backend.items() if k != "type"}
+        settings.setdefault("hub_id", config.hub_id)
+        return KubernetesBackend(KubernetesBackendConfig.from_mapping(settings))
+    raise ValueError(f"backend.type: unknown backend {kind!r} (use simulated or kubernetes)")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: Backend) -> None:
+        if not bus.valid_cluster_name(config.cluster):
+            raise ValueError(
+                f"cluster: {config.cluster!r} must be a DNS label (lowercase letters, digits, '-')"
+            )
+        self.config = config
+        self.cluster = config.cluster
+        self.backend = backend
+        self.agent_id = uuid.uuid4().hex[:12]
+        self.taints = [Taint.parse(t) for t in config.taints]
+        state_dir = Path(config.state_dir) if config.state_dir else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_path = state_dir / "generations.json" if state_dir else None
+        self.outbox = Outbox(state_dir / "outbox.log" if state_dir else None)
+        # Highest generation seen per job: the idempotency record for commands.
+        self.generations: dict[str, int] = {}
+        if self._state_path and self._state_path.exists():
+            self.generations = {k: int(v) for k, v in json.loads(self._state_path.read_text()).items()}
+        self._traces: dict[str, dict[str, str]] = {}
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._overrun: set[str] = set()
+        self._max_run: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        # The datasets last published (serialized without sequence and time): sent again on change.
+        self._datasets_sent = b""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seq = 0
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.connected = asyncio.Event()
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.backend.start(self._on_workload_event, self._changed.set)
+        self._changed.set()
+        self.nc = await bus.connect(
+            self.config.nats_url,
+            f"fedplane-agent-{self.cluster}",
+            on_disconnect=self._on_disconnect,
+            on_reconnect=self._on_reconnect,
+        )
+        self.js = self.nc.jetstream()
+        self.connected.set()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
+            asyncio.create_task(self._inventory_loop(), name="agent-inventory"),
+            asyncio.create_task(self._command_loop(), name="agent-commands"),
+            asyncio.create_task(self.outbox.run(self._publish_statuses, batch=1024), name="agent-outbox"),
+        ]
+        if self.config.gc_interval_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._gc_loop(), name="agent-gc"))
+        log.info(
+            "agent started", cluster=self.cluster, agent_id=self.agent_id, queued_updates=len(self.outbox)
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        # Let the command consumer finish the command in hand, so none waits out its ack deadline.
+        await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "agent-commands"), None), 3)
+        await tasks.cancel_all(self._tasks)
+        for handle in self._deadlines.values():
+            handle.cancel()
+        await tasks.bounded(self.backend.stop(), 10, "backend stop")
+        if self.nc is not None:
+            await tasks.bounded(self.nc.close(), 5, "NATS close")
+
+    async def _on_disconnect(self) -> None:
+        self.connected.clear()
+        log.warning("disconnected from NATS; working offline", cluster=self.cluster)
+
+    async def _on_reconnect(self) -> None:
+        self.connected.set()
+        self._changed.set()
+        log.info("reconnected to NATS; replaying", cluster=self.cluster, queued_updates=len(self.outbox))
+
+    # ------------------------------------------------------------------ reports
+    async def _heartbeat_loop(self) -> None:
+        assert self.js is not None
+        while True:
+            beat = agent_pb.Heartbeat(
+                cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=timestamps.now()
+            )
+            try:
+                await self.js.publish(
+                    bus.subject("heartbeat", self.cluster), beat.SerializeToString(), timeout=5
+                )
+            except Exception as exc:
+                log.debug("heartbeat not sent", error=str(exc))
+            await asyncio.sleep(self.config.heartbeat_interval_seconds)
+
+    async def _inventory_loop(self) -> None:
+        """Report on change and at least every interval.
+
+        Changes are coalesced over `inventory_coalesce_seconds`: a busy cluster starts and
+        ends many workloads a second, and each report costs the agent and the hub in
+        proportion to the cluster's nodes and workloads. Capacity the hub has dispatched is
+        held for it until a report counts it, so a later report never double-books a node.
+        """
+        while True:
+            periodic = False
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.config.inventory_interval_seconds)
+            except TimeoutError:
+                periodic = True
+            await asyncio.sleep(self.config.inventory_coalesce_seconds)
+            self._changed.clear()
+            try:
+                await self.publish_reports(datasets_unchanged_too=periodic)
+            except Exception as exc:
+                log.debug("inventory not sent", error=str(exc))
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    async def publish_reports(self, datasets_unchanged_too: bool = True) -> None:
+        """Publish the inventory, and the data-locality report if it changed (or when asked)."""
+        assert self.js is not None
+        snapshot = await self.backend.inventory()
+        datasets = await self.backend.datasets()
+        self._seq += 1
+        inventory = agent_pb.Inventory(
+            cluster=self.cluster,
+            agent_id=self.agent_id,
+            sequence=self._seq,
+            time=timestamps.now(),
+            labels=self.config.labels,
+            taints=[pb.Taint(key=t.key, value=t.value, effect=t.effect) for t in self.taints],
+            nodes=snapshot.nodes,
+            cost=self.config.cost,
+            accounted_jobs=snapshot.accounted_jobs,
+        )
+        publishing = [
+            self.js.publish(bus.subject("inventory", self.cluster), inventory.SerializeToString(), timeout=5)
+        ]
+        present = agent_pb.DataLocalityReport(datasets=datasets).SerializeToString()
+        if datasets_unchanged_too or present != self._datasets_sent:
+            report = agent_pb.DataLocalityReport(
+                cluster=self.cluster,
+                agent_id=self.agent_id,
+                sequence=self._seq,
+                time=timestamps.now(),
+                datasets=datasets,
+            )
+            publishing.append(
+                self.js.publish(bus.subject("datasets", self.cluster), report.SerializeToString(), timeout=5)
+            )
+        await asyncio.gather(*publishing)
+        self._datasets_sent = present
+
+    # ------------------------------------------------------------------ commands
+    async def _command_loop(self) -> None:
+        assert self.js is not None
+        commands = bus.consume(
+            self.js,
+            bus.subject("cmd", self.cluster),
+            bus.consumer_name(self.cluster),
+            bus.COMMANDS_STREAM,
+            ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=10_000
+            ),
+            1024,
+            lambda: self._stopping,
+            replaces=bus.legacy_consumer_name(self.cluster),
+        )
+        async for msgs in commands:
+            await self._handle_messages(msgs)
+
+    async def _handle_messages(self, msgs: list[Any]) -> None:
+        """Handle the commands of a batch of messages; ack each message whose commands all took.
+
+        Different jobs are handled concurrently; one job's commands stay in order, and after
+        one fails its later ones wait for the redelivery (commands are idempotent).
+        """
+        by_job: dict[str, list[tuple[int, agent_pb.DispatchCommand]]] = {}
+        for index, msg in enumerate(msgs):
+            for command in _commands_in(msg):
+                by_job.setdefault(command.job_id, []).append((index, command))
+        failed: set[int] = set()
+
+        async def in_order(items: list[tuple[int, agent_pb.DispatchCommand]]) -> None:
+            for i, (index, command) in enumerate(items):
+                if self._stopping or not await self._handle_command(command):
+                    failed.update(index for index, _ in items[i:])
+                    return
+
+        await asyncio.gather(*(in_order(items) for items in by_job.values()))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(
+                *(msg.nak(delay=2) if index in failed else msg.ack() for index, msg in enumerate(msgs)),
+                return_exceptions=True,
+            )
+
+    async def _handle_command(self, command: agent_pb.DispatchCommand) -> bool:
+        with telemetry.child_span(
+            f"agent.{command.WhichOneof('action') or ''}",
+            command.trace_context,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"job.id": command.job_id, "cluster": self.cluster, "generation": command.generation},
+        ) as trace_ctx:
+            try:
+                return await self.handle(command, trace_ctx)
+            except Exception:
+                log.exception("command failed; will be redelivered", job_id=command.job_id)
+                return False
+
+    async def handle(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
+        """Apply one command; True when it may be acknowledged."""
+        job_id, generation = command.job_id, command.generation
+        known = self.generations.get(job_id, 0)
+        if command.HasField("create"):
+            if generation <= known:
+                log.info(
+                    "duplicate or stale dispatch ignored", job_id=job_id, generation=generation, known=known
+                )
+                return True
+            request = CreateRequest(
+                job_id,
+                generation,
+                command.create.spec,
+                list(command.create.assignments),
+                command.create.hub_id,
+            )
+            self._traces[job_id] = trace_ctx
+            try:
+                await self.backend.create(request)
+            except BackendError as exc:
+                if not exc.permanent:
+                    log.warning("backend refused workload for now", job_id=job_id, error=str(exc))
+                    return False
+                self._remember(job_id, generation)
+                self._report(WorkloadEvent(job_id, generation, pb.FAILED, exc.reason, str(exc)))
+                return True
+            self._remember(job_id, generation)
+            if command.create.spec.max_run_seconds > 0:
+                self._max_run[job_id] = command.create.spec.max_run_seconds
+            log.info("workload created", job_id=job_id, generation=generation)
+            return True
+        if command.HasField("delete"):
+            if generation < known:
+                return True
+            self._traces.setdefault(job_id, trace_ctx)
+            await self.backend.delete(job_id, generation, command.delete.reason)
+            log.info("workload deleted", job_id=job_id, generation=generation, reason=command.delete.reason)
+            return True
+        return True
+
+    def _remember(self, job_id: str, generation: int) -> None:
+        self.generations[job_id] = generation
+        if self._state_path is not None:
+            tmp = self._state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.generations))
+            tmp.replace(self._state_path)
+
+    # ------------------------------------------------------------------ garbage collection
+    async def _gc_loop(self) -> None:
+        while True:
+            try:
+                await self.collect_orphans()
+            except Exception as exc:
+                log.debug("orphan collection skipped", error=str(exc))
+            await asyncio.sleep(self.config.gc_interval_seconds)
+
+    async def collect_orphans(self) -> list[str]:
+        """Delete workloads the hub no longer assigns here (left by a failover or a lost cancel).
+
+        The workloads are listed before the hub is asked, so one created meanwhile is never
+        judged. Only workloads carrying this hub's labels are ever listed, so nothing else is
+        touched. Returns the job ids deleted.
+        """
+        assert self.nc is not None
+        workloads = await self.backend.list_workloads()
+        if not workloads:
+            return []
+        query = agent_pb.OrphanQuery(
+            cluster=self.cluster,
+            workloads=[agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads],
+        )
+        reply = agent_pb.OrphanReply.FromString(
+            (
+                await self.nc.request(bus.subject("gc", self.cluster), query.SerializeToString(), timeout=10)
+            ).data
+        )
+        for orphan in reply.orphans:
+            log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
+            await self.backend.delete(
+                orphan.job_id, orphan.generation, "orphan: the hub no longer assigns it here"
+            )
+        return [o.job_id for o in reply.orphans]
+
+    # ------------------------------------------------------------------ status
+    def _on_workload_event(self, event: WorkloadEvent) -> None:
+        if event.state == pb.RUNNING and event.job_id in self._max_run:
+            limit = self._max_run[event.job_id]
+            loop = asyncio.get_running_loop()
+            self._deadlines[event.job_id] = loop.call_later(
+                limit, lambda: asyncio.ensure_future(self._overran(event.job_id, event.generation, limit))
+            )
+        if event.state in _TERMINAL:
+            handle = self._deadlines.pop(event.job_id, None)
+            if handle is not None:
+                handle.cancel()
+            self._max_run.pop(event.job_id, None)
+            if event.job_id in self._overrun and event.state == pb.CANCELLED:
+                self._overrun.discard(event.job_id)
+                event = WorkloadEvent(
+                    event.job_id,
+                    event.generation,
+                    pb.FAILED,
+                    "MaxRunTimeExceeded",
+                    "ran longer than max_run_seconds",
+                )
+        self._report(event)
+
+    async def _overran(self, job_id: str, generation: int, limit: int) -> None:
+        log.warning("workload exceeded its maximum run time", job_id=job_id, limit_seconds=limit)
+        self._overrun.add(job_id)
+        await self.backend.delete(job_id, generation, f"exceeded max run time of {limit}s")
+
+    def _report(self, event: WorkloadEvent) -> None:
+        update = agent_pb.StatusUpdate(
+            cluster=self.cluster,
+            job_id=event.job_id,
+            generation=event.generation,
+            state=event.state,
+            reason=event.reason,
+            message=event.message,
+            time=timestamps.now(),
+        )
+        with telemetry.child_span(
+            "agent.status",
+            self._traces.get(event.job_id),
+            attributes={"job.id": event.job_id, "state": pb.JobState.Name(event.state)},
+        ) as trace_ctx:
+            self.outbox.put(update, trace_ctx)
+        if event.state in _TERMINAL:
+            self._traces.pop(event.job_id, None)
+
+    async def _publish_statuses(
+        self, items: list[tuple[agent_pb.StatusUpdate, dict[str, str]]]
+    ) -> list[BaseException | None]:
+        """Publish queued updates in order as one StatusBatch (the hub applies each idempotently)."""
+        if self.js is None or not self.connected.is_set():
+            raise ConnectionError("not connected")
+        batch = agent_pb.StatusBatch()
+        for update, trace_ctx in items:
+            added = batch.updates.add()
+            added.CopyFrom(update)
+            added.trace_context.update(trace_ctx)
+        await self.js.publish(
+            bus.subject("status", self.cluster),
+            batch.SerializeToString(),
+            headers=bus.headers("StatusBatch"),
+            timeout=10,
+        )
+        return [None] * len(items)
+
+
+def _commands_in(msg: Any) -> list[agent_pb.DispatchCommand]:
+    """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
+    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "DispatchBatch":
+        return list(agent_pb.DispatchBatch.FromString(msg.data).commands)
+    command = agent_pb.DispatchCommand.FromString(msg.data)
+    if not command.trace_context:
+        command.trace_context.update(bus.trace_headers(msg))
+    return [command]
+
+
+async def run(config: AgentConfig) -> None:
+    agent = Agent(config, make_backend(config))
+    await agent.start()
+    await tasks.stop_event().wait()
+    log.info("agent stopping", cluster=config.cluster)
+    await agent.stop()
+
+
+def main(config_path: str) -> None:
+    config = load_agent(config_path)
+    logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    gcpolicy.for_daemon()
+    telemetry.configure(
+        f"fedplane-agent-{config.cluster}", config.telemetry.exporter, config.telemetry.endpoint or None
+    )
+    started = time.monotonic()
+    try:
+        asyncio.run(run(config))
+    finally:
+        telemetry.shutdown()
+        log.info("agent exited", uptime_seconds=round(time.monotonic() - started, 1))
+
+
+def cli() -> None:
+    """`fedplane-agent --config FILE`: the agent alone, as the agent distribution installs it."""
+    entry.run_daemon("fedplane-agent", lambda path: main(path or ""), config_required=True)

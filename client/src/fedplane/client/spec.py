@@ -1,0 +1,501 @@
+"""Job specs as YAML files, to and from `JobSpec`.
+
+The loader checks only shape, types and units, and names the exact file, document and field of
+every problem; whether a spec makes sense (counts > 0, unique names, ...) is the hub's call, so a
+single rule set applies to every client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import yaml
+
+from fedplane.core import quantity
+from fedplane.v1 import types_pb2 as pb
+
+__all__ = [
+    "SpecError",
+    "default_manifest",
+    "dump_yaml",
+    "format_duration",
+    "load_file",
+    "load_text",
+    "parse_duration",
+    "spec_from_dict",
+    "spec_to_dict",
+]
+
+T = TypeVar("T")
+
+DEFAULT_QUEUE = "default"
+DEFAULT_IMAGE = "busybox"
+
+_TOP_KEYS = {
+    "name",
+    "queue",
+    "labels",
+    "priority",
+    "maxRunTime",
+    "podSets",
+    "constraints",
+    "datasets",
+    "workload",
+}
+_POD_SET_KEYS = {"name", "count", "minCount", "gpuType", "requests"}
+_CONSTRAINT_KEYS = {"clusterSelector", "tolerations", "preferredGroups", "strictGroups"}
+_TOLERATION_KEYS = {"key", "operator", "value", "effect"}
+_GROUP_KEYS = {"clusters", "matchLabels"}
+_DATASET_KEYS = {"id", "size", "required"}
+
+_BYTE_SUFFIXES = [
+    *[("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)],
+    *[("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)],
+]
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(d|h|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be turned into a JobSpec; the message is one line for humans."""
+
+
+class _FieldError(Exception):
+    """Raised deep in the conversion; `_Doc` adds the file and document index."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise _FieldError(path, message)
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+# -- typed accessors: each takes the value and its field path -------------------------------
+
+
+def _mapping(value: object, path: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        _fail(path, f"expected a mapping, got {_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            _fail(path, f"keys must be strings, got {key!r}")
+        if allowed is not None and key not in allowed:
+            _fail(_join(path, key), f"unknown field (expected one of: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _list(value: object, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        _fail(path, f"expected a list, got {_type_name(value)}")
+    return value
+
+
+def _str(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        _fail(path, f"expected a string, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _int(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, f"expected an integer, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _int32(value: object, path: str) -> int:
+    number = _int(value, path)
+    if not -(2**31) <= number < 2**31:
+        _fail(path, f"{number} is out of range")
+    return number
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(path, f"expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _label_value(value: object, path: str) -> str:
+    """Scalars become strings, so `tier: 1` works as people expect from Kubernetes labels."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    _fail(path, f"expected a string, got {_type_name(value)}")
+
+
+def _string_map(value: object, path: str) -> dict[str, str]:
+    return {k: _label_value(v, _join(path, k)) for k, v in _mapping(value, path).items()}
+
+
+def _string_list(value: object, path: str) -> list[str]:
+    return [_str(item, _join(path, i)) for i, item in enumerate(_list(value, path))]
+
+
+def _items(value: object, path: str, convert: Callable[[Any, str], T]) -> list[T]:
+    return [convert(item, _join(path, i)) for i, item in enumerate(_list(value, path))]
+
+
+def _quantity(resource: str, value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        _fail(path, f"{value!r} is not a quantity (examples: 500m, 4Gi, 2)")
+    try:
+        return quantity.parse(resource, value)
+    except quantity.QuantityError:
+        _fail(path, f"{value!r} is not a quantity (examples: 500m, 4Gi, 2)")
+
+
+# -- durations ---------------------------------------------------------------------------------
+
+
+def parse_duration(value: str | int) -> int:
+    """Seconds from an int or a Go-style duration ("90s", "1h30m", "2d"), rounded up."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value!r} is not a duration (must not be negative)")
+        return value
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    if not _DURATION.match(text):
+        raise ValueError(f"{value!r} is not a duration (examples: 90s, 30m, 1h30m, or seconds)")
+    total = sum((Decimal(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text)), Decimal(0))
+    return int(total.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def format_duration(seconds: int) -> str:
+    """The shortest "1h30m"-style form; parse_duration(format_duration(n)) == n."""
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        amount, seconds = divmod(seconds, size)
+        if amount:
+            parts.append(f"{amount}{unit}")
+    return "".join(parts)
+
+
+# -- YAML -> JobSpec ---------------------------------------------------------------------------
+
+
+def _requests(value: object, path: str) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for key, amount in _mapping(value, path).items():
+        name = quantity.canonical_name(key)
+        if name in result:
+            _fail(_join(path, key), f"duplicate resource {name!r}")
+        result[name] = _quantity(name, amount, _join(path, key))
+    return result
+
+
+def _pod_set(value: object, path: str, index: int) -> pb.PodSet:
+    data = _mapping(value, path, _POD_SET_KEYS)
+    default_name = "main" if index == 0 else f"main-{index}"
+    pod_set = pb.PodSet(name=_str(data.get("name", default_name), _join(path, "name")))
+    pod_set.count = _int32(data.get("count", 1), _join(path, "count"))
+    if "minCount" in data:
+        pod_set.min_count = _int32(data["minCount"], _join(path, "minCount"))
+    if "gpuType" in data:
+        pod_set.gpu_type = _str(data["gpuType"], _join(path, "gpuType"))
+    if "requests" in data:
+        pod_set.requests.quantities.update(_requests(data["requests"], _join(path, "requests")))
+    return pod_set
+
+
+def _toleration(value: object, path: str) -> pb.Toleration:
+    data = _mapping(value, path, _TOLERATION_KEYS)
+    return pb.Toleration(**{k: _label_value(v, _join(path, k)) for k, v in data.items()})
+
+
+def _group(value: object, path: str) -> pb.ClusterGroup:
+    data = _mapping(value, path, _GROUP_KEYS)
+    group = pb.ClusterGroup()
+    if "clusters" in data:
+        group.clusters.extend(_string_list(data["clusters"], _join(path, "clusters")))
+    if "matchLabels" in data:
+        group.match_labels.update(_string_map(data["matchLabels"], _join(path, "matchLabels")))
+    return group
+
+
+def _constraints(value: object, path: str) -> pb.ClusterConstraints:
+    data = _mapping(value, path, _CONSTRAINT_KEYS)
+    result = pb.ClusterConstraints()
+    if "clusterSelector" in data:
+        result.cluster_selector.update(_string_map(data["clusterSelector"], _join(path, "clusterSelector")))
+    if "tolerations" in data:
+        result.tolerations.extend(_items(data["tolerations"], _join(path, "tolerations"), _toleration))
+    if "preferredGroups" in data:
+        result.preferred_groups.extend(
+            _items(data["preferredGroups"], _join(path, "preferredGroups"), _group)
+        )
+    if "strictGroups" in data:
+        result.strict_groups = _bool(data["strictGroups"], _join(path, "strictGroups"))
+    return result
+
+
+def _dataset(value: object, path: str) -> pb.DatasetRef:
+    data = _mapping(value, path, _DATASET_KEYS)
+    if "id" not in data:
+        _fail(_join(path, "id"), "required field is missing")
+    ref = pb.DatasetRef(id=_str(data["id"], _join(path, "id")))
+    if "size" in data:
+        ref.size_bytes = _quantity("storage", data["size"], _join(path, "size"))
+    if "required" in data:
+        ref.required = _bool(data["required"], _join(path, "required"))
+    return ref
+
+
+def _manifest_json(value: object, path: str) -> str:
+    _mapping(value, path)
+
+    def reject(obj: object) -> NoReturn:
+        _fail(path, f"{obj!r} ({type(obj).__name__}) cannot be represented as JSON; quote it")
+
+    return json.dumps(value, default=reject, separators=(",", ":"))
+
+
+def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
+    """Convert one parsed YAML document; errors carry the field path (without file context)."""
+    doc = _mapping(data, path, _TOP_KEYS)
+    if "name" not in doc:
+        _fail(_join(path, "name"), "required field is missing")
+    spec = pb.JobSpec(name=_str(doc["name"], _join(path, "name")))
+    if not spec.name:
+        _fail(_join(path, "name"), "must not be empty")
+    spec.queue = _str(doc.get("queue", DEFAULT_QUEUE), _join(path, "queue"))
+    if "labels" in doc:
+        spec.labels.update(_string_map(doc["labels"], _join(path, "labels")))
+    if "priority" in doc:
+        spec.priority = _int32(doc["priority"], _join(path, "priority"))
+    if "maxRunTime" in doc:
+        raw = doc["maxRunTime"]
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            _fail(_join(path, "maxRunTime"), f"{raw!r} is not a duration (examples: 90s, 30m, 1h30m)")
+        try:
+            spec.max_run_seconds = parse_duration(raw)
+        except ValueError as exc:
+            _fail(_join(path, "maxRunTime"), str(exc))
+    if "podSets" in doc:
+        pod_sets_path = _join(path, "podSets")
+        for i, item in enumerate(_list(doc["podSets"], pod_sets_path)):
+            spec.pod_sets.append(_pod_set(item, _join(pod_sets_path, i), i))
+    if "constraints" in doc:
+        spec.constraints.CopyFrom(_constraints(doc["constraints"], _join(path, "constraints")))
+    if "datasets" in doc:
+        spec.datasets.extend(_items(doc["datasets"], _join(path, "datasets"), _dataset))
+    if "workload" in doc:
+        spec.workload.manifest_json = _manifest_json(doc["workload"], _join(path, "workload"))
+    else:
+        spec.workload.manifest_json = json.dumps(default_manifest(spec), separators=(",", ":"))
+    return spec
+
+
+def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
+    """Every spec in a (possibly multi-document) YAML text; empty documents are skipped."""
+    specs: list[pb.JobSpec] = []
+    docs = yaml.safe_load_all(text)
+    index = 0
+    while True:
+        try:
+            doc = next(docs)
+        except StopIteration:
+            break
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise SpecError(f"{source}[{index}]: invalid YAML{at}: {problem}") from None
+        if doc is not None:
+            try:
+                specs.append(spec_from_dict(doc))
+            except _FieldError as exc:
+                where = f" {exc.path}" if exc.path else ""
+                raise SpecError(f"{source}[{index}]{where}: {exc.message}") from None
+        index += 1
+    if not specs:
+        raise SpecError(f"{source}: no job specs found")
+    return specs
+
+
+def load_file(path: str | Path) -> list[pb.JobSpec]:
+    """Specs from a file; unreadable files are SpecErrors too, so callers catch one type."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read: {exc}") from None
+    return load_text(text, str(path))
+
+
+# -- JobSpec -> YAML ---------------------------------------------------------------------------
+
+
+def _format_exact(resource: str, amount: int) -> str | int:
+    """Like quantity.format_quantity, but never rounds, so a dump loads back to the same spec."""
+    if resource == quantity.CPU:
+        return str(amount // 1000) if amount % 1000 == 0 else f"{amount}m"
+    if resource == quantity.MEMORY or resource.endswith("storage"):
+        # The shortest exact form, binary suffixes first on ties: 64Gi, 100G, 1500.
+        forms = [str(amount)]
+        for suffix, size in _BYTE_SUFFIXES:
+            if amount and amount % size == 0:
+                forms.append(f"{amount // size}{suffix}")
+        return min(forms, key=len)
+    return amount
+
+
+def _short_name(resource: str) -> str:
+    return "gpu" if resource == quantity.GPU else resource
+
+
+def _k8s_quantity(resource: str, amount: int) -> str:
+    value = _format_exact(resource, amount)
+    return value if isinstance(value, str) else str(value)
+
+
+def spec_to_dict(spec: pb.JobSpec) -> dict[str, Any]:
+    """The YAML form of a spec, omitting defaults; `spec_from_dict` reverses it exactly."""
+    out: dict[str, Any] = {"name": spec.name, "queue": spec.queue or DEFAULT_QUEUE}
+    if spec.labels:
+        out["labels"] = dict(spec.labels)
+    if spec.priority:
+        out["priority"] = spec.priority
+    if spec.max_run_seconds:
+        out["maxRunTime"] = format_duration(spec.max_run_seconds)
+    if spec.pod_sets:
+        pod_sets = []
+        for ps in spec.pod_sets:
+            item: dict[str, Any] = {"name": ps.name, "count": ps.count}
+            if ps.min_count:
+                item["minCount"] = ps.min_count
+            if ps.gpu_type:
+                item["gpuType"] = ps.gpu_type
+            if ps.requests.quantities:
+                item["requests"] = {
+                    _short_name(k): _format_exact(k, v) for k, v in sorted(ps.requests.quantities.items())
+                }
+            pod_sets.append(item)
+        out["podSets"] = pod_sets
+    c = spec.constraints
+    constraints: dict[str, Any] = {}
+    if c.cluster_selector:
+        constraints["clusterSelector"] = dict(c.cluster_selector)
+    if c.tolerations:
+        constraints["tolerations"] = [
+            {f: getattr(t, f) for f in ("key", "operator", "value", "effect") if getattr(t, f)}
+            for t in c.tolerations
+        ]
+    if c.preferred_groups:
+        groups = []
+        for g in c.preferred_groups:
+            group: dict[str, Any] = {}
+            if g.clusters:
+                group["clusters"] = list(g.clusters)
+            if g.match_labels:
+                group["matchLabels"] = dict(g.match_labels)
+            groups.append(group)
+        constraints["preferredGroups"] = groups
+    if c.strict_groups:
+        constraints["strictGroups"] = True
+    if constraints:
+        out["constraints"] = constraints
+    if spec.datasets:
+        datasets = []
+        for d in spec.datasets:
+            ref: dict[str, Any] = {"id": d.id}
+            if d.size_bytes:
+                ref["size"] = _format_exact(quantity.MEMORY, d.size_bytes)
+            if d.required:
+                ref["required"] = True
+            datasets.append(ref)
+        out["datasets"] = datasets
+    if spec.workload.manifest_json:
+        out["workload"] = json.loads(spec.workload.manifest_json)
+    return out
+
+
+def dump_yaml(specs: pb.JobSpec | list[pb.JobSpec]) -> str:
+    """YAML text for one spec or a multi-document file of several."""
+    items = [specs] if isinstance(specs, pb.JobSpec) else specs
+    return yaml.safe_dump_all(
+        [spec_to_dict(s) for s in items], sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
+
+
+# -- the manifest generated when a spec has no workload -------------------------------------------
+
+
+def _job_manifest(name: str, pod_set: pb.PodSet | None) -> dict[str, Any]:
+    count = pod_set.count if pod_set is not None else 1
+    container: dict[str, Any] = {"name": "main", "image": DEFAULT_IMAGE}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if pod_set is not None and pod_set.requests.quantities:
+        requests = {k: _k8s_quantity(k, v) for k, v in sorted(pod_set.requests.quantities.items())}
+        resources: dict[str, Any] = {"requests": requests}
+        # Extended resources (GPUs) must have limits equal to requests in Kubernetes.
+        extended = {k: v for k, v in requests.items() if k not in (quantity.CPU, quantity.MEMORY)}
+        extended = {k: v for k, v in extended.items() if not k.endswith("storage")}
+        if extended:
+            resources["limits"] = extended
+        container["resources"] = resources
+    if pod_set is not None and pod_set.gpu_type:
+        pod_spec["nodeSelector"] = {quantity.GPU_PRODUCT_LABEL: pod_set.gpu_type}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "parallelism": count,
+            "completions": count,
+            "backoffLimit": 0,
+            "template": {"spec": pod_spec},
+        },
+    }
+
+
+def default_manifest(spec: pb.JobSpec) -> dict[str, Any]:
+    """A minimal batch/v1 Job so simple specs need no Kubernetes YAML.
+
+    One pod set gives one Job; several give a v1 List of Jobs named `<job>-<pod set>`, because a
+    Job has a single pod template.
+    """
+    if len(spec.pod_sets) <= 1:
+        return _job_manifest(spec.name, spec.pod_sets[0] if spec.pod_sets else None)
+    return {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [_job_manifest(f"{spec.name}-{ps.name}", ps) for ps in spec.pod_sets],
+    }

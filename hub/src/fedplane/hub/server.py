@@ -1,0 +1,88 @@
+"""Run the hub: the Hub plus its gRPC server with health checking and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from fedplane.hub.hub import Hub
+from fedplane.hub.service import ClusterService, JobService
+from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
+from fedplane.runtime.config import HubConfig, StartupError, load_hub
+from fedplane.v1 import hub_pb2, hub_pb2_grpc
+
+log = logs.get("fedplane.hub")
+SERVICE_NAMES = [
+    hub_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    hub_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+]
+
+
+class HubServer:
+    """A started hub and its gRPC server; `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, hub: Hub, server: grpc.aio.Server, port: int, health: HealthServicer) -> None:
+        self.hub = hub
+        self.server = server
+        self.port = port
+        self.health = health
+
+    @classmethod
+    async def start(cls, config: HubConfig) -> HubServer:
+        hub = await Hub.start(config)
+        server = grpc.aio.server(interceptors=[telemetry.grpc_server_interceptor()])
+        hub_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
+        hub_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(hub), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
+        )
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            port = 0
+            why = str(exc)
+        else:
+            why = "the address is in use or invalid"
+        if port == 0:
+            await hub.stop()
+            raise StartupError(f"cannot listen on {config.listen}: {why}")
+        await server.start()
+        for name in ["", *SERVICE_NAMES]:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("hub serving", listen=config.listen, port=port, hub_id=config.hub_id)
+        return cls(hub, server, port, health)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.hub.stop()
+        await self.server.stop(grace)
+
+
+async def serve(config: HubConfig) -> None:
+    server = await HubServer.start(config)
+    gcpolicy.settle()  # the jobs recovered from etcd stay for as long as they are held
+    await tasks.stop_event().wait()
+    log.info("hub stopping")
+    await server.stop()
+
+
+def main(config_path: str | None) -> None:
+    config = load_hub(config_path)
+    logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    gcpolicy.for_daemon()
+    telemetry.configure("fedplane-hub", config.telemetry.exporter, config.telemetry.endpoint or None)
+    try:
+        asyncio.run(serve(config))
+    finally:
+        telemetry.shutdown()
+
+
+def cli() -> None:
+    """`fedplane-hub [--config FILE]`: the hub alone, as the hub distribution installs it."""
+    entry.run_daemon("fedplane-hub", main, config_required=False)

@@ -1,0 +1,272 @@
+"""`fedplane up`: a whole federation on this machine, with jobs flowing through it.
+
+Real etcd and nats-server processes (data in a temporary or given directory), one hub and
+one agent per simulated cluster in this process, the example jobs submitted through the
+gRPC API, a live board of their progress, and at the end where each job ran and why.
+Ctrl-C stops everything; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from fedplane.agent.daemon import Agent
+from fedplane.agent.simulated import SimulatedBackend
+from fedplane.client.display import JobBoard, cluster_table, state_text
+from fedplane.client.sdk import FedplaneClient
+from fedplane.client.spec import load_file
+from fedplane.hub.server import HubServer
+from fedplane.local import servers as embedded
+from fedplane.runtime import logs, tasks, telemetry
+from fedplane.runtime.config import AgentConfig, HubConfig, from_mapping
+from fedplane.v1 import types_pb2 as pb
+
+# Three clusters of different shapes: a regional GPU cluster, a regional CPU cluster and an edge site.
+CLUSTERS: list[dict[str, Any]] = [
+    {
+        "cluster": "gpu-eu",
+        "labels": {"region": "eu-west", "tier": "onprem"},
+        "cost": 1.0,
+        "backend": {
+            "type": "simulated",
+            "nodes": [
+                {
+                    "name": "a100",
+                    "count": 4,
+                    "gpu_type": "A100",
+                    "resources": {"cpu": 96, "memory": "768Gi", "gpu": 8},
+                    # Keeps CPU-only pods off GPU nodes; pods requesting GPUs tolerate it implicitly.
+                    "taints": ["nvidia.com/gpu=present:NoSchedule"],
+                }
+            ],
+            "datasets": {"imagenet": "150Gi"},
+        },
+    },
+    {
+        "cluster": "cpu-us",
+        "labels": {"region": "us-east", "tier": "cloud"},
+        "cost": 2.0,
+        "backend": {
+            "type": "simulated",
+            "nodes": [{"name": "c64", "count": 8, "resources": {"cpu": 64, "memory": "256Gi"}}],
+            "datasets": {"logs-2026": "40Gi"},
+        },
+    },
+    {
+        "cluster": "edge-lab",
+        "labels": {"region": "edge", "tier": "edge"},
+        "taints": ["edge=true:NoSchedule"],
+        "cost": 0.5,
+        "backend": {
+            "type": "simulated",
+            "nodes": [
+                {
+                    "name": "jetson",
+                    "count": 2,
+                    "gpu_type": "T4",
+                    "resources": {"cpu": 8, "memory": "16Gi", "gpu": 1},
+                }
+            ],
+            "datasets": {"camera-feed": "5Gi"},
+        },
+    },
+]
+
+
+def cluster_configs(count: int, nats_url: str, state_root: Path) -> list[AgentConfig]:
+    configs = []
+    for i in range(count):
+        if i < len(CLUSTERS):
+            raw = dict(CLUSTERS[i])
+        else:
+            raw = {
+                "cluster": f"cpu-extra-{i - len(CLUSTERS) + 1}",
+                "labels": {"region": "us-west", "tier": "cloud"},
+                "cost": 3.0,
+                "backend": {
+                    "type": "simulated",
+                    "nodes": [{"name": "c32", "count": 4, "resources": {"cpu": 32, "memory": "128Gi"}}],
+                },
+            }
+        raw.update(
+            nats_url=nats_url,
+            heartbeat_interval_seconds=1.0,
+            inventory_interval_seconds=10.0,
+            state_dir=str(state_root / raw["cluster"]),
+        )
+        configs.append(from_mapping(AgentConfig, raw, f"cluster {raw['cluster']}"))
+    return configs
+
+
+def default_jobs_dir() -> Path | None:
+    for candidate in (Path.cwd() / "examples", Path(__file__).resolve().parent.parent / "examples"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def placement_table(jobs: list[pb.Job]) -> Table:
+    """Where each job ran and why: the winning cluster's score, component by component."""
+    table = Table(title="Where each job ran, and why", header_style="bold")
+    table.add_column("JOB", overflow="fold")
+    table.add_column("STATE")
+    table.add_column("CLUSTER")
+    table.add_column("SCORE")
+    table.add_column("WHY (score parts)", overflow="fold")
+    for job in sorted(jobs, key=lambda j: j.id):
+        s = job.status.placement_score
+        placed = bool(job.status.cluster)
+        why = (
+            f"data {s.data_locality:.2f} · headroom {s.headroom:.2f} · "
+            f"cost {s.cost:.2f} · pref {s.preference:.2f}"
+            if placed
+            else job.pending_reason
+        )
+        table.add_row(
+            job.spec.name,
+            state_text(job.status.state),
+            job.status.cluster or "-",
+            f"{s.total:.2f}" if placed else "-",
+            why,
+        )
+    return table
+
+
+async def run(
+    specs: list[tuple[pb.JobSpec, str]],
+    jobs_dir: Path | None,
+    data_dir: Path,
+    keep_running: bool,
+    clusters: int,
+    console: Console,
+    stop: asyncio.Event,
+) -> int:
+    etcd = embedded.start_etcd(data_dir / "etcd")
+    nats = embedded.start_nats(data_dir / "nats")
+    hub_server: HubServer | None = None
+    agents: list[Agent] = []
+    try:
+        listen_port = embedded.free_port() if not _port_free(50051) else 50051
+        config = HubConfig(
+            listen=f"127.0.0.1:{listen_port}",
+            etcd_endpoint=etcd.address,
+            nats_url=f"nats://{nats.address}",
+            heartbeat_timeout_seconds=5.0,
+        )
+        hub_server = await HubServer.start(config)
+        target = f"127.0.0.1:{hub_server.port}"
+        console.print(f"[bold]fedplane up[/]: etcd {etcd.address}, NATS {nats.address}, hub {target}")
+        console.print(
+            f"  data and logs in {data_dir}; try [cyan]fedplane --hub {target} clusters[/] in another shell"
+        )
+        for agent_config in cluster_configs(clusters, config.nats_url, data_dir / "agents"):
+            agent = Agent(agent_config, SimulatedBackend(agent_config.simulated()))
+            await agent.start()
+            agents.append(agent)
+        async with FedplaneClient(target) as client:
+            await _wait_ready(client, [a.cluster for a in agents], stop)
+            submitted = [job for job, _ in await client.submit_many(specs)] if specs else []
+            console.print(f"submitted {len(submitted)} jobs from {jobs_dir or 'nowhere'}")
+            board = JobBoard(submitted, title="Jobs")
+            status = await _follow(client, board, stop, console)
+            final = [await client.get(j.id) for j in submitted]
+            console.print(placement_table(final))
+            if keep_running and not stop.is_set():
+                console.print(f"federation still running at {target}; Ctrl-C to stop")
+                await stop.wait()
+            return status
+    finally:
+        await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
+        if hub_server is not None:
+            with contextlib.suppress(Exception):
+                await hub_server.stop(grace=0.5)
+        nats.stop()
+        etcd.stop()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _wait_ready(client: FedplaneClient, names: list[str], stop: asyncio.Event) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not stop.is_set():
+        ready = {c.name for c in await client.clusters() if c.health == pb.READY and c.nodes}
+        if set(names) <= ready:
+            return
+        await asyncio.sleep(0.2)
+    if not stop.is_set():
+        raise RuntimeError(f"clusters did not become ready: {sorted(set(names))}")
+
+
+async def _follow(client: FedplaneClient, board: JobBoard, stop: asyncio.Event, console: Console) -> int:
+    """Show the board live until every job is finished (or Ctrl-C); 1 if any job failed."""
+    if not len(board):
+        return 0
+    waiter = asyncio.create_task(client.wait([j.id for j in board.jobs], on_event=board.update))
+    stopper = asyncio.create_task(stop.wait())
+    with Live(
+        Group(board, cluster_table(await client.clusters())), console=console, refresh_per_second=4
+    ) as live:
+        while not waiter.done() and not stop.is_set():
+            await asyncio.wait({waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            live.update(Group(board, cluster_table(await client.clusters())))
+        if not stop.is_set():
+            await asyncio.sleep(0.3)  # let the clusters report the capacity the last jobs freed
+            live.update(Group(board, cluster_table(await client.clusters())))
+    stopper.cancel()
+    if not waiter.done():
+        waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    return 1 if any(j.status.state == pb.FAILED for j in board.jobs) else 0
+
+
+def main(
+    jobs_dir: Path | None = None,
+    data_dir: Path | None = None,
+    keep_running: bool = False,
+    clusters: int = 3,
+) -> None:
+    console = Console()
+    temporary = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="fedplane-up-")) if data_dir is None else data_dir
+    root.mkdir(parents=True, exist_ok=True)
+    log_file = (root / "fedplane.log").open("a")
+    logs.configure("info", "json", file=log_file)
+    telemetry.configure("fedplane-local")
+    jobs_dir = jobs_dir or default_jobs_dir()
+    # Parse every spec before starting anything, so a bad file costs nothing.
+    specs: list[tuple[pb.JobSpec, str]] = []
+    for path in sorted(jobs_dir.glob("*.y*ml")) if jobs_dir else []:
+        specs += [(spec, f"up-{path.stem}-{i}-{time.time_ns()}") for i, spec in enumerate(load_file(path))]
+
+    async def main_async() -> int:
+        return await run(specs, jobs_dir, root, keep_running, clusters, console, tasks.stop_event())
+
+    try:
+        code = asyncio.run(main_async())
+    finally:
+        telemetry.shutdown()
+        log_file.close()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+        console.print("federation stopped; no process left running")
+    raise SystemExit(code)
