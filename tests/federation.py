@@ -128,10 +128,12 @@ class Federation:
 
     async def submit(self, spec: pb.JobSpec, key: str = "") -> pb.Job:
         response = await self.jobs.SubmitJob(hub_pb2.SubmitJobRequest(spec=spec, idempotency_key=key))
-        return response.job
+        job: pb.Job = response.job
+        return job
 
     async def get(self, job_id: str) -> pb.Job:
-        return await self.jobs.GetJob(hub_pb2.GetJobRequest(job_id=job_id))
+        job: pb.Job = await self.jobs.GetJob(hub_pb2.GetJobRequest(job_id=job_id))
+        return job
 
     async def wait_state(self, job_id: str, states: set[int], timeout: float = 20.0) -> pb.Job:
         job = pb.Job()

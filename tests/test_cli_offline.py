@@ -401,6 +401,9 @@ class FakeHub(hub_pb2_grpc.JobServiceServicer, hub_pb2_grpc.ClusterServiceServic
                     self.watch_drops -= 1
                     context.abort(grpc.StatusCode.UNAVAILABLE, "hub restarting")
 
+    def GetJobStats(self, request: Any, context: Any) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
     def ExplainJob(self, request: Any, context: Any) -> Any:
         explanation = pb.Explanation(
             job_id=request.job_id, chosen_cluster="gpu-eu", summary="best data locality"

@@ -284,4 +284,4 @@ def test_a_crashed_hub_loses_no_job_and_dispatches_none_twice(daemons: Daemons, 
         assert job["status"]["generation"] == "1"
         assert [t["state"] for t in job["status"]["history"]].count("DISPATCHED") == 1
     created = [e["job_id"] for e in log_events(tmp_path / "gpu-a.out", "workload created")]
-    assert sorted(created) == sorted(j["id"] for j in jobs), "each job created exactly once"
+    assert sorted(map(str, created)) == sorted(str(j["id"]) for j in jobs), "each job created exactly once"

@@ -149,7 +149,7 @@ async def test_cancel_pending_and_running_jobs(federation: Federation) -> None:
 
     async def freed() -> bool:
         c = await federation.clusters.GetCluster(hub_pb2.GetClusterRequest(name="cpu-a"))
-        return c.free.quantities["cpu"] == 4000
+        return bool(c.free.quantities["cpu"] == 4000)
 
     await eventually(freed, 10, "capacity released")
     assert cluster.name == "cpu-a"
@@ -356,7 +356,7 @@ async def test_finished_jobs_are_forgotten_after_their_retention_and_nothing_els
         try:
             await federation.get(done.id)
         except grpc.aio.AioRpcError as err:
-            return err.code() == grpc.StatusCode.NOT_FOUND
+            return bool(err.code() == grpc.StatusCode.NOT_FOUND)
         return False
 
     await eventually(forgotten, 10, "the finished job to be deleted")
