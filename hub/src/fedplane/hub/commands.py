@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator
+from typing import Protocol
 
 from nats.js import JetStreamContext
 from opentelemetry import trace
@@ -38,6 +39,12 @@ def delete_command(job: pb.Job, reason: str) -> agent_pb.DispatchCommand:
         generation=job.status.generation,
         delete=agent_pb.DeleteWorkload(reason=reason or "cancelled"),
     )
+
+
+class CommandQueue(Protocol):
+    """Where the drivers put commands: the sender, or a fake in tests."""
+
+    def queue(self, job: pb.Job, command: agent_pb.DispatchCommand) -> None: ...
 
 
 MAX_BATCH_BYTES = 512 * 1024

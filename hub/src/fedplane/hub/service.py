@@ -1,4 +1,5 @@
-"""gRPC servicers: translate requests to Hub calls and HubError to status codes, nothing more."""
+"""gRPC servicers: translate requests to calls on the hub's intake and API, and HubError to
+status codes, nothing more."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any, TypeVar
 import grpc
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
-from fedplane.hub.hub import Hub, HubError, JobFilter
+from fedplane.hub.api import JobFilter
+from fedplane.hub.errors import HubError
+from fedplane.hub.hub import Hub
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
@@ -39,7 +42,9 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: hub_pb.SubmitJobRequest, context: Any) -> hub_pb.SubmitJobResponse:
         async def run() -> hub_pb.SubmitJobResponse:
-            [(job, created)] = await self.hub.submit([(request.spec, request.idempotency_key)], batch=False)
+            [(job, created)] = await self.hub.intake.submit(
+                [(request.spec, request.idempotency_key)], batch=False
+            )
             return hub_pb.SubmitJobResponse(job=job, created=created)
 
         return await _call(context, run)
@@ -50,7 +55,9 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
                 raise HubError("INVALID_ARGUMENT", "jobs: at least one job is required")
             if len(request.jobs) > 10_000:
                 raise HubError("INVALID_ARGUMENT", f"jobs: {len(request.jobs)} jobs; at most 10000 per call")
-            results = await self.hub.submit([(r.spec, r.idempotency_key) for r in request.jobs], batch=True)
+            results = await self.hub.intake.submit(
+                [(r.spec, r.idempotency_key) for r in request.jobs], batch=True
+            )
             return hub_pb.SubmitJobsResponse(
                 results=[hub_pb.SubmitJobResponse(job=job, created=created) for job, created in results]
             )
@@ -60,14 +67,14 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
     async def GetJob(self, request: hub_pb.GetJobRequest, context: Any) -> pb.Job:
         async def run() -> pb.Job:
             _need(request.job_id, "job_id")
-            return self.hub.get(request.job_id)
+            return self.hub.api.get(request.job_id)
 
         return await _call(context, run)
 
     async def ListJobs(self, request: hub_pb.ListJobsRequest, context: Any) -> hub_pb.ListJobsResponse:
         async def run() -> hub_pb.ListJobsResponse:
             flt = JobFilter(request.queue, frozenset(request.states), request.cluster, dict(request.labels))
-            jobs, token, revision = self.hub.list_jobs(flt, request.page_size, request.page_token)
+            jobs, token, revision = self.hub.api.list_jobs(flt, request.page_size, request.page_token)
             return hub_pb.ListJobsResponse(jobs=jobs, next_page_token=token, revision=revision)
 
         return await _call(context, run)
@@ -75,7 +82,7 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
     async def CancelJob(self, request: hub_pb.CancelJobRequest, context: Any) -> pb.Job:
         async def run() -> pb.Job:
             _need(request.job_id, "job_id")
-            return await self.hub.cancel(request.job_id, request.reason)
+            return await self.hub.api.cancel(request.job_id, request.reason)
 
         return await _call(context, run)
 
@@ -85,7 +92,7 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
         if request.from_revision < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_revision: must not be negative")
         try:
-            async for event in self.hub.watch(request.from_revision, request.queue, request.job_ids):
+            async for event in self.hub.api.watch(request.from_revision, request.queue, request.job_ids):
                 yield event
         except HubError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -94,15 +101,15 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
         async def run() -> pb.Explanation:
             target = request.WhichOneof("target")
             if target == "job_id":
-                return self.hub.explain_job(request.job_id)
+                return self.hub.api.explain_job(request.job_id)
             if target == "spec":
-                return self.hub.explain_spec(request.spec)
+                return self.hub.api.explain_spec(request.spec)
             raise HubError("INVALID_ARGUMENT", "target: give job_id or spec")
 
         return await _call(context, run)
 
     async def GetJobStats(self, request: hub_pb.GetJobStatsRequest, context: Any) -> hub_pb.JobStats:
-        by_state, total, revision = self.hub.job_stats(request.queue)
+        by_state, total, revision = self.hub.api.job_stats(request.queue)
         return hub_pb.JobStats(by_state=by_state, total=total, revision=revision)
 
 
@@ -113,25 +120,27 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
     async def ListClusters(
         self, request: hub_pb.ListClustersRequest, context: Any
     ) -> hub_pb.ListClustersResponse:
-        return hub_pb.ListClustersResponse(clusters=self.hub.clusters())
+        return hub_pb.ListClustersResponse(clusters=self.hub.api.clusters())
 
     async def GetCluster(self, request: hub_pb.GetClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
             _need(request.name, "name")
-            return self.hub.cluster(request.name)
+            return self.hub.api.cluster(request.name)
 
         return await _call(context, run)
 
     async def CordonCluster(self, request: hub_pb.CordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
             _need(request.name, "name")
-            return await self.hub.set_cordon(request.name, True, request.reason or "cordoned by an operator")
+            return await self.hub.api.set_cordon(
+                request.name, True, request.reason or "cordoned by an operator"
+            )
 
         return await _call(context, run)
 
     async def UncordonCluster(self, request: hub_pb.UncordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
             _need(request.name, "name")
-            return await self.hub.set_cordon(request.name, False, "")
+            return await self.hub.api.set_cordon(request.name, False, "")
 
         return await _call(context, run)

@@ -1,4 +1,4 @@
-"""The hub's durable state in etcd.
+"""The hub's durable state in etcd, as keys, bytes and revisions.
 
 Keyspace (under the configured prefix, default /fedplane):
   /jobs/spec/<id>      Job without status, written once at submit (its create revision orders jobs)
@@ -8,6 +8,10 @@ Keyspace (under the configured prefix, default /fedplane):
 
 Every status write compares the key's mod revision with the one the writer read, so two
 writers (a restarted hub racing its old self, a cancel racing a dispatch) cannot both win.
+
+The store knows no hub types: it takes anything shaped like the protocols below and returns
+ids, blobs and revisions. The hub's table and drivers depend on `JobStore`, so that tests can
+stand an in-memory store in for etcd.
 """
 
 from __future__ import annotations
@@ -17,17 +21,14 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import aetcd
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 from aetcd.exceptions import ClientError
 
-from fedplane.core.model import JobRequest
-from fedplane.hub import convert
 from fedplane.runtime.config import StartupError
-from fedplane.v1 import types_pb2 as pb
 
 
 class RevisionCompacted(Exception):
@@ -36,129 +37,101 @@ class RevisionCompacted(Exception):
         self.compacted = compacted
 
 
-@dataclass(slots=True)
-class JobRecord:
-    """A job as the hub holds it: serialized, with the few fields it reads often kept parsed.
-
-    A parsed protobuf Job costs about 3 KB of memory and its bytes about 250, which is the
-    difference between a million queued jobs fitting in the hub or not. `job` parses on demand.
-    """
+class StoredJob(NamedTuple):
+    """A job as etcd holds it."""
 
     id: str
     # Create revision of the spec key: a total order of submission.
     seq: int
     # Mod revision of the status key: the CAS token for the next status write.
     revision: int
-    # The stored spec record (a Job without status), exactly as in etcd.
+    # The spec record (a Job without status) and the status, exactly as stored.
     spec_blob: bytes
     status_blob: bytes
-    state: int
-    cluster: str
-    generation: int
-    queue: str
-    idempotency_key: str
 
-    @classmethod
-    def of(cls, job: pb.Job, seq: int, revision: int, spec_blob: bytes, status_blob: bytes) -> JobRecord:
-        status = job.status
-        return cls(
-            job.id,
-            seq,
-            revision,
-            spec_blob,
-            status_blob,
-            status.state,
-            status.cluster,
-            status.generation,
-            job.spec.queue,
-            job.idempotency_key,
-        )
+
+class JobToCreate(Protocol):
+    """What creating a job needs (the hub passes its own records, not copies)."""
 
     @property
-    def job(self) -> pb.Job:
-        """A fresh parsed copy: changes to it do not change the record."""
-        job = pb.Job.FromString(self.spec_blob)
-        job.status.ParseFromString(self.status_blob)
-        return job
+    def id(self) -> str: ...
+    @property
+    def spec_blob(self) -> bytes: ...
+    @property
+    def status_blob(self) -> bytes: ...
+    @property
+    def idempotency_key(self) -> str: ...
+
+
+class StatusToWrite(Protocol):
+    """One compare-and-swap of a status key."""
 
     @property
-    def spec_record(self) -> pb.Job:
-        """The job without its status (spec, trace context, create time)."""
-        return pb.Job.FromString(self.spec_blob)
-
+    def job_id(self) -> str: ...
     @property
-    def status(self) -> pb.JobStatus:
-        return pb.JobStatus.FromString(self.status_blob)
-
-    def set_status(self, status: pb.JobStatus, revision: int, blob: bytes | None = None) -> None:
-        self.status_blob = blob if blob is not None else status.SerializeToString()
-        self.revision = revision
-        self.state = status.state
-        self.cluster = status.cluster
-        self.generation = status.generation
-
-
-@dataclass(slots=True)
-class NewJob:
-    """A job about to be stored; `record` is what the hub will hold once etcd has it."""
-
-    record: JobRecord
-    # The job as submitted (without status): what placement needs is built from it once the
-    # job's revision, which orders it, is known.
-    job: pb.Job
-    request: JobRequest | None = None
-
-    @classmethod
-    def of(cls, job: pb.Job, status: pb.JobStatus, status_blob: bytes | None = None) -> NewJob:
-        """From a job without status and its initial status (stored under a key of its own);
-        `status_blob` is the status serialized, when the caller has it (a batch shares one)."""
-        record = JobRecord(
-            job.id,
-            0,
-            0,
-            job.SerializeToString(),
-            status_blob if status_blob is not None else status.SerializeToString(),
-            status.state,
-            status.cluster,
-            status.generation,
-            job.spec.queue,
-            job.idempotency_key,
-        )
-        return cls(record, job)
-
+    def expected_revision(self) -> int: ...
     @property
-    def spec_blob(self) -> bytes:
-        return self.record.spec_blob
+    def blob(self) -> bytes: ...
 
+
+class JobToDelete(Protocol):
     @property
-    def status_blob(self) -> bytes:
-        return self.record.status_blob
-
-    def stored_at(self, revision: int) -> JobRecord:
-        if self.request is None or self.record.revision != revision:
-            self.record.seq = self.record.revision = revision
-            self.request = convert.job_request(self.job, revision)
-        return self.record
+    def id(self) -> str: ...
+    @property
+    def revision(self) -> int: ...
+    @property
+    def idempotency_key(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
-class StatusWrite:
-    """A compare-and-swap of one status; `blob` is `status` serialized once, for etcd and the table."""
+class Fence:
+    """The authority a hub writes job statuses under, checked in the same transaction.
 
-    job_id: str
-    status: pb.JobStatus
-    expected_revision: int
-    blob: bytes
+    Today one hub writes and NO_FENCE compares nothing. Hub high availability makes it the
+    leader key and the create revision this hub won it at; `_Txn.fenced` then adds that one
+    compare, so that a deposed leader's writes land nowhere.
+    """
 
-    @classmethod
-    def of(cls, job_id: str, status: pb.JobStatus, expected_revision: int) -> StatusWrite:
-        return cls(job_id, status, expected_revision, status.SerializeToString())
+    key: bytes = b""
+    revision: int = 0
 
 
-def _record(spec_blob: bytes, seq: int, status_blob: bytes, revision: int) -> JobRecord:
-    job = pb.Job.FromString(spec_blob)
-    job.status.ParseFromString(status_blob)
-    return JobRecord.of(job, seq, revision, spec_blob, status_blob)
+NO_FENCE = Fence()
+
+
+class JobStore(Protocol):
+    """The hub's durable state, as the job table and the drivers use it."""
+
+    async def create_jobs(self, jobs: Sequence[JobToCreate]) -> list[int | StoredJob]:
+        """Store new jobs, in order; for each, its create revision, or the earlier job that
+        already holds its idempotency key."""
+        ...
+
+    async def read_job(self, job_id: str) -> StoredJob | None: ...
+
+    async def load_jobs(self) -> tuple[list[StoredJob], int]:
+        """Every job in submission order, and the revision the load reflects (to watch from)."""
+        ...
+
+    async def write_statuses(self, writes: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
+        """Compare-and-swap each status under `fence`; the new mod revision, or None where
+        another writer won."""
+        ...
+
+    async def delete_jobs(self, jobs: Sequence[JobToDelete], fence: Fence) -> list[bool]:
+        """Delete jobs with their idempotency keys, each only if its status is unchanged."""
+        ...
+
+    def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(revision, job id, status blob) of every status put after `from_revision`, in
+        revision order; raises RevisionCompacted when that history is gone."""
+        ...
+
+    async def load_clusters(self) -> dict[str, bytes]: ...
+
+    async def put_cluster(self, name: str, blob: bytes) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 _PAGE = 5000
@@ -215,8 +188,21 @@ class _Txn:
     def delete(self, key: bytes) -> None:
         self.request.success.add().request_delete_range.key = key
 
+    def fenced(self, fence: Fence) -> None:
+        """Make the transaction land only while `fence` holds.
+
+        NO_FENCE, the only fence today, compares nothing. Hub HA turns this into the one
+        compare of the leader key's create revision:
+            self.request.compare.add(target=_CREATE, key=fence.key, create_revision=fence.revision)
+        A deposed leader's transactions then fail as a lost CAS does, and the per-write
+        retry of write_statuses must tell the two apart (the failure branch can read the
+        leader key).
+        """
+
 
 class Store:
+    """JobStore on etcd."""
+
     def __init__(
         self, client: aetcd.Client, prefix: str = "/fedplane", max_txn_ops: int = 128, rpc_timeout: float = 10
     ) -> None:
@@ -274,59 +260,61 @@ class Store:
             )
 
     # jobs
-    def _create_ops(self, job: NewJob, txn: _Txn) -> None:
-        record = job.record
-        spec_key = self.spec_key(record.id)
+    def _create_ops(self, job: JobToCreate, txn: _Txn) -> None:
+        job_id = job.id
+        spec_key = self.spec_key(job_id)
         txn.created_never(spec_key)
-        txn.put(spec_key, record.spec_blob)
-        txn.put(self.status_key(record.id), record.status_blob)
-        if record.idempotency_key:
-            idem_key = self.idem_key(record.idempotency_key)
+        txn.put(spec_key, job.spec_blob)
+        txn.put(self.status_key(job_id), job.status_blob)
+        key = job.idempotency_key
+        if key:
+            idem_key = self.idem_key(key)
             txn.created_never(idem_key)
-            txn.put(idem_key, record.id.encode())
+            txn.put(idem_key, job_id.encode())
 
-    async def create_jobs(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
-        """Store new jobs durably; a job whose idempotency key exists returns the earlier job instead.
+    async def create_jobs(self, jobs: Sequence[JobToCreate]) -> list[int | StoredJob]:
+        """Store new jobs durably; for each its create revision, or the earlier job that holds
+        its idempotency key.
 
         Jobs are written in as few transactions as etcd allows; when one of a batch's keys
-        already exists the batch falls back to one transaction per job.
+        already exists the batch falls back to one transaction per job. Creates carry no
+        fence: they conflict with nothing, and whichever hub leads loads them from etcd.
         """
-        results: list[tuple[JobRecord, bool]] = []
+        results: list[int | StoredJob] = []
         per_txn = max(1, self.max_txn_ops // 3)
         # One after another, so that jobs earlier in a batch get earlier revisions (FIFO).
         for start in range(0, len(jobs), per_txn):
             results.extend(await self._create_chunk(jobs[start : start + per_txn]))
         return results
 
-    async def _create_chunk(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
-        keys = [j.record.idempotency_key for j in jobs if j.record.idempotency_key]
+    async def _create_chunk(self, jobs: Sequence[JobToCreate]) -> list[int | StoredJob]:
+        keys = [j.idempotency_key for j in jobs if j.idempotency_key]
         if len(jobs) > 1 and len(set(keys)) == len(keys):
             txn = _Txn()
             for job in jobs:
                 self._create_ops(job, txn)
             response = await self._txn(txn)
             if response.succeeded:
-                revision = int(response.header.revision)
-                return [(job.stored_at(revision), True) for job in jobs]
+                return [int(response.header.revision)] * len(jobs)
         return [await self._create_one(job) for job in jobs]
 
-    async def _create_one(self, job: NewJob) -> tuple[JobRecord, bool]:
+    async def _create_one(self, job: JobToCreate) -> int | StoredJob:
         txn = _Txn()
         self._create_ops(job, txn)
-        key = job.record.idempotency_key
+        key = job.idempotency_key
         if key:
             txn.get(self.idem_key(key), on_failure=True)
         response = await self._txn(txn)
         if response.succeeded:
-            return job.stored_at(int(response.header.revision)), True
+            return int(response.header.revision)
         if key and response.responses and response.responses[0].response_range.kvs:
             existing_id = response.responses[0].response_range.kvs[0].value.decode()
-            record = await self.read_job(existing_id)
-            if record is not None:
-                return record, False
-        raise RuntimeError(f"job {job.record.id} could not be created and no earlier job holds its key")
+            existing = await self.read_job(existing_id)
+            if existing is not None:
+                return existing
+        raise RuntimeError(f"job {job.id} could not be created and no earlier job holds its key")
 
-    async def read_job(self, job_id: str) -> JobRecord | None:
+    async def read_job(self, job_id: str) -> StoredJob | None:
         txn = _Txn()
         txn.get(self.spec_key(job_id))
         txn.get(self.status_key(job_id))
@@ -336,7 +324,9 @@ class Store:
         if not spec_kvs or not status_kvs:
             return None
         spec, status = spec_kvs[0], status_kvs[0]
-        return _record(spec.value, int(spec.create_revision), status.value, int(status.mod_revision))
+        return StoredJob(
+            job_id, int(spec.create_revision), int(status.mod_revision), spec.value, status.value
+        )
 
     async def _pages(self, prefix: bytes, revision: int) -> AsyncIterator[list[Any]]:
         """Every key under `prefix` at `revision`, a page at a time (a million jobs do not fit one reply)."""
@@ -351,7 +341,7 @@ class Store:
                 return
             start = response.kvs[-1].key + b"\0"
 
-    async def load_jobs(self) -> tuple[list[JobRecord], int]:
+    async def load_jobs(self) -> tuple[list[StoredJob], int]:
         """Every job in submission order, and the revision the load reflects (to watch from)."""
         revision = await self.revision()
         statuses: dict[bytes, tuple[bytes, int]] = {}
@@ -360,34 +350,42 @@ class Store:
             for kv in page:
                 statuses[kv.key[len(status_prefix) :]] = (kv.value, kv.mod_revision)
         spec_prefix = f"{self.prefix}/jobs/spec/".encode()
-        records = []
+        jobs = []
         async for page in self._pages(spec_prefix, revision):
             for kv in page:
-                found = statuses.pop(kv.key[len(spec_prefix) :], None)
+                job_id = kv.key[len(spec_prefix) :]
+                found = statuses.pop(job_id, None)
                 if found is not None:
-                    records.append(_record(kv.value, kv.create_revision, *found))
-        records.sort(key=lambda r: (r.seq, r.id))
-        return records, revision
+                    status_blob, mod_revision = found
+                    jobs.append(
+                        StoredJob(job_id.decode(), kv.create_revision, mod_revision, kv.value, status_blob)
+                    )
+        jobs.sort(key=lambda j: (j.seq, j.id))
+        return jobs, revision
 
-    async def write_statuses(self, writes: Sequence[StatusWrite]) -> list[int | None]:
-        """Compare-and-swap each status; the new mod revision, or None where another writer won.
+    async def write_statuses(self, writes: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
+        """Compare-and-swap each status under `fence`; the new mod revision, or None where
+        another writer won.
 
-        Writes are packed into as few transactions as etcd allows, sent concurrently; if any
-        compare of a transaction fails, its writes are retried one by one so that the others land.
+        Every transaction compares each key's mod revision with the one its writer read, and
+        carries the fence (see _Txn.fenced: nothing today, the leader key with hub HA). Writes
+        are packed into as few transactions as etcd allows, sent concurrently; if any compare
+        of a transaction fails, its writes are retried one by one so that the others land.
         """
         if not writes:
             return []
         chunks = await asyncio.gather(
             *(
-                self._write_chunk(writes[start : start + self.max_txn_ops])
+                self._write_chunk(writes[start : start + self.max_txn_ops], fence)
                 for start in range(0, len(writes), self.max_txn_ops)
             )
         )
         return [revision for chunk in chunks for revision in chunk]
 
-    async def _write_chunk(self, batch: Sequence[StatusWrite]) -> list[int | None]:
+    async def _write_chunk(self, batch: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
         keys = [self.status_key(w.job_id) for w in batch]
         txn = _Txn()
+        txn.fenced(fence)
         for key, w in zip(keys, batch, strict=True):
             txn.modified_at(key, w.expected_revision)
             txn.put(key, w.blob)
@@ -397,23 +395,26 @@ class Store:
         out: list[int | None] = []
         for key, w in zip(keys, batch, strict=True):
             txn = _Txn()
+            txn.fenced(fence)
             txn.modified_at(key, w.expected_revision)
             txn.put(key, w.blob)
             response = await self._txn(txn)
             out.append(int(response.header.revision) if response.succeeded else None)
         return out
 
-    async def delete_jobs(self, records: Sequence[JobRecord]) -> list[bool]:
-        """Delete finished jobs with their idempotency keys, each only if its status is unchanged."""
+    async def delete_jobs(self, jobs: Sequence[JobToDelete], fence: Fence) -> list[bool]:
+        """Delete jobs with their idempotency keys, each only if its status is unchanged (and
+        under `fence`, as status writes are)."""
         out = []
-        for record in records:
-            status_key = self.status_key(record.id)
+        for job in jobs:
+            status_key = self.status_key(job.id)
             txn = _Txn()
-            txn.modified_at(status_key, record.revision)
-            txn.delete(self.spec_key(record.id))
+            txn.fenced(fence)
+            txn.modified_at(status_key, job.revision)
+            txn.delete(self.spec_key(job.id))
             txn.delete(status_key)
-            if record.idempotency_key:
-                txn.delete(self.idem_key(record.idempotency_key))
+            if job.idempotency_key:
+                txn.delete(self.idem_key(job.idempotency_key))
             response = await self._txn(txn)
             out.append(bool(response.succeeded))
         return out
@@ -456,10 +457,11 @@ class Store:
             call.cancel()
 
     # clusters
-    async def load_clusters(self) -> dict[str, pb.Cluster]:
-        result = await self.client.get_prefix(f"{self.prefix}/clusters/".encode())
-        clusters = [pb.Cluster.FromString(kv.value) for kv in result]
-        return {c.name: c for c in clusters}
+    async def load_clusters(self) -> dict[str, bytes]:
+        """Every cluster's admin record, by name."""
+        prefix = f"{self.prefix}/clusters/"
+        result = await self.client.get_prefix(prefix.encode())
+        return {kv.key.decode().removeprefix(prefix): kv.value for kv in result}
 
-    async def put_cluster(self, cluster: pb.Cluster) -> None:
-        await self.client.put(self.cluster_key(cluster.name), cluster.SerializeToString())
+    async def put_cluster(self, name: str, blob: bytes) -> None:
+        await self.client.put(self.cluster_key(name), blob)

@@ -1,0 +1,144 @@
+"""Submits: validated, then stored together with those of concurrent submits (group commit).
+
+While one etcd transaction is in flight the next submits queue up and go in the following
+one, so many single SubmitJob calls cost a few transactions, not one each; an idle hub writes
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+
+from fedplane.core import dispatch as sm
+from fedplane.core.validation import validate_spec
+from fedplane.hub.clock import Clock
+from fedplane.hub.errors import HubError
+from fedplane.hub.table import JobRecord, JobTable, NewJob
+from fedplane.runtime import logs, telemetry, timestamps
+from fedplane.v1 import types_pb2 as pb
+
+log = logs.get("fedplane.hub")
+MAX_IDEMPOTENCY_KEY = 256
+
+_Stored = list[tuple[JobRecord, bool]]
+
+
+def new_job_id(now: float) -> str:
+    """Time-ordered, DNS-label-safe job id."""
+    return f"j{int(now * 1000):011x}{secrets.token_hex(5)}"
+
+
+class Intake:
+    def __init__(self, table: JobTable, clock: Clock) -> None:
+        self.table = table
+        self.clock = clock
+        # Submits waiting for the next transaction, each with the future its caller awaits.
+        self._waiting: list[tuple[list[NewJob], asyncio.Future[_Stored]]] = []
+        self._ready = asyncio.Event()
+
+    async def submit(self, items: Sequence[tuple[pb.JobSpec, str]], batch: bool) -> list[tuple[pb.Job, bool]]:
+        """Store jobs (all of them or, on an invalid spec, none); each answered by its job and
+        whether this call created it (not when its idempotency key was already taken)."""
+        problems: list[str] = []
+        for i, (spec, key) in enumerate(items):
+            where = f"jobs[{i}]." if batch else ""
+            problems += validate_spec(spec, f"{where}spec")
+            if len(key) > MAX_IDEMPOTENCY_KEY:
+                problems.append(f"{where}idempotency_key: longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if problems:
+            raise HubError("INVALID_ARGUMENT", "; ".join(problems))
+        table = self.table
+        now = self.clock.time()
+        trace_context = telemetry.inject()
+        created_at = timestamps.at(now)
+        pending = sm.new_pending(now)
+        pending_blob = pending.SerializeToString()
+        new_jobs: list[NewJob] = []
+        # For each item, the index of the job that answers it; a key repeated in the batch
+        # answers with the first occurrence's job, as a retry would.
+        answer: list[int] = []
+        first_by_key: dict[str, int] = {}
+        for spec, key in items:
+            if key and key in first_by_key:
+                answer.append(first_by_key[key])
+                continue
+            job = pb.Job(
+                id=new_job_id(now),
+                spec=spec,
+                idempotency_key=key,
+                trace_context=trace_context,
+                create_time=created_at,
+            )
+            job.spec.queue = job.spec.queue or "default"
+            if key:
+                first_by_key[key] = len(new_jobs)
+            answer.append(len(new_jobs))
+            new_jobs.append(NewJob.of(job, pending, pending_blob))
+        with telemetry.tracer().start_as_current_span("hub.store_jobs", attributes={"jobs": len(new_jobs)}):
+            stored = await self._store(new_jobs)
+        outs: list[tuple[pb.Job, bool]] = []
+        for new, (record, created) in zip(new_jobs, stored, strict=True):
+            held = table.add(record, new.request if created else None)
+            if created and held.revision == record.seq:
+                # Unchanged since it was stored: answer with the job at hand, not a parsed copy.
+                new.job.status.CopyFrom(pending)
+                outs.append((table.job_out(held, new.job), created))
+            else:
+                outs.append((table.job_out(held), created))
+        results: list[tuple[pb.Job, bool]] = []
+        answered: set[int] = set()
+        for index in answer:
+            out, created = outs[index]
+            results.append((out, created and index not in answered))
+            answered.add(index)
+        if any(created for _, created in stored):
+            table.wake.set()
+        log.debug("jobs submitted", count=len(new_jobs), created=sum(1 for _, c in stored if c))
+        return results
+
+    async def _store(self, jobs: list[NewJob]) -> _Stored:
+        future: asyncio.Future[_Stored] = asyncio.get_running_loop().create_future()
+        self._waiting.append((jobs, future))
+        self._ready.set()
+        return await future
+
+    async def run(self) -> None:
+        """Write what has queued since the last transaction, one transaction (or chunk) after another."""
+        table = self.table
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            groups, self._waiting = self._waiting, []
+            if not groups:
+                continue
+            writing = [job for jobs, _ in groups for job in jobs]
+            table.creating.update((job.record.id, job) for job in writing)
+            try:
+                created = await table.store.create_jobs([job.record for job in writing])
+            except Exception as exc:
+                for _, future in groups:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                for job in writing:
+                    table.creating.pop(job.record.id, None)
+            stored: _Stored = [
+                (job.stored_at(outcome), True)
+                if isinstance(outcome, int)
+                else (JobRecord.stored(outcome), False)
+                for job, outcome in zip(writing, created, strict=True)
+            ]
+            start = 0
+            for jobs, future in groups:
+                if not future.done():
+                    future.set_result(stored[start : start + len(jobs)])
+                start += len(jobs)
+
+    def close(self, error: Exception) -> None:
+        """Fail the submits still waiting for a transaction (the hub is stopping)."""
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(error)

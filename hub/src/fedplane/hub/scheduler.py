@@ -1,0 +1,135 @@
+"""Placement rounds: take the pending queue's pick, dispatch it by compare-and-swap, reserve
+its capacity and queue its command.
+
+Rounds are triggered by the table's wake event, not by polling. Batches form by themselves:
+jobs submitted while a round writes its dispatches are placed together by the next one, so an
+idle hub places a job at once and a busy one in large batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fedplane.core import dispatch as sm
+from fedplane.core.model import JobRequest
+from fedplane.core.placement import Decision, Weights
+from fedplane.hub import convert
+from fedplane.hub.clock import Clock
+from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.commands import CommandQueue, create_command
+from fedplane.hub.table import JobTable, StatusWrite
+from fedplane.runtime import logs, telemetry
+from fedplane.runtime.config import HubConfig
+from fedplane.v1 import types_pb2 as pb
+
+log = logs.get("fedplane.hub")
+S = sm.S
+
+
+class Scheduler:
+    def __init__(
+        self,
+        table: JobTable,
+        registry: ClusterRegistry,
+        commands: CommandQueue,
+        clock: Clock,
+        config: HubConfig,
+    ) -> None:
+        self.table = table
+        self.registry = registry
+        self.commands = commands
+        self.clock = clock
+        self.weights = Weights(**vars(config.weights))
+        self.hub_id = config.hub_id
+        self.max_per_round = config.max_dispatch_per_cycle
+        self.batch_window = config.batch_window_seconds
+
+    async def run(self) -> None:
+        """Place as soon as something changed; what changes during a round waits for the next.
+
+        `batch_window_seconds` adds a fixed wait before each round.
+        """
+        wake = self.table.wake
+        while True:
+            await wake.wait()
+            # At least one turn of the loop: submits finishing in this same turn join the batch.
+            await asyncio.sleep(self.batch_window)
+            wake.clear()
+            try:
+                await self.place_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("placement cycle failed; retrying")
+                await asyncio.sleep(1)
+                self.table.capacity_changed()
+
+    async def place_pending(self) -> None:
+        """One round: place what fits, write the dispatches in one CAS batch, then act on what landed."""
+        table = self.table
+        queue = table.queue
+        if not queue:
+            return
+        now = self.clock.time()
+        round_start = int(now * 1e9)
+        limit = self.max_per_round
+        with telemetry.tracer().start_as_current_span("hub.place_batch", attributes={"queued": len(queue)}):
+            placed = queue.cycle(self.registry.views(now), self.weights, limit)
+        if len(placed) >= limit:
+            table.wake.set()  # more may fit: carry on right after this batch is written
+        writes: list[StatusWrite] = []
+        # The job, parsed once: its status to dispatch from, then its spec for the command.
+        chosen: dict[str, tuple[JobRequest, Decision, pb.Job]] = {}
+        jobs = table.jobs
+        for request, decision in placed:
+            verdict = decision.chosen
+            assert verdict is not None and decision.cluster is not None
+            record = jobs[decision.job_id]
+            job = record.job
+            status = sm.dispatch(
+                job.status,
+                decision.cluster,
+                convert.assignments_pb(verdict.assignments),
+                convert.score_pb(verdict.score),
+                now,
+            )
+            writes.append(StatusWrite.of(decision.job_id, status, record.revision))
+            chosen[decision.job_id] = (request, decision, job)
+        if not writes:
+            return
+        for write, written in zip(writes, await table.write(writes), strict=True):
+            request, decision, job = chosen[write.job_id]
+            if written is None:
+                # Raced with another writer (a cancel): decide again if the job still waits.
+                current = jobs.get(write.job_id)
+                if current is not None and current.state == S.PENDING:
+                    table.requeue(request)
+                continue
+            verdict = decision.chosen
+            assert verdict is not None and decision.cluster is not None
+            job.status.CopyFrom(write.status)  # what was written
+            if telemetry.recording():
+                # The job's own placement span, in its submit's trace: the round that decided it.
+                telemetry.tracer().start_span(
+                    "hub.place",
+                    context=telemetry.extract(job.trace_context),
+                    start_time=round_start,
+                    attributes={
+                        "job.id": write.job_id,
+                        "cluster": decision.cluster,
+                        "score": verdict.score.total,
+                        "clusters.considered": len(decision.verdicts),
+                    },
+                ).end()
+            self.registry.clusters[decision.cluster].reserve(
+                request, write.status.generation, verdict.assignments
+            )
+            self.commands.queue(job, create_command(job, self.hub_id))
+            log.info(
+                "job dispatched",
+                job_id=write.job_id,
+                trace_id=telemetry.trace_id_of(job.trace_context),
+                cluster=decision.cluster,
+                generation=write.status.generation,
+                score=verdict.score.total,
+            )

@@ -1,0 +1,152 @@
+"""Status intake: the agents' StatusUpdate batches, applied with one CAS write per job, then acked.
+
+A message is acked once every update in it is applied (or ignored as stale); a lost
+compare-and-swap naks the messages involved, and the redelivered updates apply again
+idempotently, by (generation, state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry import trace
+
+from fedplane.core import dispatch as sm
+from fedplane.hub.clock import Clock
+from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.table import JobTable, StatusWrite
+from fedplane.runtime import bus, logs, telemetry
+from fedplane.v1 import agent_pb2 as agent_pb
+from fedplane.v1 import types_pb2 as pb
+
+log = logs.get("fedplane.hub")
+
+
+class StatusMessage(Protocol):
+    """What the intake reads of a JetStream message (nats-py's Msg, or a fake in tests)."""
+
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+
+
+class StatusIntake:
+    def __init__(self, table: JobTable, registry: ClusterRegistry, clock: Clock) -> None:
+        self.table = table
+        self.registry = registry
+        self.clock = clock
+
+    async def run(self, js: JetStreamContext, stopping: Callable[[], bool]) -> None:
+        statuses = bus.consume(
+            js,
+            f"{bus.PREFIX}.status.*",
+            "hub-statuses",
+            bus.STATUS_STREAM,
+            ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=4096),
+            2048,
+            stopping,
+            replaces="hub",
+        )
+        async for msgs in statuses:
+            try:
+                await self.apply_batch(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("applying status updates failed; they will be redelivered")
+                await asyncio.sleep(0.5)
+
+    def _take(
+        self, update: agent_pb.StatusUpdate, now: float, pending: dict[str, tuple[pb.JobStatus, int]]
+    ) -> bool:
+        """Apply one update to the job's status as `pending` (the batch's writes so far) holds
+        it; whether it changed the status."""
+        found = pending.get(update.job_id)
+        if found is None:
+            record = self.table.jobs.get(update.job_id)
+            if record is None:
+                return False
+            found = (record.status, record.revision)
+        outcome = sm.apply_update(
+            found[0],
+            update.cluster,
+            update.generation,
+            update.state,
+            now,
+            reason=update.reason,
+            message=update.message,
+        )
+        if outcome.status is None:
+            log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
+            return False
+        pending[update.job_id] = (outcome.status, found[1])
+        log.debug(
+            "job status",
+            job_id=update.job_id,
+            cluster=update.cluster,
+            state=sm.state_name(update.state),
+            reason=update.reason,
+        )
+        return True
+
+    async def apply_batch(self, msgs: Sequence[StatusMessage]) -> None:
+        """Apply the updates in a batch of messages with one etcd write per job, then ack or nak."""
+        now = self.clock.time()
+        pending: dict[str, tuple[pb.JobStatus, int]] = {}
+        msgs_by_job: dict[str, set[int]] = {}
+        # Without a span to make or a debug line to write, no per-update trace context is set up.
+        traced = telemetry.recording() or logs.debug_enabled()
+        for index, msg in enumerate(msgs):
+            for update in updates_in(msg):
+                with (
+                    telemetry.child_span(
+                        "hub.status",
+                        update.trace_context,
+                        kind=trace.SpanKind.CONSUMER,
+                        attributes={
+                            "job.id": update.job_id,
+                            "cluster": update.cluster,
+                            "state": sm.state_name(update.state),
+                        },
+                    )
+                    if traced
+                    else contextlib.nullcontext()
+                ):
+                    if self._take(update, now, pending):
+                        msgs_by_job.setdefault(update.job_id, set()).add(index)
+        writes = [StatusWrite.of(job_id, status, revision) for job_id, (status, revision) in pending.items()]
+        freed = False
+        lost: set[int] = set()
+        for write, record in zip(writes, await self.table.write(writes), strict=True):
+            if record is None:
+                lost |= msgs_by_job[write.job_id]
+                continue
+            if sm.is_terminal(write.status.state):
+                state = self.registry.clusters.get(write.status.cluster)
+                if state is not None:
+                    state.release(write.job_id, write.status.generation)
+                freed = True
+        await asyncio.gather(
+            *(msg.nak(delay=0.1) if index in lost else msg.ack() for index, msg in enumerate(msgs)),
+            return_exceptions=True,
+        )
+        if freed:
+            self.table.capacity_changed()
+
+
+def updates_in(msg: Any) -> list[agent_pb.StatusUpdate]:
+    """The updates a message carries: a StatusBatch, or one StatusUpdate (earlier agents)."""
+    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "StatusBatch":
+        return list(agent_pb.StatusBatch.FromString(msg.data).updates)
+    update = agent_pb.StatusUpdate.FromString(msg.data)
+    if not update.trace_context:
+        update.trace_context.update(bus.trace_headers(msg))
+    return [update]

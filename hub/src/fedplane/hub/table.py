@@ -1,0 +1,255 @@
+"""The job table: every job the hub holds, its counters and its pending queue, kept in step
+with etcd, and the one path by which the hub writes a job's status.
+
+The table merges two sources monotonically by etcd revision: the hub's own compare-and-swap
+writes (so it sees them at once) and its own watch on the status keys (see feed.py), so that
+every change up to the watch's revision is in the table. A status only ever replaces an older
+one, whichever source brings it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedplane.core import dispatch as sm
+from fedplane.core.model import JobRequest
+from fedplane.core.pending import PendingQueue
+from fedplane.hub import convert
+from fedplane.hub.store import NO_FENCE, Fence, JobStore, StoredJob
+from fedplane.v1 import types_pb2 as pb
+
+S = sm.S
+# States in which a job holds (or is about to hold) capacity in its cluster.
+_HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as the hub holds it: serialized, with the few fields it reads often kept parsed.
+
+    A parsed protobuf Job costs about 3 KB of memory and its bytes about 250, which is the
+    difference between a million queued jobs fitting in the hub or not. `job` parses on demand.
+    """
+
+    id: str
+    # Create revision of the spec key: a total order of submission.
+    seq: int
+    # Mod revision of the status key: the CAS token for the next status write.
+    revision: int
+    # The stored spec record (a Job without status), exactly as in etcd.
+    spec_blob: bytes
+    status_blob: bytes
+    state: int
+    cluster: str
+    generation: int
+    queue: str
+    idempotency_key: str
+
+    @classmethod
+    def of(cls, job: pb.Job, seq: int, revision: int, spec_blob: bytes, status_blob: bytes) -> JobRecord:
+        status = job.status
+        return cls(
+            job.id,
+            seq,
+            revision,
+            spec_blob,
+            status_blob,
+            status.state,
+            status.cluster,
+            status.generation,
+            job.spec.queue,
+            job.idempotency_key,
+        )
+
+    @classmethod
+    def stored(cls, stored: StoredJob) -> JobRecord:
+        job = pb.Job.FromString(stored.spec_blob)
+        job.status.ParseFromString(stored.status_blob)
+        return cls.of(job, stored.seq, stored.revision, stored.spec_blob, stored.status_blob)
+
+    @property
+    def job(self) -> pb.Job:
+        """A fresh parsed copy: changes to it do not change the record."""
+        job = pb.Job.FromString(self.spec_blob)
+        job.status.ParseFromString(self.status_blob)
+        return job
+
+    @property
+    def spec_record(self) -> pb.Job:
+        """The job without its status (spec, trace context, create time)."""
+        return pb.Job.FromString(self.spec_blob)
+
+    @property
+    def status(self) -> pb.JobStatus:
+        return pb.JobStatus.FromString(self.status_blob)
+
+    def set_status(self, status: pb.JobStatus, revision: int, blob: bytes | None = None) -> None:
+        self.status_blob = blob if blob is not None else status.SerializeToString()
+        self.revision = revision
+        self.state = status.state
+        self.cluster = status.cluster
+        self.generation = status.generation
+
+
+@dataclass(slots=True)
+class NewJob:
+    """A job about to be stored; `record` is what the hub will hold once etcd has it."""
+
+    record: JobRecord
+    # The job as submitted (without status): what placement needs is built from it once the
+    # job's revision, which orders it, is known.
+    job: pb.Job
+    request: JobRequest | None = None
+
+    @classmethod
+    def of(cls, job: pb.Job, status: pb.JobStatus, status_blob: bytes | None = None) -> NewJob:
+        """From a job without status and its initial status (stored under a key of its own);
+        `status_blob` is the status serialized, when the caller has it (a batch shares one)."""
+        record = JobRecord(
+            job.id,
+            0,
+            0,
+            job.SerializeToString(),
+            status_blob if status_blob is not None else status.SerializeToString(),
+            status.state,
+            status.cluster,
+            status.generation,
+            job.spec.queue,
+            job.idempotency_key,
+        )
+        return cls(record, job)
+
+    def stored_at(self, revision: int) -> JobRecord:
+        """The record, created at `revision`. Idempotent: the watch may see the create before
+        the submit's transaction answers, and the table may have moved the record on since."""
+        if self.request is None:
+            self.record.seq = self.record.revision = revision
+            self.request = convert.job_request(self.job, revision)
+        return self.record
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """A compare-and-swap of one status; `blob` is `status` serialized once, for etcd and the table."""
+
+    job_id: str
+    status: pb.JobStatus
+    expected_revision: int
+    blob: bytes
+
+    @classmethod
+    def of(cls, job_id: str, status: pb.JobStatus, expected_revision: int) -> StatusWrite:
+        return cls(job_id, status, expected_revision, status.SerializeToString())
+
+
+class JobTable:
+    """The jobs, counted per (queue, state) and per cluster, with the pending queue.
+
+    Every status write goes through `write`, under `fence`: the hub's authority to write,
+    NO_FENCE until hub HA sets it to the leader lease it holds.
+    """
+
+    def __init__(self, store: JobStore, fence: Fence = NO_FENCE) -> None:
+        self.store = store
+        self.fence = fence
+        self.jobs: dict[str, JobRecord] = {}
+        # Jobs waiting for a cluster, by shape: what each placement round works on.
+        self.queue = PendingQueue()
+        # Jobs per (queue, state) and active jobs per cluster, kept as statuses change.
+        self.counts: Counter[tuple[str, int]] = Counter()
+        self.active: Counter[str] = Counter()
+        # Jobs whose create transaction is in flight, by id: the watch may see them first.
+        self.creating: dict[str, NewJob] = {}
+        # Set when placement has something new to look at: a job to place, capacity or clusters changed.
+        self.wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, record: JobRecord, request: JobRequest | None = None) -> JobRecord:
+        """Hold a job (once): count it, and queue it when it waits for a cluster."""
+        held = self.jobs.get(record.id)
+        if held is not None:
+            return held
+        self.jobs[record.id] = record
+        self._count(record, 1)
+        if record.state == S.PENDING:
+            self.queue.add(request or convert.job_request(record.spec_record, record.seq))
+        return record
+
+    def forget(self, record: JobRecord) -> None:
+        if self.jobs.pop(record.id, None) is not None:
+            self._count(record, -1)
+            self.queue.discard(record.id)
+
+    def _count(self, record: JobRecord, delta: int) -> None:
+        self.counts[(record.queue, record.state)] += delta
+        if record.cluster and record.state in _HOLDING:
+            self.active[record.cluster] += delta
+
+    def merge(
+        self, job_id: str, status: pb.JobStatus, revision: int, blob: bytes | None = None
+    ) -> JobRecord | None:
+        """Apply a status at `revision` unless the table already holds a newer one."""
+        record = self.jobs.get(job_id)
+        if record is None:
+            return None
+        if revision > record.revision:
+            self._count(record, -1)
+            was_pending = record.state == S.PENDING
+            record.set_status(status, revision, blob)
+            self._count(record, 1)
+            if was_pending and record.state != S.PENDING:
+                self.queue.discard(job_id)
+        return record
+
+    async def write(self, writes: Sequence[StatusWrite]) -> list[JobRecord | None]:
+        """Compare-and-swap statuses under the table's fence; each job's record as written, or
+        None where another writer won (the record then holds what that writer wrote)."""
+        revisions = await self.store.write_statuses(writes, self.fence)
+        out: list[JobRecord | None] = []
+        for write, revision in zip(writes, revisions, strict=True):
+            if revision is None:
+                fresh = await self.store.read_job(write.job_id)
+                if fresh is not None:
+                    blob = fresh.status_blob
+                    self.merge(write.job_id, pb.JobStatus.FromString(blob), fresh.revision, blob)
+                out.append(None)
+            else:
+                out.append(self.merge(write.job_id, write.status, revision, write.blob))
+        return out
+
+    async def delete(self, records: Sequence[JobRecord]) -> int:
+        """Delete jobs from etcd and the table, each only if unchanged since the table read it."""
+        deleted = 0
+        for record, ok in zip(records, await self.store.delete_jobs(records, self.fence), strict=True):
+            if ok:
+                self.forget(record)
+                deleted += 1
+        return deleted
+
+    def requeue(self, request: JobRequest) -> None:
+        """A job placed but not dispatched (its write lost a race) waits again."""
+        self.queue.add(request)
+        self.wake.set()
+
+    def capacity_changed(self) -> None:
+        """Capacity or clusters changed: shapes that fit nowhere get another look."""
+        self.queue.unblock()
+        self.wake.set()
+
+    def pending_reason(self, job_id: str) -> str:
+        misfit = self.queue.misfit(job_id)
+        return misfit.summary() if misfit is not None else "waiting for the next placement cycle"
+
+    def job_out(self, record: JobRecord, job: pb.Job | None = None) -> pb.Job:
+        """The job as the API shows it; `job` is the record's job when the caller holds it parsed."""
+        job = job if job is not None else record.job
+        job.revision = record.revision
+        job.ClearField("trace_context")
+        if job.status.state == S.PENDING:
+            job.pending_reason = self.pending_reason(record.id)
+        return job

@@ -1,0 +1,97 @@
+"""Cluster reports: registration, health by the clock, and orphan queries."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fedplane.core import dispatch as sm
+from fedplane.hub.reports import ClusterReports
+from fedplane.runtime import bus
+from fedplane.v1 import agent_pb2 as agent_pb
+from fedplane.v1 import types_pb2 as pb
+from tests.hub.fakes import FakeMsg, Parts, settle, spec
+
+S = sm.S
+
+
+def reports(parts: Parts) -> ClusterReports:
+    return ClusterReports(parts.table, parts.registry, parts.store, parts.clock)
+
+
+def inventory(cluster: str) -> FakeMsg:
+    node = pb.Node(name="n0", ready=True)
+    node.free.quantities["cpu"] = 4000
+    node.allocatable.quantities["cpu"] = 4000
+    report = agent_pb.Inventory(cluster=cluster, nodes=[node])
+    return FakeMsg(report.SerializeToString(), subject=bus.subject("inventory", cluster))
+
+
+def heartbeat(cluster: str) -> FakeMsg:
+    beat = agent_pb.Heartbeat(cluster=cluster)
+    return FakeMsg(beat.SerializeToString(), subject=bus.subject("heartbeat", cluster))
+
+
+async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout() -> None:
+    parts = Parts()
+    timeout = parts.config.heartbeat_timeout_seconds
+    driver = reports(parts)
+    await driver.on_report(inventory("c1"))
+    await driver.on_report(heartbeat("c1"))
+    assert "c1" in parts.store.clusters  # registered on first contact
+    assert driver.ready == {"c1"}
+    assert parts.registry.clusters["c1"].last_seen == parts.clock.time()
+    health = asyncio.create_task(driver.run_health())
+    try:
+        await settle()
+        parts.table.wake.clear()
+        await parts.clock.advance(timeout - 1)
+        assert driver.ready == {"c1"} and not parts.table.wake.is_set()
+
+        await parts.clock.advance(timeout / 2)
+        assert driver.ready == frozenset()
+        assert parts.table.wake.is_set()
+        cluster = driver.registry.clusters["c1"].to_pb(parts.clock.time(), timeout, 0)
+        assert cluster.health == pb.NOT_READY
+
+        await driver.on_report(heartbeat("c1"))
+        assert driver.ready == {"c1"}
+    finally:
+        health.cancel()
+
+
+async def test_a_heartbeat_stamped_ahead_of_the_hubs_clock_counts_from_the_hubs_now() -> None:
+    parts = Parts()
+    driver = reports(parts)
+    msg = heartbeat("c1")
+
+    class Stamp:
+        timestamp = staticmethod(lambda: parts.clock.time() + 3600)
+
+    class Metadata:
+        timestamp = Stamp()
+
+    msg.metadata = Metadata()
+    await driver.on_report(msg)
+    assert parts.registry.clusters["c1"].last_seen == parts.clock.time()
+
+
+async def test_an_orphan_query_names_the_workloads_not_assigned_to_the_cluster() -> None:
+    parts = Parts()
+    mine, moved = await parts.submit(spec("mine"), spec("moved"))
+    await parts.dispatched(mine, "c1")
+    await parts.dispatched(moved, "c2")
+    query = agent_pb.OrphanQuery(
+        cluster="c1",
+        workloads=[
+            agent_pb.WorkloadRef(job_id=mine.id, generation=1),
+            agent_pb.WorkloadRef(job_id=moved.id, generation=1),
+            agent_pb.WorkloadRef(job_id="forgotten", generation=3),
+        ],
+    )
+    msg = FakeMsg(query.SerializeToString(), subject="fedplane.v1.gc.c1")
+
+    await reports(parts).on_orphan_query(msg)
+
+    [reply] = msg.replies
+    orphans = agent_pb.OrphanReply.FromString(reply).orphans
+    assert sorted(o.job_id for o in orphans) == sorted([moved.id, "forgotten"])
