@@ -4,24 +4,24 @@ It reports heartbeats, inventory and datasets; consumes its cluster's dispatch c
 a durable JetStream consumer, acknowledging a command only once the backend has accepted
 the workload; and reports workload state changes through the outbox. Commands are
 idempotent by (job, generation), so a redelivered command never creates a second workload.
+
+This module is the I/O shell: what to do about a command or a workload event is decided in
+`decisions`, and every NATS call goes through `fedplane.runtime.bus`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
+from fedplane.agent import decisions
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
+from fedplane.agent.decisions import CREATE, DELETE, DUPLICATE
 from fedplane.agent.outbox import Outbox
 from fedplane.core.model import Taint
 from fedplane.runtime import bus, entry, gcpolicy, logs, tasks, telemetry, timestamps
@@ -31,7 +31,7 @@ from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.agent")
-_TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+ORPHAN_REASON = "orphan: the hub no longer assigns it here"
 
 
 def make_backend(config: AgentConfig) -> Backend:
@@ -70,16 +70,18 @@ class Agent:
         if self._state_path and self._state_path.exists():
             self.generations = {k: int(v) for k, v in json.loads(self._state_path.read_text()).items()}
         self._traces: dict[str, dict[str, str]] = {}
+        # The max-run policy's state: the clocks of running workloads, the limits of the jobs
+        # that have one, and the jobs this agent stopped for overrunning (see decisions).
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
-        self._overrun: set[str] = set()
         self._max_run: dict[str, int] = {}
+        self._overrun: set[str] = set()
         self._changed = asyncio.Event()
         # The datasets last published (serialized without sequence and time): sent again on change.
         self._datasets_sent = b""
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0
-        self.nc: NATS | None = None
-        self.js: JetStreamContext | None = None
+        self.nc: bus.Connection | None = None
+        self.js: bus.JetStream | None = None
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -93,7 +95,7 @@ class Agent:
             on_disconnect=self._on_disconnect,
             on_reconnect=self._on_reconnect,
         )
-        self.js = self.nc.jetstream()
+        self.js = bus.jetstream(self.nc)
         self.connected.set()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
@@ -116,7 +118,7 @@ class Agent:
             handle.cancel()
         await tasks.bounded(self.backend.stop(), 10, "backend stop")
         if self.nc is not None:
-            await tasks.bounded(self.nc.close(), 5, "NATS close")
+            await tasks.bounded(bus.close(self.nc), 5, "NATS close")
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()
@@ -135,9 +137,7 @@ class Agent:
                 cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=timestamps.now()
             )
             try:
-                await self.js.publish(
-                    bus.subject("heartbeat", self.cluster), beat.SerializeToString(), timeout=5
-                )
+                await bus.publish_report(self.js, "heartbeat", self.cluster, beat.SerializeToString())
             except Exception as exc:
                 log.debug("heartbeat not sent", error=str(exc))
             await asyncio.sleep(self.config.heartbeat_interval_seconds)
@@ -182,9 +182,7 @@ class Agent:
             cost=self.config.cost,
             accounted_jobs=snapshot.accounted_jobs,
         )
-        publishing = [
-            self.js.publish(bus.subject("inventory", self.cluster), inventory.SerializeToString(), timeout=5)
-        ]
+        publishing = [bus.publish_report(self.js, "inventory", self.cluster, inventory.SerializeToString())]
         present = agent_pb.DataLocalityReport(datasets=datasets).SerializeToString()
         if datasets_unchanged_too or present != self._datasets_sent:
             report = agent_pb.DataLocalityReport(
@@ -195,7 +193,7 @@ class Agent:
                 datasets=datasets,
             )
             publishing.append(
-                self.js.publish(bus.subject("datasets", self.cluster), report.SerializeToString(), timeout=5)
+                bus.publish_report(self.js, "datasets", self.cluster, report.SerializeToString())
             )
         await asyncio.gather(*publishing)
         self._datasets_sent = present
@@ -203,22 +201,10 @@ class Agent:
     # ------------------------------------------------------------------ commands
     async def _command_loop(self) -> None:
         assert self.js is not None
-        commands = bus.consume(
-            self.js,
-            bus.subject("cmd", self.cluster),
-            bus.consumer_name(self.cluster),
-            bus.COMMANDS_STREAM,
-            ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=10_000
-            ),
-            1024,
-            lambda: self._stopping,
-            replaces=bus.legacy_consumer_name(self.cluster),
-        )
-        async for msgs in commands:
+        async for msgs in bus.consume_commands(self.js, self.cluster, lambda: self._stopping, 1024):
             await self._handle_messages(msgs)
 
-    async def _handle_messages(self, msgs: list[Any]) -> None:
+    async def _handle_messages(self, msgs: list[bus.Message]) -> None:
         """Handle the commands of a batch of messages; ack each message whose commands all took.
 
         Different jobs are handled concurrently; one job's commands stay in order, and after
@@ -226,7 +212,7 @@ class Agent:
         """
         by_job: dict[str, list[tuple[int, agent_pb.DispatchCommand]]] = {}
         for index, msg in enumerate(msgs):
-            for command in _commands_in(msg):
+            for command in bus.dispatch_commands_in(msg):
                 by_job.setdefault(command.job_id, []).append((index, command))
         failed: set[int] = set()
 
@@ -237,11 +223,7 @@ class Agent:
                     return
 
         await asyncio.gather(*(in_order(items) for items in by_job.values()))
-        with contextlib.suppress(Exception):
-            await asyncio.gather(
-                *(msg.nak(delay=2) if index in failed else msg.ack() for index, msg in enumerate(msgs)),
-                return_exceptions=True,
-            )
+        await bus.ack_or_nak(msgs, failed, delay=2)
 
     async def _handle_command(self, command: agent_pb.DispatchCommand) -> bool:
         with telemetry.child_span(
@@ -260,41 +242,39 @@ class Agent:
         """Apply one command; True when it may be acknowledged."""
         job_id, generation = command.job_id, command.generation
         known = self.generations.get(job_id, 0)
-        if command.HasField("create"):
-            if generation <= known:
-                log.info(
-                    "duplicate or stale dispatch ignored", job_id=job_id, generation=generation, known=known
-                )
-                return True
-            request = CreateRequest(
-                job_id,
-                generation,
-                command.create.spec,
-                list(command.create.assignments),
-                command.create.hub_id,
-            )
-            self._traces[job_id] = trace_ctx
-            try:
-                await self.backend.create(request)
-            except BackendError as exc:
-                if not exc.permanent:
-                    log.warning("backend refused workload for now", job_id=job_id, error=str(exc))
-                    return False
-                self._remember(job_id, generation)
-                self._report(WorkloadEvent(job_id, generation, pb.FAILED, exc.reason, str(exc)))
-                return True
-            self._remember(job_id, generation)
-            if command.create.spec.max_run_seconds > 0:
-                self._max_run[job_id] = command.create.spec.max_run_seconds
-            log.info("workload created", job_id=job_id, generation=generation)
-            return True
-        if command.HasField("delete"):
-            if generation < known:
-                return True
+        action = decisions.decide_command(command, known)
+        if action is CREATE:
+            return await self._create(command, trace_ctx)
+        if action is DELETE:
             self._traces.setdefault(job_id, trace_ctx)
             await self.backend.delete(job_id, generation, command.delete.reason)
             log.info("workload deleted", job_id=job_id, generation=generation, reason=command.delete.reason)
+        elif action is DUPLICATE:
+            log.info("duplicate or stale dispatch ignored", job_id=job_id, generation=generation, known=known)
+        return True
+
+    async def _create(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
+        """Create the workload; the generation is held only once the backend has decided, so a
+        temporary refusal leaves the redelivered command to be applied."""
+        job_id, generation, create = command.job_id, command.generation, command.create
+        request = CreateRequest(job_id, generation, create.spec, list(create.assignments), create.hub_id)
+        self._traces[job_id] = trace_ctx
+        error: BackendError | None = None
+        try:
+            await self.backend.create(request)
+        except BackendError as exc:
+            error = exc
+        outcome = decisions.decide_created(command, error)
+        if outcome.retry:
+            log.warning("backend refused workload for now", job_id=job_id, error=str(error))
+            return False
+        self._remember(job_id, generation)
+        if outcome.report is not None:
+            self._report(outcome.report)
             return True
+        if outcome.max_run_seconds:
+            self._max_run[job_id] = outcome.max_run_seconds
+        log.info("workload created", job_id=job_id, generation=generation)
         return True
 
     def _remember(self, job_id: str, generation: int) -> None:
@@ -329,45 +309,39 @@ class Agent:
             workloads=[agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads],
         )
         reply = agent_pb.OrphanReply.FromString(
-            (
-                await self.nc.request(bus.subject("gc", self.cluster), query.SerializeToString(), timeout=10)
-            ).data
+            await bus.request(self.nc, "gc", self.cluster, query.SerializeToString(), within=10)
         )
         for orphan in reply.orphans:
             log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
-            await self.backend.delete(
-                orphan.job_id, orphan.generation, "orphan: the hub no longer assigns it here"
-            )
+            await self.backend.delete(orphan.job_id, orphan.generation, ORPHAN_REASON)
         return [o.job_id for o in reply.orphans]
 
     # ------------------------------------------------------------------ status
     def _on_workload_event(self, event: WorkloadEvent) -> None:
-        if event.state == pb.RUNNING and event.job_id in self._max_run:
-            limit = self._max_run[event.job_id]
-            loop = asyncio.get_running_loop()
-            self._deadlines[event.job_id] = loop.call_later(
-                limit, lambda: asyncio.ensure_future(self._overran(event.job_id, event.generation, limit))
-            )
-        if event.state in _TERMINAL:
-            handle = self._deadlines.pop(event.job_id, None)
-            if handle is not None:
-                handle.cancel()
-            self._max_run.pop(event.job_id, None)
-            if event.job_id in self._overrun and event.state == pb.CANCELLED:
-                self._overrun.discard(event.job_id)
-                event = WorkloadEvent(
-                    event.job_id,
-                    event.generation,
-                    pb.FAILED,
-                    "MaxRunTimeExceeded",
-                    "ran longer than max_run_seconds",
+        job_id = event.job_id
+        outcome = decisions.decide_event(event, self._max_run.get(job_id, 0), job_id in self._overrun)
+        if outcome is not decisions.AS_IS:
+            limit = outcome.start_clock_seconds
+            if limit:
+                generation = event.generation
+                self._deadlines[job_id] = asyncio.get_running_loop().call_later(
+                    limit, lambda: asyncio.ensure_future(self._overran(job_id, generation, limit))
                 )
+            if outcome.finished:
+                handle = self._deadlines.pop(job_id, None)
+                if handle is not None:
+                    handle.cancel()
+                self._max_run.pop(job_id, None)
+            if outcome.overrun_reported:
+                self._overrun.discard(job_id)
+            if outcome.report is not None:
+                event = outcome.report
         self._report(event)
 
     async def _overran(self, job_id: str, generation: int, limit: int) -> None:
         log.warning("workload exceeded its maximum run time", job_id=job_id, limit_seconds=limit)
         self._overrun.add(job_id)
-        await self.backend.delete(job_id, generation, f"exceeded max run time of {limit}s")
+        await self.backend.delete(job_id, generation, decisions.overrun_delete_reason(limit))
 
     def _report(self, event: WorkloadEvent) -> None:
         update = agent_pb.StatusUpdate(
@@ -385,7 +359,7 @@ class Agent:
             attributes={"job.id": event.job_id, "state": pb.JobState.Name(event.state)},
         ) as trace_ctx:
             self.outbox.put(update, trace_ctx)
-        if event.state in _TERMINAL:
+        if event.state in decisions.TERMINAL:
             self._traces.pop(event.job_id, None)
 
     async def _publish_statuses(
@@ -399,23 +373,8 @@ class Agent:
             added = batch.updates.add()
             added.CopyFrom(update)
             added.trace_context.update(trace_ctx)
-        await self.js.publish(
-            bus.subject("status", self.cluster),
-            batch.SerializeToString(),
-            headers=bus.headers("StatusBatch"),
-            timeout=10,
-        )
+        await bus.publish_status_batch(self.js, self.cluster, batch.SerializeToString())
         return [None] * len(items)
-
-
-def _commands_in(msg: Any) -> list[agent_pb.DispatchCommand]:
-    """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
-    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "DispatchBatch":
-        return list(agent_pb.DispatchBatch.FromString(msg.data).commands)
-    command = agent_pb.DispatchCommand.FromString(msg.data)
-    if not command.trace_context:
-        command.trace_context.update(bus.trace_headers(msg))
-    return [command]
 
 
 async def run(config: AgentConfig) -> None:

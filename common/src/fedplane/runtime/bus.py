@@ -1,4 +1,8 @@
-"""The NATS side of the hub-agent protocol: subjects, JetStream streams and message headers.
+"""The NATS side of the hub-agent protocol: subjects, streams, consumers, acks and requests.
+
+Every call into nats-py from the hub and the agent goes through here, so the protocol's
+choices (which consumer, which acks, which deliver policy, which headers) are made once and
+read in one place, and the daemons hold plain types: `Connection`, `JetStream`, `Message`.
 
 Streams (all file-backed):
   FEDPLANE_REPORTS   heartbeat/inventory/datasets.<cluster>; only the last message per subject
@@ -6,8 +10,9 @@ Streams (all file-backed):
   FEDPLANE_COMMANDS  cmd.<cluster>; work queue, one durable consumer per agent: a command sent
                      while an agent is down waits for it.
   FEDPLANE_STATUS    status.<cluster>; work queue consumed by the hub.
-Commands and status updates carry a Nats-Msg-Id, so a republished message within the
-duplicate window is stored once.
+Commands and status updates travel in batches, which JetStream does not deduplicate (a retried
+batch may hold other items): both sides apply them idempotently instead.
+Requests (core NATS, not stored): gc.<cluster>, an agent's orphan query, answered by one hub.
 """
 
 from __future__ import annotations
@@ -15,17 +20,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Container, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from fedplane.runtime import logs, telemetry
+from fedplane.v1 import agent_pb2 as agent_pb
+
+# The daemons' names for nats-py's types, so that they need not import nats themselves.
+Connection: TypeAlias = NATS
+JetStream: TypeAlias = JetStreamContext
+Message: TypeAlias = Msg
+Subscription: TypeAlias = NatsSubscription
+
+
+class Incoming(Protocol):
+    """What reading a delivered message takes: nats-py's Msg has it, and so can a test's fake."""
+
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+
+class Ackable(Protocol):
+    """What settling a JetStream message takes: nats-py's Msg has it, and so can a test's fake."""
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+
 
 PREFIX = "fedplane.v1"
 REPORTS_STREAM = "FEDPLANE_REPORTS"
@@ -33,6 +71,12 @@ COMMANDS_STREAM = "FEDPLANE_COMMANDS"
 STATUS_STREAM = "FEDPLANE_STATUS"
 MSG_TYPE_HEADER = "Fedplane-Type"
 DUPLICATE_WINDOW_SECONDS = 600.0
+REPORT_KINDS = ("heartbeat", "inventory", "datasets")
+# The hub's durable status consumer, and the pull consumer of earlier hubs it replaces.
+STATUS_CONSUMER = "hub-statuses"
+LEGACY_STATUS_CONSUMER = "hub"
+# The queue group of the hubs answering agents' requests: exactly one of them answers each.
+HUB_QUEUE = "hub"
 log = logs.get("fedplane.bus")
 _TOKEN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -48,6 +92,11 @@ def subject(kind: str, cluster: str) -> str:
 
 def cluster_of(subject_name: str) -> str:
     return subject_name.rsplit(".", 1)[1]
+
+
+def kind_of(subject_name: str) -> str:
+    """The kind token of `<prefix>.<kind>.<cluster>`: one callback serves every kind of report."""
+    return subject_name.split(".")[-2]
 
 
 def consumer_name(cluster: str) -> str:
@@ -156,7 +205,7 @@ async def consume(
     size: int,
     stopping: Callable[[], bool],
     replaces: str = "",
-) -> AsyncIterator[list[Any]]:
+) -> AsyncGenerator[list[Any], None]:
     """Batches from a durable push consumer: as soon as one message is in, with whatever else is.
 
     A pull consumer's fetch in nats-py holds a lone message until its batch fills or its
@@ -245,3 +294,194 @@ async def publish_all(
 
 def trace_headers(msg: Any) -> dict[str, str]:
     return {k: v for k, v in (msg.headers or {}).items() if k in ("traceparent", "tracestate")}
+
+
+# ---------------------------------------------------------------------- connection
+
+
+def jetstream(nc: Connection) -> JetStream:
+    return nc.jetstream()
+
+
+async def close(nc: Connection) -> None:
+    """Close the connection; callers bound it, since a connection that is down may never close."""
+    await nc.close()
+
+
+async def unsubscribe(sub: Subscription) -> None:
+    await sub.unsubscribe()
+
+
+# ---------------------------------------------------------------------- reports (agent -> hub)
+
+
+async def publish_report(
+    js: JetStream, kind: str, cluster: str, payload: bytes, ack_wait: float = 5.0
+) -> None:
+    """Publish a heartbeat, inventory or datasets report; it replaces the cluster's last one.
+
+    Reports carry no headers: the subject says what they are, and no trace follows them.
+    """
+    await js.publish(subject(kind, cluster), payload, timeout=ack_wait)
+
+
+async def subscribe_latest_reports(
+    js: JetStream,
+    on_report: Callable[[Message], Awaitable[None]],
+    kinds: Sequence[str] = REPORT_KINDS,
+) -> list[Subscription]:
+    """Every cluster's latest report of each kind, then every new one, to `on_report`.
+
+    Ordered consumers delivering the last message per subject: a hub that (re)starts reads
+    each cluster's current state at once without replaying its history, and needs no durable
+    state or acks for reports, since a newer report supersedes any it missed.
+    """
+    subs: list[Subscription] = []
+    for kind in kinds:
+        subs.append(
+            await js.subscribe(
+                f"{PREFIX}.{kind}.*",
+                stream=REPORTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                cb=on_report,
+            )
+        )
+    return subs
+
+
+def stored_at(msg: Message) -> float | None:
+    """When the NATS server stored a JetStream message (seconds since the epoch), if known.
+
+    The hub judges a cluster's health by this rather than by the agent's clock, which may be off.
+    """
+    return msg.metadata.timestamp.timestamp() if msg.metadata else None
+
+
+# ---------------------------------------------------------------------- commands (hub -> agent)
+
+
+def command_batch_message(cluster: str, batch: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """A serialized DispatchBatch for `cluster`, as the (subject, payload, headers) publish_all takes."""
+    return subject("cmd", cluster), batch, headers("DispatchBatch")
+
+
+def command_consumer_config() -> ConsumerConfig:
+    """An agent's command consumer: explicit acks, so a command counts only once the backend took
+    it; redelivered without limit, since an edge agent may be away for days; and at most 10,000
+    unacked, the flow control for a hub dispatching faster than the cluster creates workloads."""
+    return ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=10_000)
+
+
+def consume_commands(
+    js: JetStream, cluster: str, stopping: Callable[[], bool], size: int = 1024
+) -> AsyncGenerator[list[Message], None]:
+    """Batches of `cluster`'s command messages from its durable consumer (see `consume`)."""
+    return consume(
+        js,
+        subject("cmd", cluster),
+        consumer_name(cluster),
+        COMMANDS_STREAM,
+        command_consumer_config(),
+        size,
+        stopping,
+        replaces=legacy_consumer_name(cluster),
+    )
+
+
+def dispatch_commands_in(msg: Incoming) -> list[agent_pb.DispatchCommand]:
+    """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
+    if (msg.headers or {}).get(MSG_TYPE_HEADER) == "DispatchBatch":
+        return list(agent_pb.DispatchBatch.FromString(msg.data).commands)
+    command = agent_pb.DispatchCommand.FromString(msg.data)
+    if not command.trace_context:
+        command.trace_context.update(trace_headers(msg))
+    return [command]
+
+
+# ---------------------------------------------------------------------- status (agent -> hub)
+
+
+async def publish_status_batch(js: JetStream, cluster: str, batch: bytes, ack_wait: float = 10.0) -> None:
+    """Publish a serialized StatusBatch; returns once JetStream has stored it, raises otherwise."""
+    await js.publish(subject("status", cluster), batch, headers=headers("StatusBatch"), timeout=ack_wait)
+
+
+def status_consumer_config() -> ConsumerConfig:
+    """The hub's status consumer: explicit acks, given after the etcd write, and at most 4,096
+    unacked, so a hub slow to write holds the agents' updates in the stream, not in its memory."""
+    return ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=4096)
+
+
+def consume_statuses(
+    js: JetStream, stopping: Callable[[], bool], size: int = 2048
+) -> AsyncGenerator[list[Message], None]:
+    """Batches of every cluster's status messages from the hub's durable consumer (see `consume`)."""
+    return consume(
+        js,
+        f"{PREFIX}.status.*",
+        STATUS_CONSUMER,
+        STATUS_STREAM,
+        status_consumer_config(),
+        size,
+        stopping,
+        replaces=LEGACY_STATUS_CONSUMER,
+    )
+
+
+def status_updates_in(msg: Incoming) -> list[agent_pb.StatusUpdate]:
+    """The updates a message carries: a StatusBatch, or one StatusUpdate (earlier agents)."""
+    if (msg.headers or {}).get(MSG_TYPE_HEADER) == "StatusBatch":
+        return list(agent_pb.StatusBatch.FromString(msg.data).updates)
+    update = agent_pb.StatusUpdate.FromString(msg.data)
+    if not update.trace_context:
+        update.trace_context.update(trace_headers(msg))
+    return [update]
+
+
+# ---------------------------------------------------------------------- acknowledgement
+
+
+async def ack_or_nak(msgs: Sequence[Ackable], redeliver: Container[int], delay: float) -> None:
+    """Settle a consumed batch at once: nak the messages whose index is in `redeliver`, so they
+    come back after `delay` seconds, and ack the rest.
+
+    Best effort: an ack lost on the way only means a redelivery after the consumer's ack_wait,
+    which the receivers' idempotency makes harmless, so a failure here is not raised.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.gather(
+            *(msg.nak(delay=delay) if index in redeliver else msg.ack() for index, msg in enumerate(msgs)),
+            return_exceptions=True,
+        )
+
+
+# ---------------------------------------------------------------------- requests (agent -> hub)
+
+
+async def request(nc: Connection, kind: str, cluster: str, payload: bytes, within: float = 10.0) -> bytes:
+    """Ask the hub on `<prefix>.<kind>.<cluster>` and return its answer; raises on timeout or when
+    no hub listens, so the caller skips the round rather than act without an answer."""
+    return (await nc.request(subject(kind, cluster), payload, timeout=within)).data
+
+
+async def serve_requests(
+    nc: Connection,
+    kind: str,
+    answer: Callable[[bytes], Awaitable[bytes]],
+    queue: str = HUB_QUEUE,
+) -> Subscription:
+    """Answer every cluster's requests of one kind with `answer(payload)`, as one of a queue group.
+
+    Each request reaches one member of the group. A request `answer` fails on is logged and
+    left unanswered: the requester times out and skips that round, which is safe for questions
+    whose answer only ever leads to cleanup.
+    """
+
+    async def respond(msg: Message) -> None:
+        try:
+            await msg.respond(await answer(msg.data))
+        except Exception:
+            log.exception("request not answered", kind=kind, subject=msg.subject)
+
+    return await nc.subscribe(f"{PREFIX}.{kind}.*", queue=queue, cb=respond)
