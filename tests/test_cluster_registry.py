@@ -13,6 +13,7 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedplane.core.capacity import reservation_key
 from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
     Assignment,
@@ -25,7 +26,7 @@ from fedplane.core.model import (
     Taint,
 )
 from fedplane.core.placement import place_batch
-from fedplane.hub.clusters import ClusterRegistry, ClusterState, reservation_key
+from fedplane.hub.clusters import ClusterRegistry, ClusterState
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 

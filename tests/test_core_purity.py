@@ -1,35 +1,175 @@
-"""The core stays pure: no I/O, no clocks, no network clients, no imports from the shells."""
+"""The core stays pure: it imports standard-library modules that do no I/O, and itself; nothing else.
+
+An allowlist, not a list of what is forbidden, so that a new import has to be argued for here.
+Every module under fedplane/core counts, subpackages included, and every import in it,
+wherever it is written (see tests/imports.py).
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parent.parent / "common" / "src" / "fedplane" / "core"
-FORBIDDEN = (
-    "grpc",
-    "nats",
-    "aetcd",
-    "kubernetes",
-    "asyncio",
-    "socket",
-    "time",
-    "random",
-    "fedplane.hub",
-    "fedplane.agent",
+import pytest
+
+from tests import imports
+
+# Standard-library modules that do no I/O, read no clock, draw no randomness and start no
+# threads. `sys` only for the two names the core uses: the rest of it is the process's I/O.
+STDLIB = frozenset(
+    {
+        "__future__",
+        "abc",
+        "bisect",
+        "collections",
+        "dataclasses",
+        "decimal",
+        "enum",
+        "fractions",
+        "functools",
+        "heapq",
+        "itertools",
+        "json",  # parsing and rendering text only
+        "math",
+        "operator",
+        "re",
+        "sys.intern",
+        "sys.maxunicode",
+        "typing",
+    }
 )
+OWN = frozenset({"fedplane.core"})
+# TEMPORARY: dispatch.py and validation.py still work on the wire messages (protobuf, as plain
+# data: no stubs, no I/O). They move to the core's own types once the hub's split has landed;
+# then this allowance goes (test_the_transitional_allowance_is_still_needed says when).
+TRANSITIONAL = frozenset({"fedplane.v1"})
+ALLOWED = STDLIB | OWN | TRANSITIONAL
+# Builtins that do I/O, or run code the import rule cannot see, without any import.
+IO_BUILTINS = frozenset({"open", "print", "input", "breakpoint", "exec", "eval", "compile", "__import__"})
 
 
-def test_core_imports_nothing_that_does_io() -> None:
-    offenders = []
-    for path in sorted(CORE.glob("*.py")):
+def allowed(name: str) -> bool:
+    return imports.matches(name, ALLOWED)
+
+
+def test_the_core_imports_only_what_the_allowlist_names() -> None:
+    assert not imports.offenders("fedplane.core", allowed)
+
+
+def test_the_core_calls_no_builtin_that_does_io() -> None:
+    found = []
+    for _, path in imports.modules("fedplane.core"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                if any(name == f or name.startswith(f + ".") for f in FORBIDDEN):
-                    offenders.append(f"{path.name}: {name}")
-    assert not offenders, offenders
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in IO_BUILTINS:
+                found.append(f"{path.name}:{node.lineno}: {node.func.id}()")
+    assert not found
+
+
+def test_every_core_module_is_scanned() -> None:
+    scanned = {module for module, _ in imports.modules("fedplane.core")}
+    assert {
+        "fedplane.core",
+        "fedplane.core.dispatch",
+        "fedplane.core.placement",
+        "fedplane.core.capacity",
+    } <= scanned
+
+
+def test_the_transitional_allowance_is_still_needed() -> None:
+    used = {
+        name
+        for module, path in imports.modules("fedplane.core")
+        for _, name in imports.imported(path.read_text(), module, path.name == "__init__.py")
+    }
+    for allowance in TRANSITIONAL:
+        assert any(imports.matches(name, {allowance}) for name in used), (
+            f"remove {allowance} from TRANSITIONAL"
+        )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "os",
+        "os.path",
+        "sys",
+        "sys.stdout",
+        "threading",
+        "time",
+        "socket",
+        "asyncio",
+        "random",
+        "logging",
+        "grpc",
+        "nats",
+        "aetcd",
+        "kubernetes",
+        "fedplane",
+        "fedplane.hub",
+        "fedplane.hub.clusters",
+        "fedplane.agent",
+        "fedplane.runtime",
+        "fedplane.runtime.bus",
+        "fedplane.client",
+        "fedplane.corefake",
+    ],
+)
+def test_io_clocks_threads_and_the_shells_are_refused(name: str) -> None:
+    parent, _, last = name.rpartition(".")
+    source = f"import {name}\n" + (f"from {parent} import {last}\n" if parent else "")
+    found = [found for _, found in imports.imported(source, "fedplane.core.x")]
+    assert found == [name] * (1 + bool(parent))
+    assert not allowed(name)
+
+
+SNEAKY = """\
+from fedplane.core import model
+
+
+class Planner:
+    def plan(self) -> None:
+        if model:
+            from fedplane import hub
+            import os.path as p
+
+
+def later():
+    from .. import agent
+    from ..runtime.bus import consume
+    from . import placement
+    return __import__("socket")
+"""
+
+
+def test_the_scanner_finds_imports_wherever_they_are_written() -> None:
+    found = list(imports.imported(SNEAKY, "fedplane.core.sneaky"))
+    assert sorted(found) == [
+        (1, "fedplane.core.model"),
+        (7, "fedplane.hub"),
+        (8, "os.path"),
+        (12, "fedplane.agent"),
+        (13, "fedplane.runtime.bus.consume"),
+        (14, "fedplane.core.placement"),
+        (15, "__import__"),
+    ]
+    assert [name for _, name in sorted(found) if not allowed(name)] == [
+        "fedplane.hub",
+        "os.path",
+        "fedplane.agent",
+        "fedplane.runtime.bus.consume",
+        "__import__",
+    ]
+
+
+def test_the_scan_reaches_every_module_of_every_subpackage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "deep" / "deeper").mkdir(parents=True)
+    (tmp_path / "__init__.py").write_text("from . import deep\n")
+    (tmp_path / "deep" / "__init__.py").write_text("from .. import model\nimport time\n")
+    (tmp_path / "deep" / "deeper" / "step.py").write_text("def f():\n    from .... import hub\n")
+    monkeypatch.setitem(imports.PACKAGES, "fedplane.core", tmp_path)
+    assert imports.offenders("fedplane.core", allowed) == [
+        "fedplane.core.deep:2: time",
+        "fedplane.core.deep.deeper.step:2: fedplane.hub",
+    ]

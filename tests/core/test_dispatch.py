@@ -1,4 +1,9 @@
-"""The dispatch state machine: forward-only, idempotent, generation-fenced status changes."""
+"""The dispatch state machine: forward-only, idempotent, generation-fenced status changes.
+
+The transition table is the specification: every (state, input) pair it lists does what it
+says through the function that takes the input, and every pair it does not list is refused
+(the hub's decisions) or ignored (clusters' reports).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ from fedplane.core import dispatch as sm
 from fedplane.v1 import types_pb2 as pb
 
 S = pb.JobState
+On = sm.On
 T0 = 1_700_000_000.0  # times are multiples of 1/4 s, exact in binary floating point
 ALL_STATES = [S.Value(name) for name in S.keys()]
+INPUTS = [value for name, value in vars(On).items() if name.isupper()]
+HUB_INPUTS = [On.PLACE, On.CANCEL, On.REQUEUE]
 # Forward order a job may move in; a job may only stay or move right.
-ORDER = {
+ORDER: dict[int, int] = {
     S.DISPATCHED: 1,
     S.ADMITTED: 2,
     S.RUNNING: 3,
@@ -368,7 +376,7 @@ def test_updates_never_move_a_job_backwards_or_out_of_a_terminal_state(
         now += 1
         before = status.SerializeToString()
         rank = ORDER[status.state]
-        if item == "cancel":
+        if isinstance(item, str):
             if sm.is_terminal(status.state):
                 with pytest.raises(sm.TransitionError):
                     sm.request_cancel(status, "", now)
@@ -397,3 +405,204 @@ def test_updates_never_move_a_job_backwards_or_out_of_a_terminal_state(
         assert (new.cluster, new.generation) == ("east", 1)
         assert new.HasField("finish_time") == sm.is_terminal(new.state)
         status = new
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def in_state(state: int) -> pb.JobStatus:
+    """A job in `state`: on cluster east at generation 1, or, when pending, requeued from it."""
+    status = dispatched("east")
+    status.state = S.ValueType(state)
+    if state == S.PENDING:
+        status.cluster = ""
+        del status.assignments[:]
+    return status
+
+
+def fire(status: pb.JobStatus, on: str) -> pb.JobStatus | None:
+    """Give the job input `on` through the function that takes it: the new status, or None when
+    that function refused it (TransitionError) or ignored it (a report)."""
+    now = T0 + 50
+    try:
+        if on == On.PLACE:
+            return sm.dispatch(status, "west", [assignment("w1")], pb.ScoreBreakdown(total=0.5), now)
+        if on == On.CANCEL:
+            return sm.request_cancel(status, "stop", now).status
+        if on == On.REQUEUE:
+            return sm.requeue(status, "ClusterLost", now)
+    except sm.TransitionError:
+        return None
+    reported = next(state for state, report in sm.REPORTS.items() if report == on)
+    outcome = sm.apply_update(status, status.cluster, status.generation, reported, now)
+    assert (outcome.status is None) != (outcome.ignored is None)
+    return outcome.status
+
+
+def test_the_table_has_a_row_for_every_state_and_only_terminal_states_have_no_way_out() -> None:
+    assert set(sm.TRANSITIONS) == set(ALL_STATES) - {S.JOB_STATE_UNSPECIFIED}
+    assert {state for state, row in sm.TRANSITIONS.items() if not row} == sm.TERMINAL
+    for row in sm.TRANSITIONS.values():
+        assert set(row) <= set(INPUTS)
+        assert set(row.values()) <= set(sm.TRANSITIONS)
+    # Every state a cluster reports is an input, and only those.
+    assert set(sm.REPORTS) == {S.ADMITTED, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED}
+    assert set(sm.REPORTS.values()) == set(INPUTS) - set(HUB_INPUTS)
+
+
+def test_reports_only_move_a_job_forward_and_to_the_state_reported() -> None:
+    for state, row in sm.TRANSITIONS.items():
+        for reported, on in sm.REPORTS.items():
+            if on in row:
+                assert row[on] == reported
+                assert ORDER[reported] > ORDER[state], (sm.state_name(state), on)
+
+
+@pytest.mark.parametrize("on", INPUTS)
+@pytest.mark.parametrize("state", [*ALL_STATES, 99], ids=sm.state_name)
+def test_every_state_and_input_does_what_the_table_says(state: int, on: str) -> None:
+    status = in_state(state)
+    before = status.SerializeToString()
+    expected = sm.TRANSITIONS.get(state, {}).get(on)
+    assert sm.next_state(state, on) == expected
+    new = fire(status, on)
+    assert status.SerializeToString() == before
+    if expected is None:
+        assert new is None, f"{sm.state_name(state)} took {on}"
+        return
+    assert new is not None, f"{sm.state_name(state)} refused {on}"
+    assert new.state == expected
+    if new is not status:  # cancelling again changes nothing at all
+        assert new.history[-1].state == expected
+        assert len(new.history) == len(status.history) + 1
+    assert new.HasField("finish_time") == sm.is_terminal(expected)
+    # Only dispatch changes the generation, by one.
+    assert new.generation == status.generation + (on == On.PLACE)
+
+
+# -- requeue -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [S.DISPATCHED, S.ADMITTED, S.RUNNING])
+def test_requeue_puts_the_job_back_in_the_queue_keeping_its_generation_and_history(state: int) -> None:
+    status = dispatched("east")
+    if state != S.DISPATCHED:
+        status = update(status, state, T0 + 2)
+    requeued = sm.requeue(status, "ClusterLost", T0 + 5)
+    assert requeued.state == S.PENDING and not sm.is_terminal(requeued.state)
+    assert (requeued.cluster, requeued.generation) == ("", 1)
+    assert (requeued.reason, requeued.message) == ("ClusterLost", "requeued from east")
+    assert list(requeued.assignments) == [] and not requeued.HasField("placement_score")
+    assert not requeued.HasField("finish_time")
+    assert requeued.update_time.ToNanoseconds() == nanos(T0 + 5)
+    assert history(requeued) == [*history(status), ("PENDING", nanos(T0 + 5), "", 1, "ClusterLost")]
+    assert sm.attempts(requeued) == 1
+
+
+def test_a_requeued_job_is_dispatched_under_the_next_generation_and_the_old_copy_is_fenced_off() -> None:
+    running = update(dispatched("east"), S.RUNNING, T0 + 2)
+    requeued = sm.requeue(running, "Preempted", T0 + 3, message="preempted by a higher priority job")
+    assert requeued.message == "preempted by a higher priority job"
+    # It keeps its first start: it did run.
+    assert requeued.start_time.ToNanoseconds() == nanos(T0 + 2)
+    # While pending, the old cluster's reports do not apply, and its workload is an orphan.
+    assert ignored(requeued, S.SUCCEEDED, cluster="east", generation=1) == "stale: job is at /1"
+    assert sm.is_orphan(requeued, "east", 1)
+    again = sm.dispatch(requeued, "west", [assignment("w1")], pb.ScoreBreakdown(total=0.25), T0 + 4)
+    assert (again.cluster, again.generation, sm.attempts(again)) == ("west", 2, 2)
+    assert ignored(again, S.SUCCEEDED, cluster="east", generation=1) == "stale: job is at west/2"
+    assert sm.is_orphan(again, "east", 1) and not sm.is_orphan(again, "west", 2)
+    assert [(h[0], h[2], h[3]) for h in history(again)] == [
+        ("PENDING", "", 0),
+        ("DISPATCHED", "east", 1),
+        ("RUNNING", "east", 1),
+        ("PENDING", "", 1),
+        ("DISPATCHED", "west", 2),
+    ]
+    assert update(again, S.SUCCEEDED, T0 + 5).state == S.SUCCEEDED
+
+
+def test_a_requeued_job_can_be_cancelled_at_once() -> None:
+    requeued = sm.requeue(dispatched("east"), "ClusterLost", T0 + 3)
+    outcome = sm.request_cancel(requeued, "", T0 + 4)
+    assert outcome.status.state == S.CANCELLED and not outcome.send_delete
+
+
+def test_requeue_of_a_cancelling_job_cancels_it_instead() -> None:
+    cancelling = sm.request_cancel(dispatched("east"), "stop", T0 + 2).status
+    cancelled = sm.requeue(cancelling, "ClusterLost", T0 + 3)
+    assert cancelled.state == S.CANCELLED and sm.is_terminal(cancelled.state)
+    assert (cancelled.reason, cancelled.message) == ("ClusterLost", "cancel finished without word from east")
+    assert cancelled.finish_time.ToNanoseconds() == nanos(T0 + 3)
+    # It stays on record at its cluster and generation: should the cluster come back, its
+    # workload is an orphan to delete and its reports change nothing.
+    assert (cancelled.cluster, cancelled.generation) == ("east", 1)
+    assert sm.is_orphan(cancelled, "east", 1)
+    assert ignored(cancelled, S.SUCCEEDED) == "job already CANCELLED"
+
+
+@pytest.mark.parametrize("state", [S.PENDING, S.SUCCEEDED, S.FAILED, S.CANCELLED])
+def test_requeue_is_refused_for_a_job_on_no_cluster_or_finished(state: int) -> None:
+    status = in_state(state)
+    with pytest.raises(sm.TransitionError, match=f"cannot requeue a job that is {sm.state_name(state)}"):
+        sm.requeue(status, "ClusterLost", T0 + 3)
+
+
+# -- any sequence of inputs --------------------------------------------------------------------
+
+INPUT_SEQUENCES = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["east", "west", ""]),
+            st.sampled_from([0, 1, 2, 3]),
+            st.sampled_from([*ALL_STATES, 99]),
+        ),
+        st.sampled_from([On.CANCEL, On.REQUEUE, "place east", "place west"]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(INPUT_SEQUENCES)
+def test_any_sequence_of_inputs_follows_the_table_and_fences_generations(
+    inputs: list[tuple[str, int, int] | str],
+) -> None:
+    status = sm.new_pending(T0)
+    now = T0
+    for item in inputs:
+        now += 1
+        before = status.SerializeToString()
+        try:
+            if isinstance(item, tuple):
+                cluster, generation, state = item
+                on = sm.REPORTS.get(state, "")
+                new = sm.apply_update(status, cluster, generation, state, now).status
+                if (cluster, generation) != (status.cluster, status.generation):
+                    assert new is None, "a report from another cluster or generation applied"
+            elif item.startswith("place"):
+                on = On.PLACE
+                new = sm.dispatch(status, item.split()[1], [], pb.ScoreBreakdown(), now)
+            elif item == On.CANCEL:
+                on = item
+                new = sm.request_cancel(status, "", now).status
+            else:
+                on = item
+                new = sm.requeue(status, "ClusterLost", now)
+        except sm.TransitionError:
+            new = None
+        assert status.SerializeToString() == before
+        allowed = sm.next_state(status.state, on)
+        if new is None:
+            stale = isinstance(item, tuple) and item[:2] != (status.cluster, status.generation)
+            assert allowed is None or stale
+            continue
+        assert new.state == allowed
+        assert new.generation == status.generation + (on == On.PLACE)
+        assert new.HasField("finish_time") == sm.is_terminal(new.state)
+        if new.state == S.PENDING:
+            assert new.cluster == ""
+        elif new.state in sm.ON_CLUSTER or new.state == S.CANCELLING:
+            assert new.cluster
+        status = new
+    assert sm.attempts(status) == sum(h.state == S.DISPATCHED for h in status.history)

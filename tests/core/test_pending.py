@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from tests.core.test_placement_properties import (
     JOB_SHAPES,
     PROPERTIES,
     WEIGHTS,
+    JobShape,
     check_fits,
     clusters,
     make_job,
@@ -45,8 +47,8 @@ def queued(*jobs: JobRequest) -> PendingQueue:
 @PROPERTIES
 def test_a_cycle_places_exactly_what_place_batch_places(
     cluster_list: list[ClusterView],
-    drawn: list[tuple[tuple, int]],
-    weights: Weights,  # type: ignore[type-arg]
+    drawn: list[tuple[JobShape, int]],
+    weights: Weights,
 ) -> None:
     jobs = []
     for i, (shape, copies) in enumerate(drawn):
@@ -56,7 +58,7 @@ def test_a_cycle_places_exactly_what_place_batch_places(
             gangs = tuple(
                 PodSetRequest(p.name, p.count, p.count, p.requests, p.gpu_type) for p in job.pod_sets
             )
-            jobs.append(JobRequest(job.id, gangs[:1], *_rest(job)))
+            jobs.append(dataclasses.replace(job, pod_sets=gangs[:1]))
     before = copy.deepcopy(cluster_list)
     expected = {d.job_id: d.cluster for d in place_batch(jobs, cluster_list, weights) if d.cluster}
     queue = queued(*jobs)
@@ -70,18 +72,6 @@ def test_a_cycle_places_exactly_what_place_batch_places(
         assert decision.cluster is not None and decision.chosen is not None
         check_fits(request, working[decision.cluster], decision.chosen.assignments)
         deduct(working[decision.cluster], request, decision.chosen.assignments)
-
-
-def _rest(job: JobRequest) -> tuple:  # type: ignore[type-arg]
-    return (
-        job.priority,
-        job.seq,
-        job.cluster_selector,
-        job.tolerations,
-        job.groups,
-        job.strict_groups,
-        job.datasets,
-    )
 
 
 def test_jobs_go_by_priority_then_submission_order_and_the_limit_holds() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
+from typing import TypedDict, TypeVar, Unpack
 
 import pytest
 
@@ -47,8 +49,20 @@ def node(
     return NodeView(name, free, allocatable, labels, taints, schedulable)
 
 
-def cluster(name: str, *nodes: NodeView, **kwargs: object) -> ClusterView:
-    return ClusterView(name, list(nodes) or [node(f"{name}-n0")], **kwargs)  # type: ignore[arg-type]
+class ClusterFields(TypedDict, total=False):
+    """ClusterView's fields after its nodes, to give `cluster()` by name."""
+
+    labels: Mapping[str, str]
+    taints: tuple[Taint, ...]
+    datasets: Mapping[str, int]
+    cost: float
+    ready: bool
+    cordoned: bool
+    not_ready_reason: str
+
+
+def cluster(name: str, *nodes: NodeView, **fields: Unpack[ClusterFields]) -> ClusterView:
+    return ClusterView(name, list(nodes) or [node(f"{name}-n0")], **fields)
 
 
 def pods(
@@ -68,17 +82,32 @@ def pods(
     return PodSetRequest(name, count, min_count, requests, gpu_type)
 
 
-def job(*pod_sets: PodSetRequest, id: str = "job", **kwargs: object) -> JobRequest:
-    return JobRequest(id, pod_sets or (pods(),), **kwargs)  # type: ignore[arg-type]
+class JobFields(TypedDict, total=False):
+    """JobRequest's fields after its pod sets, to give `job()` by name."""
+
+    priority: int
+    seq: int
+    cluster_selector: Mapping[str, str]
+    tolerations: tuple[Toleration, ...]
+    groups: tuple[ClusterGroup, ...]
+    strict_groups: bool
+    datasets: tuple[DatasetRequest, ...]
+
+
+def job(*pod_sets: PodSetRequest, id: str = "job", **fields: Unpack[JobFields]) -> JobRequest:
+    return JobRequest(id, pod_sets or (pods(),), **fields)
 
 
 def verdict(verdicts: list[Verdict], name: str) -> Verdict:
     return next(v for v in verdicts if v.cluster == name)
 
 
-def only(verdicts: list[Verdict]) -> Verdict:
-    assert len(verdicts) == 1
-    return verdicts[0]
+T = TypeVar("T")
+
+
+def only(items: Sequence[T]) -> T:
+    assert len(items) == 1
+    return items[0]
 
 
 def per_node(assignments: list[Assignment]) -> dict[str, int]:
@@ -583,8 +612,8 @@ def test_empty_batch_and_no_clusters() -> None:
 
 def test_summary_of_a_placed_job_names_the_cluster_and_score() -> None:
     d = only(place_batch([job()], [cluster("a", cost=1.0)]))
-    assert d.summary() == f"placed on a (score {d.chosen.score.total:.3f})"  # type: ignore[union-attr]
     assert d.chosen is not None and d.chosen.cluster == "a"
+    assert d.summary() == f"placed on a (score {d.chosen.score.total:.3f})"
 
 
 def test_summary_with_no_clusters() -> None:

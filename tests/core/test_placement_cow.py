@@ -28,18 +28,21 @@ from tests.core.test_placement_properties import (
     CLUSTER_SHAPES,
     PROPERTIES,
     WEIGHTS,
+    ClusterShape,
+    NodeShape,
     batches,
     clusters,
     make_clusters,
 )
 
 
-def _alike(templates: list[tuple], picks: list[tuple[int, int]]) -> list[ClusterView]:  # type: ignore[type-arg]
-    shapes = []
+def _alike(templates: Sequence[ClusterShape], picks: Sequence[tuple[int, int]]) -> list[ClusterView]:
+    shapes: list[ClusterShape] = []
     for template, fewer_cores in picks:
-        node_shapes, *rest = templates[template % len(templates)]
-        first = (max(0, node_shapes[0][0] - fewer_cores), *node_shapes[0][1:])
-        shapes.append(([first, *node_shapes[1:]], *rest))
+        shape = templates[template % len(templates)]
+        node_shapes = shape[0]
+        first: NodeShape = (max(0, node_shapes[0][0] - fewer_cores), *node_shapes[0][1:])
+        shapes.append(([first, *node_shapes[1:]], *shape[1:]))
     return make_clusters(shapes)
 
 
@@ -190,11 +193,16 @@ def test_a_deducted_view_keeps_its_best_fit_lists_instead_of_rescanning_the_clus
     first = best_verdicts(job, [cluster])[0]
     after = deducted(cluster, job, first.assignments)
     scans: list[int] = []
-    real = Fits.of.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(Fits, "of", classmethod(lambda cls, *a: scans.append(1) or real(cls, *a)))
+    real = Fits.of
+
+    def counting(nodes: list[NodeView], positions: list[int], wanted: tuple[tuple[str, int], ...]) -> Fits:
+        scans.append(1)
+        return real(nodes, positions, wanted)
+
+    monkeypatch.setattr(Fits, "of", counting)
     second = best_verdicts(job, [after])[0]
     assert scans == []
     # The carried list is the one a scan would give: the node the first job used is fullest.
     assert second.assignments == [Assignment("w", first.assignments[0].node, 3)]
     (carried,) = after._fits.values()
-    assert carried.entries == real(Fits, after.nodes, sorted(carried.positions), carried.wanted).entries
+    assert carried.entries == real(after.nodes, sorted(carried.positions), carried.wanted).entries

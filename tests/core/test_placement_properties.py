@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,8 +42,11 @@ TOLERATIONS = [
 ]
 
 
-def _subsets(items: list[object], max_size: int) -> list[tuple[object, ...]]:
-    result: list[tuple[object, ...]] = [()]
+T = TypeVar("T")
+
+
+def _subsets(items: Sequence[T], max_size: int) -> list[tuple[T, ...]]:
+    result: list[tuple[T, ...]] = [()]
     for size in range(1, max_size + 1):
         result += [tuple(c) for c in itertools.combinations(items, size)]
     return result
@@ -53,7 +57,11 @@ NODE_TAINTS = _subsets(TAINTS, 2)
 CLUSTER_TAINTS = _subsets(TAINTS, 1)
 JOB_TOLERATIONS = _subsets(TOLERATIONS, 2)
 LABEL_SETS = [{}, {"region": "eu"}, {"region": "us"}, {"region": "eu", "tier": "gold"}, {"tier": "silver"}]
-SELECTORS = [{}] * 6 + [{"region": "eu"}, {"tier": "gold"}, {"region": "us", "tier": "silver"}]
+SELECTORS: list[dict[str, str]] = [{}] * 6 + [
+    {"region": "eu"},
+    {"tier": "gold"},
+    {"region": "us", "tier": "silver"},
+]
 HELD = [{}, {"d1": 100}, {"d1": 40, "d2": 100}, {"d2": 5, "d3": 100}, {"d1": 100, "d2": 100, "d3": 100}]
 WANTED = [
     *[()] * 4,
@@ -77,7 +85,10 @@ PROPERTIES = settings(max_examples=200, deadline=None, suppress_health_check=[He
 
 # A node's shape: free cpu cores, free memory GiB, GPUs, allocatable surplus (None = unknown),
 # GPU product, taints, schedulable. Plain tuples draw several times faster than composites.
-NODE_SHAPES = st.tuples(
+NodeShape = tuple[int, int, int, int | None, str, tuple[Taint, ...], bool]
+# A cluster's shape: its nodes' shapes, labels, taints, datasets held, cost, ready, cordoned.
+ClusterShape = tuple[list[NodeShape], dict[str, str], tuple[Taint, ...], dict[str, int], float, bool, bool]
+NODE_SHAPES: st.SearchStrategy[NodeShape] = st.tuples(
     st.integers(0, 16),
     st.integers(0, 64),
     st.sampled_from([0, 0, 1, 2, 4, 8]),
@@ -86,7 +97,7 @@ NODE_SHAPES = st.tuples(
     st.sampled_from([()] * 2 * len(NODE_TAINTS) + NODE_TAINTS),
     st.sampled_from([True] * 7 + [False]),  # schedulable
 )
-CLUSTER_SHAPES = st.tuples(
+CLUSTER_SHAPES: st.SearchStrategy[ClusterShape] = st.tuples(
     st.lists(NODE_SHAPES, min_size=1, max_size=8),
     st.sampled_from(LABEL_SETS),
     st.sampled_from([()] * 3 * len(CLUSTER_TAINTS) + CLUSTER_TAINTS),
@@ -97,7 +108,7 @@ CLUSTER_SHAPES = st.tuples(
 )
 
 
-def make_node(name: str, shape: tuple) -> NodeView:  # type: ignore[type-arg]
+def make_node(name: str, shape: NodeShape) -> NodeView:
     cpu, memory, gpu, extra, product, taints, schedulable = shape
     free = {CPU: cpu * 1000, MEM: memory * GiB}
     if gpu:
@@ -108,7 +119,7 @@ def make_node(name: str, shape: tuple) -> NodeView:  # type: ignore[type-arg]
     return NodeView(name, free, allocatable, labels, taints, schedulable)
 
 
-def make_clusters(shapes: list[tuple]) -> list[ClusterView]:  # type: ignore[type-arg]
+def make_clusters(shapes: Sequence[ClusterShape]) -> list[ClusterView]:
     result = []
     for i, (node_shapes, labels, taints, held, cost, ready, cordoned) in enumerate(shapes):
         name = f"c{i}"
@@ -123,14 +134,25 @@ def clusters() -> st.SearchStrategy[list[ClusterView]]:
 
 
 # A pod set's shape: count, min_count as a fraction of count, cpu in half cores, memory GiB, GPUs and type.
-POD_SET_SHAPES = st.tuples(
+PodSetShape = tuple[int, float, int, int, tuple[int, str]]
+# A job's shape: its pod sets' shapes, priority, selector, tolerations, groups, strict groups, datasets.
+JobShape = tuple[
+    list[PodSetShape],
+    int,
+    dict[str, str],
+    tuple[Toleration, ...],
+    tuple[ClusterGroup, ...],
+    bool,
+    tuple[DatasetRequest, ...],
+]
+POD_SET_SHAPES: st.SearchStrategy[PodSetShape] = st.tuples(
     st.integers(1, 6),
     st.sampled_from([0.0, 0.0, 0.3, 0.5, 1.0]),
     st.integers(1, 6),
     st.sampled_from([0, 1, 4, 16]),
     st.sampled_from([(0, "")] * 6 + [(1, ""), (2, ""), *((1, p) for p in PRODUCTS)]),
 )
-JOB_SHAPES = st.tuples(
+JOB_SHAPES: st.SearchStrategy[JobShape] = st.tuples(
     st.lists(POD_SET_SHAPES, min_size=1, max_size=3),
     st.integers(0, 2),
     st.sampled_from(SELECTORS),
@@ -141,7 +163,7 @@ JOB_SHAPES = st.tuples(
 )
 
 
-def make_job(shape: tuple, id: str = "job", seq: int = 0) -> JobRequest:  # type: ignore[type-arg]
+def make_job(shape: JobShape, id: str = "job", seq: int = 0) -> JobRequest:
     set_shapes, priority, selector, tolerations, groups, strict, datasets = shape
     pod_sets = []
     for i, (count, min_fraction, half_cores, memory, (gpu, gpu_type)) in enumerate(set_shapes):
@@ -158,7 +180,7 @@ def jobs() -> st.SearchStrategy[JobRequest]:
     return JOB_SHAPES.map(make_job)
 
 
-def make_batch(shapes: list[tuple], seqs: list[int]) -> list[JobRequest]:  # type: ignore[type-arg]
+def make_batch(shapes: Sequence[JobShape], seqs: Sequence[int]) -> list[JobRequest]:
     return [make_job(shape, f"j{i}", seq) for i, (shape, seq) in enumerate(zip(shapes, seqs, strict=False))]
 
 

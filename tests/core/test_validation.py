@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -72,10 +73,10 @@ def _set(path: str, value: object) -> Mutation:
     """A mutation setting a dotted attribute path (with [i] indexes) to value."""
 
     def apply(spec: pb.JobSpec) -> None:
-        target: object = spec
+        target: Any = spec  # whatever the path walks through
         parts = path.replace("[", ".").replace("]", "").split(".")
         for part in parts[:-1]:
-            target = target[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[index]
+            target = target[int(part)] if part.isdigit() else getattr(target, part)
         setattr(target, parts[-1], value)
 
     return apply

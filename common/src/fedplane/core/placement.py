@@ -15,13 +15,13 @@ packed (branch and bound); reasons for rejecting a cluster are built only if som
 from __future__ import annotations
 
 import math
-import sys
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
+from sys import intern, maxunicode
 from typing import Any, NamedTuple
 
 from fedplane.core.model import (
@@ -432,8 +432,8 @@ def _screen(job: JobRequest, clusters: Sequence[ClusterView], weights: Weights, 
     # the tight bound's headroom depends on. Interned strings: hashed once per job, not per
     # cluster, and the same objects for every job alike, so that hits compare by identity.
     resources = repr(([r for r, _ in used], sorted(types)))
-    entry_key = sys.intern(f"entry {resources} {cheapest!r} {weights!r} {job.datasets!r} {job.groups!r}")
-    headroom_key = sys.intern(f"headroom {used!r} {resources}")
+    entry_key = intern(f"entry {resources} {cheapest!r} {weights!r} {job.datasets!r} {job.groups!r}")
+    headroom_key = intern(f"headroom {used!r} {resources}")
     w_locality, w_headroom = weights.data_locality, weights.headroom
     w_cost, w_preference = weights.cost, weights.preference
     weight_sum = (w_locality + w_headroom + w_cost + w_preference) or 1.0
@@ -735,7 +735,7 @@ class ShapeScreen:
 
 # Sorts after every cluster name, so that (rank, bound, _AFTER_EVERY_NAME) follows every entry
 # of that rank and bound.
-_AFTER_EVERY_NAME = chr(sys.maxunicode)
+_AFTER_EVERY_NAME = chr(maxunicode)
 
 
 class BatchPlacement:

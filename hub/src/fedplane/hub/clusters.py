@@ -2,7 +2,9 @@
 
 Capacity promised to a dispatched job is reserved here until the cluster's own inventory
 says it has accounted for the job (Inventory.accounted_jobs), so the next placement cycle
-never hands the same free capacity out twice, yet never subtracts it twice either.
+never hands the same free capacity out twice, yet never subtracts it twice either. The
+arithmetic of it is the core's (`fedplane.core.capacity`); this module keeps the reports and
+the reservations, and the views built from them.
 
 Every placement cycle asks for every cluster's view, and in a large federation almost none
 changed since the last cycle, so views are cached at two levels:
@@ -23,24 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from fedplane.core import model
+from fedplane.core import capacity, model
+from fedplane.core.capacity import Reservation, reservation_key
 from fedplane.hub import convert
 from fedplane.runtime import timestamps
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
-
-
-def reservation_key(job_id: str, generation: int) -> str:
-    return f"{job_id}:{generation}"
-
-
-@dataclass
-class Reservation:
-    requests: dict[str, dict[str, int]]
-    assignments: list[model.Assignment]
-
 
 _NO_INVENTORY = agent_pb.Inventory()
 
@@ -179,14 +170,7 @@ class ClusterState:
     def _rebuild(self, ready: bool, cordoned: bool, why: str) -> model.ClusterView:
         inventory = self._inventory if self._inventory is not None else _NO_INVENTORY
         reported = _node_views(inventory, self._built_from[0], self._reported)
-        nodes = list(reported)
-        position = {n.name: i for i, n in enumerate(nodes)}
-        changes: dict[int, dict[str, int]] = {}
-        for reservation in self.reservations.values():
-            _subtract(reservation, nodes, position, changes)
-        for i, free in changes.items():
-            n = nodes[i]
-            nodes[i] = model.NodeView(n.name, free, n.allocatable, n.labels, n.taints, n.schedulable)
+        nodes = capacity.free_nodes(reported, self.reservations.values())
         datasets = self._datasets
         view = model.ClusterView(
             name=self.name,
@@ -214,12 +198,11 @@ class ClusterState:
         key = reservation_key(job.id, generation)
         if key in self.reservations:
             self.release(job.id, generation)  # replaced: give the old one back first
-        reservation = Reservation({p.name: dict(p.requests) for p in job.pod_sets}, assignments)
+        reservation = Reservation.of(job, assignments)
         self.reservations[key] = reservation
         view = self._current()
         if view is not None:
-            changes: dict[int, dict[str, int]] = {}
-            _subtract(reservation, view.nodes, view.index().position, changes)
+            changes = capacity.reserved(reservation, view.nodes, view.index().position)
             if changes:
                 self._view = view.with_free(changes)
         self._touch()
@@ -232,22 +215,17 @@ class ClusterState:
         view = self._current()
         if view is None:
             return
-        # The touched nodes' free capacity again: as reported, minus the reservations left.
-        position = view.index().position
-        touched = {a.node for a in reservation.assignments if a.node in position}
-        if not touched:
-            return
-        changes = {position[name]: dict(self._reported[position[name]].free) for name in touched}
-        for left in self.reservations.values():
-            _subtract(left, view.nodes, position, changes, touched)
-        self._view = view.with_free(changes)
+        changes = capacity.released(
+            reservation, self._reported, view.nodes, view.index().position, self.reservations.values()
+        )
+        if changes:
+            self._view = view.with_free(changes)
 
     def apply_inventory(self, inventory: agent_pb.Inventory) -> None:
         """Take a new report: the view is rebuilt from it when next asked for."""
         self._inventory = inventory
         self._stale = True  # even if the same message came again
-        for key in inventory.accounted_jobs:
-            self.reservations.pop(key, None)
+        capacity.drop_accounted(self.reservations, inventory.accounted_jobs)
         self._touch()
 
     def to_pb(self, now: float, timeout: float, active_jobs: int) -> pb.Cluster:
@@ -314,28 +292,6 @@ def _node_views(
             node.allocatable = was.allocatable
         result.append(node)
     return result
-
-
-def _subtract(
-    reservation: Reservation,
-    nodes: list[model.NodeView],
-    position: dict[str, int],
-    changes: dict[int, dict[str, int]],
-    only: set[str] | None = None,
-) -> None:
-    """Take the reservation's pods out of the nodes' free capacity, into `changes` (copies).
-
-    Assignments to nodes the cluster does not report (or not in `only`) are skipped.
-    """
-    for a in reservation.assignments:
-        i = position.get(a.node)
-        if i is None or (only is not None and a.node not in only):
-            continue
-        free = changes.get(i)
-        if free is None:
-            free = changes[i] = dict(nodes[i].free)
-        for resource, amount in reservation.requests[a.pod_set].items():
-            free[resource] = free.get(resource, 0) - amount * a.count
 
 
 class ClusterRegistry:
