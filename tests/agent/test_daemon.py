@@ -6,11 +6,15 @@ test sees exactly the status updates a hub would, in order, and no etcd is neede
 
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import pytest
 
-from fedplane.agent.backend import BackendError, CreateRequest
+from fedplane.agent.backend import BackendError, CreateRequest, EmitStatus, NotifyChange, WorkloadEvent
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
+from fedplane.runtime.config import SimulatedBackendConfig
 from fedplane.v1 import types_pb2 as pb
 from tests.agent.support import HubSide, agent_config, create_command, delete_command
 
@@ -103,3 +107,141 @@ async def test_a_temporary_refusal_is_retried_when_the_command_comes_back(
         assert hub_side.states("j-retry") == [pb.ADMITTED, pb.RUNNING, pb.SUCCEEDED]
     finally:
         await agent.stop()
+
+
+# ---------------------------------------------------------------------- max run time, edge cases
+
+
+class StopsSlowly(SimulatedBackend):
+    """A cluster whose API does not answer a delete: the agent's overrun stop stays under way."""
+
+    def __init__(self, config: SimulatedBackendConfig) -> None:
+        super().__init__(config)
+        self.deleting = asyncio.Event()
+
+    async def delete(self, job_id: str, generation: int, reason: str) -> None:
+        self.deleting.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.timeout(30)
+async def test_an_overrun_stop_under_way_is_held_by_the_agent_and_cancelled_at_stop(
+    nats_url: str, hub_side: HubSide
+) -> None:
+    config = agent_config(nats_url)
+    backend = StopsSlowly(config.simulated())
+    agent = Agent(config, backend)
+    await agent.start()
+    try:
+        await hub_side.send("edge", create_command("j-slow", duration="60s", max_run_seconds=1))
+        await asyncio.wait_for(backend.deleting.wait(), 10)
+        (stopping,) = agent._overrun_stops
+        gc.collect()  # the loop holds tasks weakly: only the agent's reference keeps it alive
+        assert not stopping.done()
+    finally:
+        await agent.stop()
+    assert stopping.cancelled()
+    assert not agent._overrun_stops
+
+
+class RunsTwice(SimulatedBackend):
+    """A cluster that reports RUNNING again `again_after` seconds later, as a watch does when it
+    resyncs; it records when each RUNNING came and each delete was asked for (loop time)."""
+
+    def __init__(self, config: SimulatedBackendConfig, again_after: float) -> None:
+        super().__init__(config)
+        self.again_after = again_after
+        self.running_at: list[float] = []
+        self.deletes_at: list[float] = []
+
+    async def start(self, emit: EmitStatus, changed: NotifyChange) -> None:
+        loop = asyncio.get_running_loop()
+
+        def emit_twice(event: WorkloadEvent) -> None:
+            emit(event)
+            if event.state == pb.RUNNING:
+                self.running_at.append(loop.time())
+                if len(self.running_at) == 1:
+                    loop.call_later(self.again_after, emit_twice, event)
+
+        await super().start(emit_twice, changed)
+
+    async def delete(self, job_id: str, generation: int, reason: str) -> None:
+        self.deletes_at.append(asyncio.get_running_loop().time())
+        await super().delete(job_id, generation, reason)
+
+
+@pytest.mark.timeout(30)
+async def test_a_repeated_running_keeps_the_deadline_of_the_first(nats_url: str, hub_side: HubSide) -> None:
+    config = agent_config(nats_url)
+    backend = RunsTwice(config.simulated(), again_after=0.6)
+    agent = Agent(config, backend)
+    await agent.start()
+    try:
+        await hub_side.send("edge", create_command("j-twice", duration="60s", max_run_seconds=1))
+        failed = await hub_side.until("j-twice", pb.FAILED, timeout=10)
+        await asyncio.sleep(1.0)  # past where a clock restarted by the second RUNNING would run out
+    finally:
+        await agent.stop()
+    assert failed.reason == "MaxRunTimeExceeded"
+    assert len(backend.running_at) == 2
+    (deleted_at,) = backend.deletes_at  # one stop: the first clock was neither lost nor doubled
+    assert 1.0 <= deleted_at - backend.running_at[0] < 1.5  # counted from the first RUNNING
+
+
+@pytest.mark.timeout(30)
+async def test_a_workload_ending_within_its_limit_after_a_repeated_running_is_never_stopped(
+    nats_url: str, hub_side: HubSide
+) -> None:
+    config = agent_config(nats_url)
+    backend = RunsTwice(config.simulated(), again_after=0.2)
+    agent = Agent(config, backend)
+    await agent.start()
+    try:
+        await hub_side.send("edge", create_command("j-short", duration="0.5s", max_run_seconds=1))
+        await hub_side.until("j-short", pb.SUCCEEDED)
+        await asyncio.sleep(1.0)  # past the limit, counted from either RUNNING
+    finally:
+        await agent.stop()
+    assert len(backend.running_at) == 2
+    assert backend.deletes_at == []  # the ending stopped every clock the workload had
+    assert hub_side.states("j-short") == [pb.ADMITTED, pb.RUNNING, pb.RUNNING, pb.SUCCEEDED]
+    assert not agent._deadlines and not agent._overrun
+
+
+class EndsAsStopped(SimulatedBackend):
+    """A cluster where the first dispatch's workload completes by itself just as the agent's
+    overrun stop reaches it, so the stop finds nothing to delete."""
+
+    async def delete(self, job_id: str, generation: int, reason: str) -> None:
+        workload = self.workloads.get(job_id)
+        if workload is not None and workload.generation == 1 and not workload.done:
+            if workload.task is not None:
+                workload.task.cancel()
+            self._finish(workload, pb.SUCCEEDED, "Completed", "ended by itself")
+        await super().delete(job_id, generation, reason)
+
+
+@pytest.mark.timeout(30)
+async def test_an_overrun_stop_that_found_the_workload_ended_is_not_taken_for_a_later_cancel(
+    nats_url: str, hub_side: HubSide
+) -> None:
+    config = agent_config(nats_url)
+    agent = Agent(config, EndsAsStopped(config.simulated()))
+    await agent.start()
+    try:
+        await hub_side.send("edge", create_command("j-race", duration="60s", max_run_seconds=1))
+        ended = await hub_side.until("j-race", pb.SUCCEEDED, timeout=10)
+        assert (ended.generation, ended.reason) == (1, "Completed")
+        # The job comes back to this cluster at a new generation, and the user cancels it.
+        await hub_side.send(
+            "edge",
+            create_command("j-race", generation=2, duration="60s"),
+            delete_command("j-race", generation=2, reason="cancelled by user"),
+        )
+        cancelled = await hub_side.until("j-race", pb.CANCELLED)
+    finally:
+        await agent.stop()
+    assert (cancelled.generation, cancelled.reason, cancelled.message) == (2, "Deleted", "cancelled by user")
+    assert pb.FAILED not in hub_side.states("j-race")
+    assert not agent._overrun  # the ending cleared the mark of the stop

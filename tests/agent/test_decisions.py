@@ -114,7 +114,7 @@ def test_no_clock_starts_before_running_or_without_a_limit(state: pb.JobState.Va
 def test_an_ending_stops_the_clock_and_is_reported_as_the_backend_says(state: pb.JobState.ValueType) -> None:
     outcome = decisions.decide_event(event(state), 30, False)
     assert outcome.finished
-    assert outcome.report is None and outcome.start_clock_seconds == 0 and not outcome.overrun_reported
+    assert outcome.report is None and outcome.start_clock_seconds == 0
 
 
 def test_a_workload_stopped_for_overrunning_is_reported_failed_not_cancelled() -> None:
@@ -122,7 +122,7 @@ def test_a_workload_stopped_for_overrunning_is_reported_failed_not_cancelled() -
     assert outcome.report == WorkloadEvent(
         "j-1", 4, pb.FAILED, "MaxRunTimeExceeded", "ran longer than max_run_seconds"
     )
-    assert outcome.finished and outcome.overrun_reported
+    assert outcome.finished  # which also forgets the stop
 
 
 @pytest.mark.parametrize("state", [pb.SUCCEEDED, pb.FAILED])
@@ -130,7 +130,11 @@ def test_a_workload_that_ended_by_itself_before_its_overrun_stop_took_is_reporte
     state: pb.JobState.ValueType,
 ) -> None:
     outcome = decisions.decide_event(event(state), 30, True)
-    assert outcome.report is None and outcome.finished
+    assert outcome.report is None and outcome.finished  # the stop is forgotten: nothing left to report
+
+
+def test_a_repeated_running_keeps_the_clock_of_the_first() -> None:
+    assert decisions.decide_event(event(pb.RUNNING), 30, False, clock_running=True) is decisions.AS_IS
 
 
 def test_the_overrun_stop_names_the_limit() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fedplane.core import dispatch as sm
 from fedplane.hub.clusters import ClusterRegistry, ClusterState
@@ -61,15 +61,13 @@ async def settle(turns: int = 20) -> None:
 
 @dataclass
 class FakeMsg:
-    """A JetStream or core NATS message as the drivers use it."""
+    """A consumed status message as the status intake reads and settles it (bus.Incoming, bus.Ackable)."""
 
     data: bytes
     subject: str = ""
     headers: dict[str, str] | None = None
-    metadata: Any = None
     acked: bool = False
     naked: bool = False
-    replies: list[bytes] = field(default_factory=list)
 
     async def ack(self) -> None:
         self.acked = True
@@ -77,8 +75,13 @@ class FakeMsg:
     async def nak(self, delay: float | None = None) -> None:
         self.naked = True
 
-    async def respond(self, data: bytes) -> None:
-        self.replies.append(data)
+
+def report_msg(kind: str, cluster: str, payload: bytes, stored_at: float) -> bus.Message:
+    """A report as the hub's ordered consumer delivers it: a real nats-py message whose reply
+    subject carries the JetStream metadata, so bus.stored_at reads `stored_at` from it as it would
+    from the server."""
+    reply = f"$JS.ACK.{bus.REPORTS_STREAM}.ordered.1.1.1.{round(stored_at * 1e9)}.0"
+    return bus.Message(_client=cast(Any, None), subject=bus.subject(kind, cluster), reply=reply, data=payload)
 
 
 def status_msg(*updates: agent_pb.StatusUpdate) -> FakeMsg:

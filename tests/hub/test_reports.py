@@ -9,7 +9,7 @@ from fedplane.hub.reports import ClusterReports
 from fedplane.runtime import bus
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
-from tests.hub.fakes import FakeMsg, Parts, settle, spec
+from tests.hub.fakes import Parts, report_msg, settle, spec
 
 S = sm.S
 
@@ -18,25 +18,26 @@ def reports(parts: Parts) -> ClusterReports:
     return ClusterReports(parts.table, parts.registry, parts.store, parts.clock)
 
 
-def inventory(cluster: str) -> FakeMsg:
+def inventory(parts: Parts, cluster: str) -> bus.Message:
     node = pb.Node(name="n0", ready=True)
     node.free.quantities["cpu"] = 4000
     node.allocatable.quantities["cpu"] = 4000
     report = agent_pb.Inventory(cluster=cluster, nodes=[node])
-    return FakeMsg(report.SerializeToString(), subject=bus.subject("inventory", cluster))
+    return report_msg("inventory", cluster, report.SerializeToString(), parts.clock.time())
 
 
-def heartbeat(cluster: str) -> FakeMsg:
+def heartbeat(parts: Parts, cluster: str, ahead: float = 0.0) -> bus.Message:
+    """A heartbeat the server stored `ahead` seconds past the hub's clock."""
     beat = agent_pb.Heartbeat(cluster=cluster)
-    return FakeMsg(beat.SerializeToString(), subject=bus.subject("heartbeat", cluster))
+    return report_msg("heartbeat", cluster, beat.SerializeToString(), parts.clock.time() + ahead)
 
 
 async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout() -> None:
     parts = Parts()
     timeout = parts.config.heartbeat_timeout_seconds
     driver = reports(parts)
-    await driver.on_report(inventory("c1"))
-    await driver.on_report(heartbeat("c1"))
+    await driver.on_report(inventory(parts, "c1"))
+    await driver.on_report(heartbeat(parts, "c1"))
     assert "c1" in parts.store.clusters  # registered on first contact
     assert driver.ready == {"c1"}
     assert parts.registry.clusters["c1"].last_seen == parts.clock.time()
@@ -53,7 +54,7 @@ async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout(
         cluster = driver.registry.clusters["c1"].to_pb(parts.clock.time(), timeout, 0)
         assert cluster.health == pb.NOT_READY
 
-        await driver.on_report(heartbeat("c1"))
+        await driver.on_report(heartbeat(parts, "c1"))
         assert driver.ready == {"c1"}
     finally:
         health.cancel()
@@ -62,17 +63,15 @@ async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout(
 async def test_a_heartbeat_stamped_ahead_of_the_hubs_clock_counts_from_the_hubs_now() -> None:
     parts = Parts()
     driver = reports(parts)
-    msg = heartbeat("c1")
-
-    class Stamp:
-        timestamp = staticmethod(lambda: parts.clock.time() + 3600)
-
-    class Metadata:
-        timestamp = Stamp()
-
-    msg.metadata = Metadata()
-    await driver.on_report(msg)
+    await driver.on_report(heartbeat(parts, "c1", ahead=3600))
     assert parts.registry.clusters["c1"].last_seen == parts.clock.time()
+
+
+async def test_a_heartbeat_counts_from_when_the_server_stored_it() -> None:
+    parts = Parts()
+    driver = reports(parts)
+    await driver.on_report(heartbeat(parts, "c1", ahead=-5))
+    assert parts.registry.clusters["c1"].last_seen == parts.clock.time() - 5
 
 
 async def test_an_orphan_query_names_the_workloads_not_assigned_to_the_cluster() -> None:
@@ -88,10 +87,8 @@ async def test_an_orphan_query_names_the_workloads_not_assigned_to_the_cluster()
             agent_pb.WorkloadRef(job_id="forgotten", generation=3),
         ],
     )
-    msg = FakeMsg(query.SerializeToString(), subject="fedplane.v1.gc.c1")
 
-    await reports(parts).on_orphan_query(msg)
+    reply = await reports(parts).answer_orphan_query(query.SerializeToString())
 
-    [reply] = msg.replies
     orphans = agent_pb.OrphanReply.FromString(reply).orphans
     assert sorted(o.job_id for o in orphans) == sorted([moved.id, "forgotten"])

@@ -70,11 +70,14 @@ class Agent:
         if self._state_path and self._state_path.exists():
             self.generations = {k: int(v) for k, v in json.loads(self._state_path.read_text()).items()}
         self._traces: dict[str, dict[str, str]] = {}
-        # The max-run policy's state: the clocks of running workloads, the limits of the jobs
-        # that have one, and the jobs this agent stopped for overrunning (see decisions).
-        self._deadlines: dict[str, asyncio.TimerHandle] = {}
-        self._max_run: dict[str, int] = {}
-        self._overrun: set[str] = set()
+        # The max-run policy's state, per workload (job id, generation), so that one dispatch's
+        # clock or stop is never taken for another's: the limits of the workloads that have one,
+        # the clocks of those running under one, those this agent stopped for overrunning (see
+        # decisions), and the tasks stopping them (held here: the loop keeps only weak references).
+        self._max_run: dict[tuple[str, int], int] = {}
+        self._deadlines: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._overrun: set[tuple[str, int]] = set()
+        self._overrun_stops: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         # The datasets last published (serialized without sequence and time): sent again on change.
         self._datasets_sent = b""
@@ -116,6 +119,7 @@ class Agent:
         await tasks.cancel_all(self._tasks)
         for handle in self._deadlines.values():
             handle.cancel()
+        await tasks.cancel_all(self._overrun_stops)
         await tasks.bounded(self.backend.stop(), 10, "backend stop")
         if self.nc is not None:
             await tasks.bounded(bus.close(self.nc), 5, "NATS close")
@@ -273,7 +277,7 @@ class Agent:
             self._report(outcome.report)
             return True
         if outcome.max_run_seconds:
-            self._max_run[job_id] = outcome.max_run_seconds
+            self._max_run[job_id, generation] = outcome.max_run_seconds
         log.info("workload created", job_id=job_id, generation=generation)
         return True
 
@@ -318,30 +322,52 @@ class Agent:
 
     # ------------------------------------------------------------------ status
     def _on_workload_event(self, event: WorkloadEvent) -> None:
-        job_id = event.job_id
-        outcome = decisions.decide_event(event, self._max_run.get(job_id, 0), job_id in self._overrun)
+        workload = (event.job_id, event.generation)
+        outcome = decisions.decide_event(
+            event, self._max_run.get(workload, 0), workload in self._overrun, workload in self._deadlines
+        )
         if outcome is not decisions.AS_IS:
             limit = outcome.start_clock_seconds
             if limit:
-                generation = event.generation
-                self._deadlines[job_id] = asyncio.get_running_loop().call_later(
-                    limit, lambda: asyncio.ensure_future(self._overran(job_id, generation, limit))
+                self._deadlines[workload] = asyncio.get_running_loop().call_later(
+                    limit, self._clock_ran_out, workload, limit
                 )
             if outcome.finished:
-                handle = self._deadlines.pop(job_id, None)
+                handle = self._deadlines.pop(workload, None)
                 if handle is not None:
                     handle.cancel()
-                self._max_run.pop(job_id, None)
-            if outcome.overrun_reported:
-                self._overrun.discard(job_id)
+                self._max_run.pop(workload, None)
+                self._overrun.discard(workload)
             if outcome.report is not None:
                 event = outcome.report
         self._report(event)
 
-    async def _overran(self, job_id: str, generation: int, limit: int) -> None:
-        log.warning("workload exceeded its maximum run time", job_id=job_id, limit_seconds=limit)
-        self._overrun.add(job_id)
-        await self.backend.delete(job_id, generation, decisions.overrun_delete_reason(limit))
+    def _clock_ran_out(self, workload: tuple[str, int], limit: int) -> None:
+        """Stop a workload that ran past its limit.
+
+        It is marked as stopped by the agent here, before the delete starts, so that an ending
+        reported meanwhile finds the mark (a CANCELLED is the stop; any ending clears it).
+        """
+        job_id, generation = workload
+        log.warning(
+            "workload exceeded its maximum run time",
+            job_id=job_id,
+            generation=generation,
+            limit_seconds=limit,
+        )
+        self._overrun.add(workload)
+        task = asyncio.get_running_loop().create_task(
+            self._stop_overrun(job_id, generation, limit), name=f"agent-overrun-{job_id}"
+        )
+        self._overrun_stops.add(task)
+        task.add_done_callback(self._overrun_stops.discard)
+
+    async def _stop_overrun(self, job_id: str, generation: int, limit: int) -> None:
+        try:
+            await self.backend.delete(job_id, generation, decisions.overrun_delete_reason(limit))
+        except Exception:
+            # Nobody awaits this task: say why the workload runs on past its limit.
+            log.exception("stopping an overrunning workload failed", job_id=job_id, generation=generation)
 
     def _report(self, event: WorkloadEvent) -> None:
         update = agent_pb.StatusUpdate(

@@ -7,9 +7,11 @@ be read in one place and tested without any of those:
   makes a second workload, and a delete meant for an older dispatch never touches a newer one.
 - A backend's refusal is either temporary (the command comes back) or permanent (the job
   fails, and the command is done with).
-- The max-run-time policy: the clock starts when the workload runs; a workload the agent
-  stopped for overrunning is reported FAILED (MaxRunTimeExceeded), not CANCELLED, because
-  nobody cancelled it.
+- The max-run-time policy: the clock starts when the workload first runs (a RUNNING reported
+  again, as by a watch that resyncs, does not restart it: a workload could then run on past
+  its limit); a workload the agent stopped for overrunning is reported FAILED
+  (MaxRunTimeExceeded), not CANCELLED, because nobody cancelled it. All of it is per workload,
+  i.e. per (job, generation): another dispatch of the job is another workload.
 
 It imports the wire types and the backend's plain data types only: no asyncio, NATS, clock
 or backend I/O (tests/agent/test_imports.py checks). The daemon's command and status paths
@@ -104,33 +106,35 @@ class Observed:
     report: WorkloadEvent | None = None
     # The workload started running under a limit: stop it after this many seconds (0: no clock).
     start_clock_seconds: int = 0
-    # The workload ended: stop its clock and forget its limit.
+    # The workload ended: stop its clock, forget its limit and whether the agent stopped it (any
+    # ending settles that: one that came by itself as the stop fired leaves no stop to report).
     finished: bool = False
-    # The stop for overrunning has been reported: forget that it happened.
-    overrun_reported: bool = False
 
 
 AS_IS = Observed()
 FINISHED = Observed(finished=True)
 
 
-def decide_event(event: WorkloadEvent, max_run_seconds: int, stopped_for_overrun: bool) -> Observed:
-    """Decide about a backend's workload event, given the job's limit (0: none) and whether the
-    agent itself deleted the workload for running past it.
+def decide_event(
+    event: WorkloadEvent, max_run_seconds: int, stopped_for_overrun: bool, clock_running: bool = False
+) -> Observed:
+    """Decide about a backend's workload event, given the workload's limit (0: none), whether the
+    agent itself deleted the workload for running past it, and whether its clock already runs.
 
     The backend reports the end of a deleted workload as CANCELLED whoever deleted it; only
     the agent knows that it was its own max-run stop, which the hub must see as a failure.
     """
     state = event.state
     if state == _RUNNING:
-        return Observed(start_clock_seconds=max_run_seconds) if max_run_seconds > 0 else AS_IS
+        if max_run_seconds > 0 and not clock_running:
+            return Observed(start_clock_seconds=max_run_seconds)
+        return AS_IS
     if state not in TERMINAL:
         return AS_IS
     if stopped_for_overrun and state == _CANCELLED:
         return Observed(
             report=WorkloadEvent(event.job_id, event.generation, _FAILED, MAX_RUN_REASON, MAX_RUN_MESSAGE),
             finished=True,
-            overrun_reported=True,
         )
     return FINISHED
 

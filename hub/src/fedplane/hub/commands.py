@@ -13,7 +13,6 @@ import itertools
 from collections.abc import Iterator
 from typing import Protocol
 
-from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from fedplane.runtime import bus, logs, telemetry
@@ -60,7 +59,7 @@ class CommandSender:
     so under load each batch is larger, not later. A command stays queued until stored.
     """
 
-    def __init__(self, js: JetStreamContext, batch: int = 10_000, retry_delay: float = 1.0) -> None:
+    def __init__(self, js: bus.JetStream, batch: int = 10_000, retry_delay: float = 1.0) -> None:
         self.js = js
         self.batch = batch
         self.retry_delay = retry_delay
@@ -138,9 +137,7 @@ class CommandSender:
             for chunk in _chunks(entries):
                 batch = agent_pb.DispatchBatch(commands=[command for _, (_, command, _) in chunk])
                 chunks.append(chunk)
-                messages.append(
-                    (bus.subject("cmd", cluster), batch.SerializeToString(), bus.headers("DispatchBatch"))
-                )
+                messages.append(bus.command_batch_message(cluster, batch.SerializeToString()))
         results = await bus.publish_all(self.js, messages)
         failed = [
             entry

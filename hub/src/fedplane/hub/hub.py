@@ -18,10 +18,6 @@ Time comes from an injected Clock, so that tests can drive it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Weights
@@ -51,7 +47,7 @@ EVENT_BUFFER = 20_000
 
 class Hub:
     def __init__(
-        self, config: HubConfig, store: Store, nc: NATS, js: JetStreamContext, clock: Clock = SYSTEM
+        self, config: HubConfig, store: Store, nc: bus.Connection, js: bus.JetStream, clock: Clock = SYSTEM
     ) -> None:
         self.config = config
         self.store = store
@@ -72,7 +68,7 @@ class Hub:
             self.table, self.registry, self.commands, self.events, clock, Weights(**vars(config.weights))
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._subs: list[Any] = []
+        self._subs: list[bus.Subscription] = []
         self._stopping = False
 
     @classmethod
@@ -81,7 +77,7 @@ class Hub:
             config.etcd_endpoint, config.etcd_prefix, max_txn_ops=config.etcd_max_txn_ops
         )
         nc = await bus.connect(config.nats_url, f"fedplane-hub-{config.hub_id}")
-        js = nc.jetstream()
+        js = bus.jetstream(nc)
         await bus.ensure_streams(js, config.stream_max_age_seconds)
         hub = cls(config, store, nc, js, clock)
         await hub._recover()
@@ -145,6 +141,6 @@ class Hub:
         await tasks.cancel_all(self._tasks)
         self.intake.close(HubError("UNAVAILABLE", "the hub is shutting down; submit again"))
         for sub in self._subs:
-            await tasks.bounded(sub.unsubscribe(), 2, "unsubscribe")
-        await tasks.bounded(self.nc.close(), 5, "NATS close")
+            await tasks.bounded(bus.unsubscribe(sub), 2, "unsubscribe")
+        await tasks.bounded(bus.close(self.nc), 5, "NATS close")
         await tasks.bounded(self.store.close(), 5, "etcd close")

@@ -8,12 +8,6 @@ not keep a silent cluster alive).
 
 from __future__ import annotations
 
-from typing import Any
-
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-
 from fedplane.core import dispatch as sm
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
@@ -33,45 +27,36 @@ class ClusterReports:
         self.clock = clock
         self.ready: frozenset[str] = frozenset()
 
-    async def subscribe(self, nc: NATS, js: JetStreamContext) -> list[Any]:
+    async def subscribe(self, nc: bus.Connection, js: bus.JetStream) -> list[bus.Subscription]:
         """Subscribe to every cluster's reports (their last values first) and to orphan queries."""
-        subs: list[Any] = []
-        for kind in ("heartbeat", "inventory", "datasets"):
-            sub = await js.subscribe(
-                f"{bus.PREFIX}.{kind}.*",
-                stream=bus.REPORTS_STREAM,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                cb=self.on_report,
-            )
-            subs.append(sub)
-        subs.append(await nc.subscribe(f"{bus.PREFIX}.gc.*", queue="hub", cb=self.on_orphan_query))
+        subs = await bus.subscribe_latest_reports(js, self.on_report)
+        subs.append(await bus.serve_requests(nc, "gc", self.answer_orphan_query))
         return subs
 
-    async def on_orphan_query(self, msg: Any) -> None:
-        """Answer an agent's garbage-collection question from the dispatch records."""
-        try:
-            query = agent_pb.OrphanQuery.FromString(msg.data)
-            orphans = []
-            jobs = self.table.jobs
-            for ref in query.workloads:
-                record = jobs.get(ref.job_id)
-                if sm.is_orphan(record.status if record else None, query.cluster, ref.generation):
-                    orphans.append(ref)
-            await msg.respond(agent_pb.OrphanReply(orphans=orphans).SerializeToString())
-        except Exception:
-            log.exception("bad orphan query", subject=msg.subject)
+    async def answer_orphan_query(self, query_bytes: bytes) -> bytes:
+        """Answer an agent's garbage-collection question from the dispatch records (a query that
+        fails to parse is logged by the bus and left unanswered: the agent skips that round)."""
+        query = agent_pb.OrphanQuery.FromString(query_bytes)
+        orphans = []
+        jobs = self.table.jobs
+        for ref in query.workloads:
+            record = jobs.get(ref.job_id)
+            if sm.is_orphan(record.status if record else None, query.cluster, ref.generation):
+                orphans.append(ref)
+        return agent_pb.OrphanReply(orphans=orphans).SerializeToString()
 
-    async def on_report(self, msg: Any) -> None:
+    async def on_report(self, msg: bus.Message) -> None:
         try:
-            kind = msg.subject.split(".")[-2]
+            kind = bus.kind_of(msg.subject)
             cluster = bus.cluster_of(msg.subject)
             state, added = self.registry.get_or_add(cluster)
             if added:
                 await self.store.put_cluster(cluster, state.admin.SerializeToString())
                 log.info("cluster registered", cluster=cluster)
             now = self.clock.time()
-            stamped = msg.metadata.timestamp.timestamp() if msg.metadata else now
+            stamped = bus.stored_at(msg)
+            if stamped is None:
+                stamped = now
             if kind == "heartbeat":
                 state.heartbeat = agent_pb.Heartbeat.FromString(msg.data)
                 state.last_seen = min(max(state.last_seen, stamped), now)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
 from fedplane.core import dispatch as sm
@@ -27,15 +25,8 @@ from fedplane.v1 import types_pb2 as pb
 log = logs.get("fedplane.hub")
 
 
-class StatusMessage(Protocol):
-    """What the intake reads of a JetStream message (nats-py's Msg, or a fake in tests)."""
-
-    @property
-    def data(self) -> bytes: ...
-    @property
-    def headers(self) -> dict[str, str] | None: ...
-    async def ack(self) -> None: ...
-    async def nak(self, delay: float | None = None) -> None: ...
+class StatusMessage(bus.Incoming, bus.Ackable, Protocol):
+    """What the intake reads and settles of a status message: nats-py's Msg, or a fake in tests."""
 
 
 class StatusIntake:
@@ -44,18 +35,8 @@ class StatusIntake:
         self.registry = registry
         self.clock = clock
 
-    async def run(self, js: JetStreamContext, stopping: Callable[[], bool]) -> None:
-        statuses = bus.consume(
-            js,
-            f"{bus.PREFIX}.status.*",
-            "hub-statuses",
-            bus.STATUS_STREAM,
-            ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=10, max_ack_pending=4096),
-            2048,
-            stopping,
-            replaces="hub",
-        )
-        async for msgs in statuses:
+    async def run(self, js: bus.JetStream, stopping: Callable[[], bool]) -> None:
+        async for msgs in bus.consume_statuses(js, stopping, 2048):
             try:
                 await self.apply_batch(msgs)
             except asyncio.CancelledError:
@@ -105,7 +86,7 @@ class StatusIntake:
         # Without a span to make or a debug line to write, no per-update trace context is set up.
         traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
-            for update in updates_in(msg):
+            for update in bus.status_updates_in(msg):
                 with (
                     telemetry.child_span(
                         "hub.status",
@@ -134,19 +115,6 @@ class StatusIntake:
                 if state is not None:
                     state.release(write.job_id, write.status.generation)
                 freed = True
-        await asyncio.gather(
-            *(msg.nak(delay=0.1) if index in lost else msg.ack() for index, msg in enumerate(msgs)),
-            return_exceptions=True,
-        )
+        await bus.ack_or_nak(msgs, lost, delay=0.1)
         if freed:
             self.table.capacity_changed()
-
-
-def updates_in(msg: Any) -> list[agent_pb.StatusUpdate]:
-    """The updates a message carries: a StatusBatch, or one StatusUpdate (earlier agents)."""
-    if (msg.headers or {}).get(bus.MSG_TYPE_HEADER) == "StatusBatch":
-        return list(agent_pb.StatusBatch.FromString(msg.data).updates)
-    update = agent_pb.StatusUpdate.FromString(msg.data)
-    if not update.trace_context:
-        update.trace_context.update(bus.trace_headers(msg))
-    return [update]
