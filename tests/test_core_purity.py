@@ -39,11 +39,9 @@ STDLIB = frozenset(
     }
 )
 OWN = frozenset({"fedplane.core"})
-# TEMPORARY: dispatch.py and validation.py still work on the wire messages (protobuf, as plain
-# data: no stubs, no I/O). They move to the core's own types once the hub's split has landed;
-# then this allowance goes (test_the_transitional_allowance_is_still_needed says when).
-TRANSITIONAL = frozenset({"fedplane.v1"})
-ALLOWED = STDLIB | OWN | TRANSITIONAL
+# Nothing else: not even the wire messages (fedplane.v1). The core speaks its own types, and
+# the shells convert at their edges (docs/architecture.md, "One language in the core").
+ALLOWED = STDLIB | OWN
 # Builtins that do I/O, or run code the import rule cannot see, without any import.
 IO_BUILTINS = frozenset({"open", "print", "input", "breakpoint", "exec", "eval", "compile", "__import__"})
 
@@ -75,16 +73,11 @@ def test_every_core_module_is_scanned() -> None:
     } <= scanned
 
 
-def test_the_transitional_allowance_is_still_needed() -> None:
-    used = {
-        name
-        for module, path in imports.modules("fedplane.core")
-        for _, name in imports.imported(path.read_text(), module, path.name == "__init__.py")
-    }
-    for allowance in TRANSITIONAL:
-        assert any(imports.matches(name, {allowance}) for name in used), (
-            f"remove {allowance} from TRANSITIONAL"
-        )
+def test_the_core_does_not_speak_the_wire() -> None:
+    found = imports.offenders(
+        "fedplane.core", lambda name: not imports.matches(name, {"fedplane.v1", "google"})
+    )
+    assert not found, f"the core uses its own types; the shells convert: {found}"
 
 
 @pytest.mark.parametrize(
@@ -112,6 +105,10 @@ def test_the_transitional_allowance_is_still_needed() -> None:
         "fedplane.runtime.bus",
         "fedplane.client",
         "fedplane.corefake",
+        "fedplane.v1",
+        "fedplane.v1.types_pb2",
+        "google.protobuf",
+        "importlib",
     ],
 )
 def test_io_clocks_threads_and_the_shells_are_refused(name: str) -> None:
@@ -138,6 +135,13 @@ def later():
     from ..runtime.bus import consume
     from . import placement
     return __import__("socket")
+
+
+def dynamic(name):
+    import importlib
+    importlib.import_module("fedplane.v1.types_pb2")
+    importlib.import_module(".dispatch", "fedplane.core")
+    return importlib.import_module(name)
 """
 
 
@@ -151,6 +155,11 @@ def test_the_scanner_finds_imports_wherever_they_are_written() -> None:
         (13, "fedplane.runtime.bus.consume"),
         (14, "fedplane.core.placement"),
         (15, "__import__"),
+        (15, "socket"),
+        (19, "importlib"),
+        (20, "fedplane.v1.types_pb2"),
+        (21, "fedplane.core.dispatch"),
+        (22, "importlib.import_module"),
     ]
     assert [name for _, name in sorted(found) if not allowed(name)] == [
         "fedplane.hub",
@@ -158,6 +167,10 @@ def test_the_scanner_finds_imports_wherever_they_are_written() -> None:
         "fedplane.agent",
         "fedplane.runtime.bus.consume",
         "__import__",
+        "socket",
+        "importlib",
+        "fedplane.v1.types_pb2",
+        "importlib.import_module",
     ]
 
 

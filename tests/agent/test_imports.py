@@ -1,68 +1,45 @@
-"""The agent talks NATS only through fedplane.runtime.bus, and its decisions do no I/O at all."""
+"""The agent talks NATS only through fedplane.runtime.bus, and its decisions do no I/O at all.
+
+Imports are read by the one scanner, tests/imports.py: every statement, relative imports
+resolved, and importlib.import_module and __import__ calls with a literal name.
+"""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+from tests import imports
 
-AGENT = Path(__file__).resolve().parents[2] / "agent" / "src" / "fedplane" / "agent"
+NATS = frozenset({"nats"})
 # What decisions.py may not import: anything that waits, talks, reads a clock or reaches a cluster.
-IO = (
-    "nats",
-    "asyncio",
-    "socket",
-    "time",
-    "kubernetes",
-    "urllib3",
-    "opentelemetry",
-    "fedplane.runtime",
-    "fedplane.hub",
-    "fedplane.agent.daemon",
-    "fedplane.agent.outbox",
-    "fedplane.agent.simulated",
-    "fedplane.agent.kubernetes_backend",
+IO = frozenset(
+    {
+        "nats",
+        "asyncio",
+        "socket",
+        "time",
+        "kubernetes",
+        "urllib3",
+        "opentelemetry",
+        "fedplane.runtime",
+        "fedplane.hub",
+        "fedplane.agent.daemon",
+        "fedplane.agent.outbox",
+        "fedplane.agent.simulated",
+        "fedplane.agent.kubernetes_backend",
+    }
 )
 
 
-def imported(source: str) -> list[str]:
-    """Every module a source imports, by statement or by a literal importlib/__import__ call."""
-    names: list[str] = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.append(node.module)
-        elif (
-            isinstance(node, ast.Call)
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-            and (
-                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
-                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-            )
-        ):
-            names.append(node.args[0].value)
-    return names
-
-
-def offenders(path: Path, forbidden: tuple[str, ...]) -> list[str]:
-    return [
-        f"{path.relative_to(AGENT)}: {name}"
-        for name in imported(path.read_text())
-        if any(name == f or name.startswith(f + ".") for f in forbidden)
-    ]
-
-
 def test_nothing_in_the_agent_imports_nats() -> None:
-    sources = sorted(AGENT.rglob("*.py"))
-    assert AGENT / "daemon.py" in sources
-    found = [o for path in sources for o in offenders(path, ("nats",))]
+    scanned = {module for module, _ in imports.modules("fedplane.agent")}
+    assert {"fedplane.agent.daemon", "fedplane.agent.decisions"} <= scanned
+    found = imports.offenders("fedplane.agent", lambda name: not imports.matches(name, NATS))
     assert not found, f"the agent reaches NATS through fedplane.runtime.bus only: {found}"
 
 
 def test_the_agents_decisions_do_no_io() -> None:
-    found = offenders(AGENT / "decisions.py", IO)
+    found = imports.offenders(
+        "fedplane.agent", lambda name: not imports.matches(name, IO), only={"fedplane.agent.decisions"}
+    )
     assert not found, found
 
 
@@ -72,5 +49,13 @@ def test_the_scan_sees_every_form_of_import() -> None:
         "import importlib\nimportlib.import_module('nats.js.api')\n__import__('nats')\n"
         "from . import sibling\nimport natsort\n"
     )
-    hits = [n for n in imported(source) if n == "nats" or n.startswith("nats.")]
-    assert sorted(hits) == ["nats", "nats", "nats.aio.client", "nats.js", "nats.js.api"]
+    found = [name for _, name in imports.imported(source, "fedplane.agent.module")]
+    hits = [name for name in found if imports.matches(name, NATS)]
+    assert sorted(hits) == ["nats", "nats", "nats.aio.client.Client", "nats.js", "nats.js.api"]
+    assert "fedplane.agent.sibling" in found and "natsort" in found
+
+
+def test_a_relative_import_of_an_io_module_is_caught() -> None:
+    # `from . import daemon` in decisions.py names fedplane.agent.daemon, as the rule spells it.
+    found = [name for _, name in imports.imported("from . import daemon\n", "fedplane.agent.decisions")]
+    assert found == ["fedplane.agent.daemon"] and imports.matches(found[0], IO)

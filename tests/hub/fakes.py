@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fedplane.core import dispatch as sm
+from fedplane.core.placement import Verdict
+from fedplane.hub import records
 from fedplane.hub.clusters import ClusterRegistry, ClusterState
 from fedplane.hub.intake import Intake
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
@@ -101,6 +103,25 @@ class FakeCommands:
         self.queued.append((job, command))
 
 
+def dispatched_status(status: pb.JobStatus, cluster: str, now: float) -> pb.JobStatus:
+    """`status` dispatched to `cluster` (with no assignments and a zero score), as a round records it."""
+    return records.record(status, sm.dispatch(records.state_of(status), Verdict(cluster, True)), now)
+
+
+def reported_status(status: pb.JobStatus, state: int, now: float) -> pb.JobStatus:
+    """`status` after its own cluster reported `state` at its generation, which must apply."""
+    outcome = sm.apply_update(records.state_of(status), status.cluster, status.generation, state)
+    assert isinstance(outcome, sm.Transition), outcome
+    return records.record(status, outcome, now)
+
+
+def cancelled_status(status: pb.JobStatus, reason: str, now: float) -> pb.JobStatus:
+    """`status` after a cancel that moves it (to CANCELLED, or CANCELLING on a cluster)."""
+    transition = sm.request_cancel(records.state_of(status), reason).transition
+    assert transition is not None
+    return records.record(status, transition, now)
+
+
 def spec(name: str = "job", cpu_millis: int = 1000, queue: str = "") -> pb.JobSpec:
     job_spec = pb.JobSpec(name=name, queue=queue, pod_sets=[pb.PodSet(name="main", count=1)])
     job_spec.pod_sets[0].requests.quantities["cpu"] = cpu_millis
@@ -157,5 +178,5 @@ class Parts:
         return written
 
     async def dispatched(self, record: JobRecord, cluster: str) -> JobRecord:
-        status = sm.dispatch(record.status, cluster, [], pb.ScoreBreakdown(), self.clock.time())
+        status = dispatched_status(record.status, cluster, self.clock.time())
         return await self.set_status(record, status)

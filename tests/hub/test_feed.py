@@ -10,7 +10,7 @@ from fedplane.hub.events import EventLog
 from fedplane.hub.feed import StatusFeed
 from fedplane.hub.intake import Intake
 from fedplane.hub.store import JobToCreate, StoredJob
-from tests.hub.fakes import Parts, settle, spec
+from tests.hub.fakes import Parts, cancelled_status, settle, spec
 from tests.hub.memory_store import MemoryStore
 
 S = sm.S
@@ -25,7 +25,7 @@ async def test_the_feed_merges_foreign_writes_and_publishes_every_change() -> No
         await settle()
         assert [(c.revision, c.job_id) for c in events.events] == [(record.seq, record.id)]
 
-        cancelled = sm.request_cancel(record.status, "elsewhere", parts.clock.time()).status
+        cancelled = cancelled_status(record.status, "elsewhere", parts.clock.time())
         revision = parts.store.put_status(record.id, cancelled.SerializeToString())
         await settle()
         assert record.state == S.CANCELLED and record.revision == revision

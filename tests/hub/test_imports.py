@@ -1,22 +1,21 @@
 """The hub talks NATS only through fedplane.runtime.bus, as the agent does (tests/agent/test_imports.py),
-so that the protocol's choices (consumers, acks, deliver policies, headers) are made in one place."""
+so that the protocol's choices (consumers, acks, deliver policies, headers) are made in one place.
+Imports are read by the one scanner, tests/imports.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from tests import imports
 
-from tests.agent.test_imports import imported
-
-HUB = Path(__file__).resolve().parents[2] / "hub" / "src" / "fedplane" / "hub"
+NATS = frozenset({"nats"})
 
 
 def test_nothing_in_the_hub_imports_nats() -> None:
-    sources = sorted(HUB.rglob("*.py"))
-    assert {HUB / "hub.py", HUB / "reports.py", HUB / "statuses.py", HUB / "commands.py"} <= set(sources)
-    found = [
-        f"{path.relative_to(HUB)}: {name}"
-        for path in sources
-        for name in imported(path.read_text())
-        if name == "nats" or name.startswith("nats.")
-    ]
+    scanned = {module for module, _ in imports.modules("fedplane.hub")}
+    assert {
+        "fedplane.hub.hub",
+        "fedplane.hub.reports",
+        "fedplane.hub.statuses",
+        "fedplane.hub.commands",
+    } <= scanned
+    found = imports.offenders("fedplane.hub", lambda name: not imports.matches(name, NATS))
     assert not found, f"the hub reaches NATS through fedplane.runtime.bus only: {found}"

@@ -6,7 +6,7 @@ import asyncio
 
 from fedplane.core import dispatch as sm
 from fedplane.hub.retention import Retention
-from tests.hub.fakes import Parts, spec
+from tests.hub.fakes import Parts, cancelled_status, reported_status, spec
 
 S = sm.S
 RETENTION = 100.0  # the loop looks every 25 s
@@ -17,7 +17,7 @@ async def test_a_finished_job_is_deleted_once_the_clock_passes_its_retention() -
     done, running, key_holder = await parts.submit(spec("done"), spec("running"), spec("keyed"))
     done = await parts.dispatched(done, "c1")
     running = await parts.dispatched(running, "c1")
-    finished = sm.apply_update(done.status, "c1", 1, S.SUCCEEDED, parts.clock.time()).status
+    finished = reported_status(done.status, S.SUCCEEDED, parts.clock.time())
     assert finished is not None
     done = await parts.set_status(done, finished)
     retention = Retention(parts.table, parts.clock, RETENTION)
@@ -38,7 +38,7 @@ async def test_a_finished_job_is_deleted_once_the_clock_passes_its_retention() -
 async def test_a_job_changed_since_it_was_judged_is_not_deleted() -> None:
     parts = Parts()
     (record,) = await parts.submit(spec())
-    cancelled = sm.request_cancel(record.status, "no", parts.clock.time()).status
+    cancelled = cancelled_status(record.status, "no", parts.clock.time())
     record = await parts.set_status(record, cancelled)
     # Written again behind the table's back: the table's revision is stale.
     parts.store.put_status(record.id, cancelled.SerializeToString())
@@ -54,7 +54,7 @@ async def test_a_job_changed_since_it_was_judged_is_not_deleted() -> None:
 async def test_zero_retention_keeps_finished_jobs() -> None:
     parts = Parts()
     (record,) = await parts.submit(spec())
-    await parts.set_status(record, sm.request_cancel(record.status, "no", parts.clock.time()).status)
+    await parts.set_status(record, cancelled_status(record.status, "no", parts.clock.time()))
     loop = asyncio.create_task(Retention(parts.table, parts.clock, 0).run())
     await parts.clock.advance(10 * 365 * 86400)
     assert loop.done() and record.id in parts.table.jobs

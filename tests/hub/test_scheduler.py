@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fedplane.core import dispatch as sm
+from fedplane.hub import records
 from fedplane.hub.scheduler import Scheduler
 from fedplane.v1 import types_pb2 as pb
-from tests.hub.fakes import Parts, free_cpu, ready_cluster, spec
+from tests.hub.fakes import Parts, cancelled_status, free_cpu, ready_cluster, spec
 
 S = sm.S
 
@@ -46,7 +47,7 @@ async def test_a_lost_compare_and_swap_requeues_the_job() -> None:
     ready_cluster(parts.registry, "c1", parts.clock.time(), cpu_millis=8000)
     (record,) = await parts.submit(spec())
     # Another writer rewrites the status, still PENDING, behind the table's back.
-    again = sm.new_pending(parts.clock.time())
+    again = records.submitted(parts.clock.time())
     parts.store.put_status(record.id, again.SerializeToString())
     parts.table.wake.clear()
 
@@ -64,7 +65,7 @@ async def test_a_job_cancelled_during_the_round_is_not_requeued() -> None:
     parts = Parts()
     ready_cluster(parts.registry, "c1", parts.clock.time())
     (record,) = await parts.submit(spec())
-    cancelled = sm.request_cancel(record.status, "changed my mind", parts.clock.time()).status
+    cancelled = cancelled_status(record.status, "changed my mind", parts.clock.time())
     parts.store.put_status(record.id, cancelled.SerializeToString())
 
     await scheduler(parts).place_pending()

@@ -6,7 +6,16 @@ from fedplane.core import dispatch as sm
 from fedplane.core.model import Assignment, JobRequest, PodSetRequest
 from fedplane.hub.statuses import StatusIntake
 from fedplane.v1 import agent_pb2 as agent_pb
-from tests.hub.fakes import FakeMsg, Parts, free_cpu, ready_cluster, spec, status_msg
+from tests.hub.fakes import (
+    FakeMsg,
+    Parts,
+    cancelled_status,
+    free_cpu,
+    ready_cluster,
+    reported_status,
+    spec,
+    status_msg,
+)
 
 S = sm.S
 
@@ -56,7 +65,7 @@ async def test_a_lost_compare_and_swap_naks_only_its_messages() -> None:
     first = await parts.dispatched(first, "c1")
     second = await parts.dispatched(second, "c1")
     # Another writer moves the first job on behind the table's back (as a cancel would).
-    cancelling = sm.request_cancel(first.status, "stop", parts.clock.time()).status
+    cancelling = cancelled_status(first.status, "stop", parts.clock.time())
     won_at = parts.store.put_status(first.id, cancelling.SerializeToString())
     lost = status_msg(update(first.id, S.RUNNING))
     landed = status_msg(update(second.id, S.RUNNING))
@@ -101,3 +110,26 @@ async def test_a_single_update_message_from_an_earlier_agent_is_applied() -> Non
     await intake(parts).apply_batch([msg])
 
     assert msg.acked and record.state == S.RUNNING
+
+
+async def test_updates_for_one_job_in_a_batch_chain_and_the_ignored_ones_change_nothing() -> None:
+    parts = Parts()
+    (record,) = await parts.submit(spec())
+    record = await parts.dispatched(record, "c1")
+    expected = reported_status(
+        reported_status(record.status, S.RUNNING, parts.clock.time()), S.SUCCEEDED, parts.clock.time()
+    )
+    before = parts.store.revision
+    # RUNNING, then a late ADMITTED (backwards, after RUNNING in this very batch), a stale
+    # generation, a duplicate RUNNING, then SUCCEEDED: each decided on what the batch made so far.
+    first = status_msg(update(record.id, S.RUNNING), update(record.id, S.ADMITTED))
+    second = status_msg(update(record.id, S.RUNNING, generation=0), update(record.id, S.RUNNING))
+    third = status_msg(update(record.id, S.SUCCEEDED))
+
+    await intake(parts).apply_batch([first, second, third])
+
+    assert all(m.acked and not m.naked for m in (first, second, third))
+    assert parts.store.revision == before + 1  # one write for the job
+    stored = parts.store.statuses[record.id][0]
+    assert stored == expected.SerializeToString()  # exactly the two moves that applied
+    assert record.state == S.SUCCEEDED and record.status_blob == stored

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fedplane.core import dispatch as sm
 from fedplane.hub.store import NO_FENCE, Fence
 from fedplane.hub.table import StatusWrite
-from fedplane.v1 import types_pb2 as pb
-from tests.hub.fakes import Parts, spec
+from tests.hub.fakes import Parts, cancelled_status, dispatched_status, reported_status, spec
 
 S = sm.S
 
@@ -16,9 +15,8 @@ async def test_an_older_revision_never_overwrites_a_newer_one() -> None:
     (record,) = await parts.submit(spec())
     table = parts.table
     created_at = record.revision
-    dispatched = sm.dispatch(record.status, "c1", [], pb.ScoreBreakdown(), parts.clock.time())
-    running = sm.apply_update(dispatched, "c1", dispatched.generation, S.RUNNING, parts.clock.time()).status
-    assert running is not None
+    dispatched = dispatched_status(record.status, "c1", parts.clock.time())
+    running = reported_status(dispatched, S.RUNNING, parts.clock.time())
 
     table.merge(record.id, running, created_at + 2)
     # The dispatch, at an older revision, arrives after (the watch lagging behind a write).
@@ -38,7 +36,7 @@ async def test_a_newer_revision_moves_counters_and_the_pending_queue() -> None:
     table = parts.table
     assert record.id in table.queue and table.counts[("q", S.PENDING)] == 1
 
-    cancelled = sm.request_cancel(record.status, "no", parts.clock.time()).status
+    cancelled = cancelled_status(record.status, "no", parts.clock.time())
     table.merge(record.id, cancelled, record.revision + 1)
     assert record.state == S.CANCELLED
     assert record.id not in table.queue
@@ -51,9 +49,9 @@ async def test_a_lost_write_leaves_the_winners_status_in_the_table() -> None:
     (record,) = await parts.submit(spec())
     stale = record.revision
     # Another writer cancels behind the table's back.
-    cancelled = sm.request_cancel(record.status, "elsewhere", parts.clock.time()).status
+    cancelled = cancelled_status(record.status, "elsewhere", parts.clock.time())
     won_at = parts.store.put_status(record.id, cancelled.SerializeToString())
-    dispatched = sm.dispatch(record.status, "c1", [], pb.ScoreBreakdown(), parts.clock.time())
+    dispatched = dispatched_status(record.status, "c1", parts.clock.time())
 
     (written,) = await parts.table.write([StatusWrite.of(record.id, dispatched, stale)])
     assert written is None

@@ -1,10 +1,13 @@
-"""The dispatch state machine: how a job's status record may change, and what that asks for.
+"""The dispatch state machine: how a job's dispatch record may change, and what that asks for.
 
-Every function takes the current status and returns a new one (never mutating the input),
-so the hub can write it with a compare-and-swap and retry on conflict. Which changes are
-allowed is the table `TRANSITIONS` (state -> {input -> next state}) and nothing else: the
-functions look their move up in it, and refuse (the hub's own decisions) or ignore (a
-member cluster's reports) any pair it does not list.
+The machine decides on three plain fields of the record, `DispatchState` (state, cluster,
+generation), and returns a decision: a `Transition` (the state to move to, why, and where the
+job then is), or `Ignored` for a cluster's report that changes nothing. It never sees the
+stored record: the hub records a transition into its wire status (hub/records.py), once, and
+writes that with a compare-and-swap, retrying on conflict. Which changes are allowed is the
+table `TRANSITIONS` (state -> {input -> next state}) and nothing else: the functions look their
+move up in it, and refuse (the hub's own decisions) or ignore (a member cluster's reports) any
+pair it does not list.
 
     PENDING --place--> DISPATCHED --agent--> ADMITTED --agent--> RUNNING --agent--> SUCCEEDED | FAILED
      | ^                   |                    |                   |
@@ -17,32 +20,43 @@ Status updates from agents are idempotent by (generation, state): a stale genera
 backwards move is ignored, so redelivered or reordered messages never regress a job or
 resurrect it. The one way back is `requeue`, the hub's own decision: it clears the cluster
 but keeps the generation, so the next dispatch bumps it and fences off whatever the old
-cluster still reports. JobStatus has no attempt counter: the generation, which dispatch and
+cluster still reports. The record has no attempt counter: the generation, which dispatch and
 nothing else bumps, counts the dispatches (`attempts`).
+
+The core speaks its own types only (see docs/architecture.md, "One language in the core"):
+states are plain ints, the same numbers as the wire's JobState (tests/hub/test_states.py
+checks that they never drift), and a dispatch carries placement's own Assignment and Score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, NamedTuple
 
-from fedplane.v1 import types_pb2 as pb
+from fedplane.core.model import Assignment
+from fedplane.core.placement import Score, Verdict
 
 
 class S:
-    """The JobState values as plain class attributes: reading `pb.JobState.X` goes through a
-    Python-level __getattr__ each time, and the hub reads states several times per job."""
+    """The job states, as plain ints: the wire's JobState numbers.
 
-    JOB_STATE_UNSPECIFIED = pb.JOB_STATE_UNSPECIFIED
-    PENDING = pb.PENDING
-    DISPATCHED = pb.DISPATCHED
-    ADMITTED = pb.ADMITTED
-    RUNNING = pb.RUNNING
-    SUCCEEDED = pb.SUCCEEDED
-    FAILED = pb.FAILED
-    CANCELLING = pb.CANCELLING
-    CANCELLED = pb.CANCELLED
+    Class attributes rather than an Enum: the hub reads states several times per job, and an
+    Enum member costs a Python-level lookup and hash each time.
+    """
+
+    JOB_STATE_UNSPECIFIED = 0
+    PENDING = 1
+    DISPATCHED = 2
+    ADMITTED = 3
+    RUNNING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+    CANCELLING = 7
+    CANCELLED = 8
+
+
+# Each state's name, as the wire names it.
+NAMES: Final[Mapping[int, str]] = {value: name for name, value in vars(S).items() if name.isupper()}
 
 
 class On:
@@ -111,20 +125,68 @@ REPORTS: Final[Mapping[int, str]] = {
     S.CANCELLED: On.CANCELLED,
 }
 _NO_MOVES: Mapping[str, int] = {}
-# Cap on kept transitions so a long-lived record stays small.
-MAX_HISTORY = 64
 
 
 class TransitionError(ValueError):
     """The requested change is not allowed from the job's current state."""
 
 
+# The machine's inputs and decisions are immutable values, NamedTuples rather than frozen
+# dataclasses: the hub makes a few per job on its hot paths (a placement round, a status
+# batch, an orphan query), and a frozen dataclass costs about twice as much to build (each
+# field goes through object.__setattr__).
+
+
+class DispatchState(NamedTuple):
+    """What the machine decides on: a job's state, and the cluster and generation holding it
+    (no cluster, generation 0, before its first dispatch)."""
+
+    state: int
+    cluster: str = ""
+    generation: int = 0
+
+
+class Transition(NamedTuple):
+    """A move of a job's record: to `state`, for `reason` and `message`, after which the job
+    is at `cluster` and `generation` (the record's history notes both with the move).
+
+    When `replaces_placement` is set, what placement decided is replaced too: dispatch sets
+    the chosen cluster's node assignments and score, a requeue clears them (no assignments, no
+    score). Other moves keep the record's.
+    """
+
+    state: int
+    reason: str
+    message: str
+    cluster: str
+    generation: int
+    replaces_placement: bool = False
+    assignments: tuple[Assignment, ...] = ()
+    score: Score | None = None
+
+    @property
+    def after(self) -> DispatchState:
+        """The job's dispatch state once the move is made: what the next decision starts from."""
+        return DispatchState(self.state, self.cluster, self.generation)
+
+
+class Ignored(NamedTuple):
+    """A cluster's report that changes nothing, and why."""
+
+    why: str
+
+
+class CancelOutcome(NamedTuple):
+    # The move, or None when the job is already cancelling (nothing changes).
+    transition: Transition | None
+    # True when the member cluster must be told to delete the workload.
+    send_delete: bool
+
+
 def state_name(state: int) -> str:
-    # proto3 enums are open: a newer agent may report a value this hub does not know.
-    try:
-        return pb.JobState.Name(state)  # type: ignore[arg-type]
-    except ValueError:
-        return f"JobState({state})"
+    # The wire's enums are open: a newer agent may report a value this hub does not know.
+    name = NAMES.get(state)
+    return name if name is not None else f"JobState({state})"
 
 
 def next_state(state: int, on: str) -> int | None:
@@ -132,100 +194,69 @@ def next_state(state: int, on: str) -> int | None:
     return TRANSITIONS.get(state, _NO_MOVES).get(on)
 
 
-def _transition(
-    status: pb.JobStatus, state: int, now: float, *, reason: str = "", message: str = ""
-) -> pb.JobStatus:
-    new = pb.JobStatus()
-    new.CopyFrom(status)
-    return _transitioned(new, state, now, reason, message)
+def _move(current: DispatchState, state: int, reason: str, message: str) -> Transition:
+    """A move that leaves the job where it is (its cluster, generation and placement)."""
+    return Transition(state, reason, message, current.cluster, current.generation)
 
 
-def _transitioned(new: pb.JobStatus, state: int, now: float, reason: str, message: str) -> pb.JobStatus:
-    """`new` (a copy the caller owns) moved to `state`, with the move in its history."""
-    new.state = state  # type: ignore[assignment]
-    new.reason = reason
-    new.message = message
-    nanos = int(now * 1e9)
-    seconds, nanos = divmod(nanos, 1_000_000_000)
-    update_time = new.update_time
-    update_time.seconds = seconds
-    update_time.nanos = nanos
-    new.history.add(
-        state=state,  # type: ignore[arg-type]
-        time=update_time,
-        cluster=new.cluster,
-        generation=new.generation,
-        reason=reason,
-        message=message,
-    )
-    if len(new.history) > MAX_HISTORY:
-        del new.history[1 : len(new.history) - MAX_HISTORY + 1]
-    if state == S.RUNNING and not new.HasField("start_time"):
-        new.start_time.CopyFrom(update_time)
-    if state in TERMINAL:
-        new.finish_time.CopyFrom(update_time)
-    return new
+_SUBMITTED = Transition(S.PENDING, "Submitted", "", "", 0)
 
 
-def new_pending(now: float) -> pb.JobStatus:
-    return _transition(pb.JobStatus(), S.PENDING, now, reason="Submitted")
+def new_pending() -> Transition:
+    """A new job's first move: into PENDING, on no cluster, at generation 0."""
+    return _SUBMITTED
 
 
-def attempts(status: pb.JobStatus) -> int:
+def attempts(current: DispatchState) -> int:
     """How many times the job was dispatched: its generation, which only dispatch bumps."""
-    return status.generation
+    return current.generation
 
 
-def dispatch(
-    status: pb.JobStatus,
-    cluster: str,
-    assignments: Sequence[pb.NodeAssignment],
-    score: pb.ScoreBreakdown,
-    now: float,
-) -> pb.JobStatus:
-    """PENDING -> DISPATCHED on `cluster` under the next generation."""
-    state = next_state(status.state, On.PLACE)
+def dispatch(current: DispatchState, verdict: Verdict) -> Transition:
+    """PENDING -> DISPATCHED on the verdict's cluster under the next generation.
+
+    `verdict` is placement's choice as placement returned it (`Decision.chosen`): its node
+    assignments and score go into the record with the move.
+    """
+    state = next_state(current.state, On.PLACE)
     if state is None:
-        raise TransitionError(f"cannot dispatch a job that is {state_name(status.state)}")
-    new = pb.JobStatus()
-    new.CopyFrom(status)
-    new.cluster = cluster
-    new.generation = status.generation + 1
-    del new.assignments[:]
-    new.assignments.extend(assignments)
-    new.placement_score.CopyFrom(score)
-    return _transitioned(new, state, now, "Placed", f"dispatched to {cluster}")
-
-
-@dataclass(frozen=True)
-class UpdateOutcome:
-    status: pb.JobStatus | None
-    # Why the update changed nothing (None when it applied).
-    ignored: str | None = None
+        raise TransitionError(f"cannot dispatch a job that is {state_name(current.state)}")
+    if not verdict.feasible:
+        raise ValueError(f"cannot dispatch to {verdict.cluster}: the job does not fit there")
+    cluster = verdict.cluster
+    return Transition(
+        state,
+        "Placed",
+        f"dispatched to {cluster}",
+        cluster,
+        current.generation + 1,
+        True,
+        tuple(verdict.assignments),
+        verdict.score,
+    )
 
 
 def apply_update(
-    status: pb.JobStatus,
+    current: DispatchState,
     cluster: str,
     generation: int,
     state: int,
-    now: float,
     *,
     reason: str = "",
     message: str = "",
-) -> UpdateOutcome:
-    """Apply a member cluster's status report, if it is current and the table takes it.
+) -> Transition | Ignored:
+    """Take a member cluster's status report, if it is current and the table takes it.
 
     Never raises: a report that cannot apply is answered with why, since an exception would
     have its message redelivered forever.
     """
-    if generation != status.generation or cluster != status.cluster:
-        return UpdateOutcome(None, f"stale: job is at {status.cluster}/{status.generation}")
+    if generation != current.generation or cluster != current.cluster:
+        return Ignored(f"stale: job is at {current.cluster}/{current.generation}")
     on = REPORTS.get(state)
-    target = None if on is None else next_state(status.state, on)
+    target = None if on is None else next_state(current.state, on)
     if target is None:
-        return UpdateOutcome(None, _why_ignored(status.state, state))
-    return UpdateOutcome(_transition(status, target, now, reason=reason, message=message))
+        return Ignored(_why_ignored(current.state, state))
+    return _move(current, target, reason, message)
 
 
 def _why_ignored(current: int, reported: int) -> str:
@@ -242,75 +273,66 @@ def _why_ignored(current: int, reported: int) -> str:
     return f"not forward from {state_name(current)}"
 
 
-@dataclass(frozen=True)
-class CancelOutcome:
-    status: pb.JobStatus
-    # True when the member cluster must be told to delete the workload.
-    send_delete: bool
-
-
-def request_cancel(status: pb.JobStatus, reason: str, now: float) -> CancelOutcome:
+def request_cancel(current: DispatchState, reason: str) -> CancelOutcome:
     """Cancel at once if nothing runs yet, or ask the cluster to delete the workload.
 
-    Cancelling a job that is already cancelling returns `status` itself (no new transition),
-    with the delete to be sent again.
+    Cancelling a job that is already cancelling makes no move (the transition is None), with
+    the delete to be sent again.
     """
-    state = next_state(status.state, On.CANCEL)
+    state = next_state(current.state, On.CANCEL)
     if state is None:
-        if status.state in TERMINAL:
-            raise TransitionError(f"job already {state_name(status.state)}")
-        raise TransitionError(f"cannot cancel a job that is {state_name(status.state)}")
-    if state == status.state:
-        return CancelOutcome(status, True)
+        if current.state in TERMINAL:
+            raise TransitionError(f"job already {state_name(current.state)}")
+        raise TransitionError(f"cannot cancel a job that is {state_name(current.state)}")
+    if state == current.state:
+        return CancelOutcome(None, True)
     message = reason or "cancelled by user"
     if state == S.CANCELLING:
-        return CancelOutcome(_transition(status, state, now, reason="CancelRequested", message=message), True)
-    return CancelOutcome(_transition(status, state, now, reason="Cancelled", message=message), False)
+        return CancelOutcome(_move(current, state, "CancelRequested", message), True)
+    return CancelOutcome(_move(current, state, "Cancelled", message), False)
 
 
-def requeue(status: pb.JobStatus, reason: str, now: float, *, message: str = "") -> pb.JobStatus:
+def requeue(current: DispatchState, reason: str, *, message: str = "") -> Transition:
     """Take the job off its cluster (lost, or the job preempted there): back to PENDING.
 
     Allowed from DISPATCHED, ADMITTED and RUNNING. The cluster, its assignments and the
-    placement score are cleared; the generation and the history are kept, so the next
-    dispatch bumps the generation (the old cluster's reports go stale, and `attempts` counts
-    on); start_time keeps the first start. A CANCELLING job becomes CANCELLED instead: it is
-    wanted nowhere, and it keeps its cluster and generation, so that a late report finds it
-    finished and its workload an orphan. `reason` is machine-readable ("ClusterLost",
+    placement score are cleared; the generation (and the record's history) are kept, so the
+    next dispatch bumps the generation (the old cluster's reports go stale, and `attempts`
+    counts on); the record keeps its first start. A CANCELLING job becomes CANCELLED instead:
+    it is wanted nowhere, and it keeps its cluster and generation, so that a late report finds
+    it finished and its workload an orphan. `reason` is machine-readable ("ClusterLost",
     "Preempted").
     """
-    state = next_state(status.state, On.REQUEUE)
+    state = next_state(current.state, On.REQUEUE)
     if state is None:
-        raise TransitionError(f"cannot requeue a job that is {state_name(status.state)}")
+        raise TransitionError(f"cannot requeue a job that is {state_name(current.state)}")
     if state != S.PENDING:
-        return _transition(
-            status,
-            state,
-            now,
-            reason=reason,
-            message=message or f"cancel finished without word from {status.cluster}",
+        return _move(
+            current, state, reason, message or f"cancel finished without word from {current.cluster}"
         )
-    new = pb.JobStatus()
-    new.CopyFrom(status)
-    new.cluster = ""
-    del new.assignments[:]
-    new.ClearField("placement_score")
-    return _transitioned(new, state, now, reason, message or f"requeued from {status.cluster}")
+    return Transition(
+        state,
+        reason,
+        message or f"requeued from {current.cluster}",
+        "",
+        current.generation,
+        replaces_placement=True,
+    )
 
 
 def is_terminal(state: int) -> bool:
     return state in TERMINAL
 
 
-def is_orphan(status: pb.JobStatus | None, cluster: str, generation: int) -> bool:
+def is_orphan(current: DispatchState | None, cluster: str, generation: int) -> bool:
     """Whether a workload found in `cluster` at `generation` is one the hub no longer wants there.
 
-    Unknown jobs, jobs now held by another cluster or generation (a requeued job is held by
-    none), and cancelled jobs are orphans; finished jobs are not, so their objects (and logs)
-    stay until cleaned up by TTL.
+    Unknown jobs (None), jobs now held by another cluster or generation (a requeued job is held
+    by none), and cancelled jobs are orphans; finished jobs are not, so their objects (and
+    logs) stay until cleaned up by TTL.
     """
-    if status is None:
+    if current is None:
         return True
-    if status.cluster != cluster or status.generation != generation:
+    if current.cluster != cluster or current.generation != generation:
         return True
-    return status.state in (S.CANCELLED, S.PENDING)
+    return current.state in (S.CANCELLED, S.PENDING)

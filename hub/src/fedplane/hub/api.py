@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Decision, Weights, evaluate
-from fedplane.core.validation import validate_spec
-from fedplane.hub import convert
+from fedplane.hub import convert, records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, delete_command
@@ -19,6 +18,7 @@ from fedplane.hub.errors import HubError
 from fedplane.hub.events import Change, EventLog, WatchFellBehind
 from fedplane.hub.store import RevisionCompacted
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
+from fedplane.hub.validation import validate_spec
 from fedplane.runtime import logs
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
@@ -112,15 +112,15 @@ class HubApi:
             record = table.jobs.get(job_id)
             if record is None:
                 raise HubError("NOT_FOUND", f"job {job_id!r} not found")
-            status = record.status
             try:
-                outcome = sm.request_cancel(status, reason, self.clock.time())
+                outcome = sm.request_cancel(record.dispatch_state, reason)
             except sm.TransitionError as exc:
                 raise HubError("FAILED_PRECONDITION", f"job {job_id}: {exc}") from None
-            if outcome.status is status:
-                written: JobRecord | None = record
+            if outcome.transition is None:
+                written: JobRecord | None = record  # already cancelling: only the delete again
             else:
-                (written,) = await table.write([StatusWrite.of(job_id, outcome.status, record.revision)])
+                status = records.record_into(record.status, outcome.transition, self.clock.time())
+                (written,) = await table.write([StatusWrite.of(job_id, status, record.revision)])
             if written is None:
                 continue  # lost a race with a status update: re-read and decide again
             if outcome.send_delete:

@@ -1,4 +1,5 @@
-"""Translation between the wire messages and the placement core's plain data."""
+"""Translation between the wire messages and the core's plain data (records.py builds on it to
+write the state machine's transitions into the stored status)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The hub: its parts wired together, and their lifecycle (start, recover, stop).
 
-Everything that decides lives in fedplane.core. The hub's own state is the job table
-(table.py), over the store (store.py) and beside the cluster registry (clusters.py); each
-concern is a driver over the table:
+Everything that decides lives in fedplane.core, which speaks its own plain types; the hub
+converts at its edge (convert.py for placement's inputs and outputs, records.py to write the
+state machine's transitions into the stored JobStatus), and validates the specs that enter it
+(validation.py). The hub's own state is the job table (table.py), over the store (store.py)
+and beside the cluster registry (clusters.py); each concern is a driver over the table:
 
   intake.py     submits, stored by group commit
   scheduler.py  placement rounds, dispatching by compare-and-swap

@@ -11,11 +11,11 @@ import asyncio
 import secrets
 from collections.abc import Sequence
 
-from fedplane.core import dispatch as sm
-from fedplane.core.validation import validate_spec
+from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.errors import HubError
 from fedplane.hub.table import JobRecord, JobTable, NewJob
+from fedplane.hub.validation import validate_spec
 from fedplane.runtime import logs, telemetry, timestamps
 from fedplane.v1 import types_pb2 as pb
 
@@ -53,7 +53,8 @@ class Intake:
         now = self.clock.time()
         trace_context = telemetry.inject()
         created_at = timestamps.at(now)
-        pending = sm.new_pending(now)
+        # One status for the whole call, serialized once: every job of it starts the same.
+        pending = records.submitted(now)
         pending_blob = pending.SerializeToString()
         new_jobs: list[NewJob] = []
         # For each item, the index of the job that answers it; a key repeated in the batch

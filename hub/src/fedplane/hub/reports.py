@@ -41,7 +41,7 @@ class ClusterReports:
         jobs = self.table.jobs
         for ref in query.workloads:
             record = jobs.get(ref.job_id)
-            if sm.is_orphan(record.status if record else None, query.cluster, ref.generation):
+            if sm.is_orphan(record.dispatch_state if record else None, query.cluster, ref.generation):
                 orphans.append(ref)
         return agent_pb.OrphanReply(orphans=orphans).SerializeToString()
 

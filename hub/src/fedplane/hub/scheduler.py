@@ -13,7 +13,7 @@ import asyncio
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
 from fedplane.core.placement import Decision, Weights
-from fedplane.hub import convert
+from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
@@ -78,22 +78,19 @@ class Scheduler:
         if len(placed) >= limit:
             table.wake.set()  # more may fit: carry on right after this batch is written
         writes: list[StatusWrite] = []
-        # The job, parsed once: its status to dispatch from, then its spec for the command.
+        # The job, parsed once: its status to record the dispatch in, then its spec for the command.
         chosen: dict[str, tuple[JobRequest, Decision, pb.Job]] = {}
         jobs = table.jobs
         for request, decision in placed:
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
             record = jobs[decision.job_id]
+            # The machine decides on the record's parsed fields and takes placement's verdict as
+            # is; the job's own parsed copy records the move, so it is what is written.
+            transition = sm.dispatch(record.dispatch_state, verdict)
             job = record.job
-            status = sm.dispatch(
-                job.status,
-                decision.cluster,
-                convert.assignments_pb(verdict.assignments),
-                convert.score_pb(verdict.score),
-                now,
-            )
-            writes.append(StatusWrite.of(decision.job_id, status, record.revision))
+            records.record_into(job.status, transition, now)
+            writes.append(StatusWrite.of(decision.job_id, job.status, record.revision))
             chosen[decision.job_id] = (request, decision, job)
         if not writes:
             return
@@ -107,7 +104,6 @@ class Scheduler:
                 continue
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
-            job.status.CopyFrom(write.status)  # what was written
             if telemetry.recording():
                 # The job's own placement span, in its submit's trace: the round that decided it.
                 telemetry.tracer().start_span(

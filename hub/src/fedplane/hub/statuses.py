@@ -15,6 +15,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from fedplane.core import dispatch as sm
+from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.table import JobTable, StatusWrite
@@ -23,6 +24,9 @@ from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
+# A job's status as a batch's updates have left it so far: what the state machine decides on,
+# the wire status they were recorded in, and the revision the write compares.
+_Pending = tuple[sm.DispatchState, pb.JobStatus, int]
 
 
 class StatusMessage(bus.Incoming, bus.Ackable, Protocol):
@@ -45,9 +49,7 @@ class StatusIntake:
                 log.exception("applying status updates failed; they will be redelivered")
                 await asyncio.sleep(0.5)
 
-    def _take(
-        self, update: agent_pb.StatusUpdate, now: float, pending: dict[str, tuple[pb.JobStatus, int]]
-    ) -> bool:
+    def _take(self, update: agent_pb.StatusUpdate, now: float, pending: dict[str, _Pending]) -> bool:
         """Apply one update to the job's status as `pending` (the batch's writes so far) holds
         it; whether it changed the status."""
         found = pending.get(update.job_id)
@@ -55,20 +57,26 @@ class StatusIntake:
             record = self.table.jobs.get(update.job_id)
             if record is None:
                 return False
-            found = (record.status, record.revision)
+            current, status, revision = record.dispatch_state, None, record.revision
+        else:
+            current, status, revision = found
         outcome = sm.apply_update(
-            found[0],
+            current,
             update.cluster,
             update.generation,
             update.state,
-            now,
             reason=update.reason,
             message=update.message,
         )
-        if outcome.status is None:
-            log.debug("status update ignored", job_id=update.job_id, why=outcome.ignored)
+        if isinstance(outcome, sm.Ignored):
+            log.debug("status update ignored", job_id=update.job_id, why=outcome.why)
             return False
-        pending[update.job_id] = (outcome.status, found[1])
+        if status is None:
+            # Parsed once per job and batch, and only when an update applies; the batch owns
+            # the copy, so later updates of the job are recorded into it in place.
+            status = self.table.jobs[update.job_id].status
+        records.record_into(status, outcome, now)
+        pending[update.job_id] = (outcome.after, status, revision)
         log.debug(
             "job status",
             job_id=update.job_id,
@@ -81,7 +89,7 @@ class StatusIntake:
     async def apply_batch(self, msgs: Sequence[StatusMessage]) -> None:
         """Apply the updates in a batch of messages with one etcd write per job, then ack or nak."""
         now = self.clock.time()
-        pending: dict[str, tuple[pb.JobStatus, int]] = {}
+        pending: dict[str, _Pending] = {}
         msgs_by_job: dict[str, set[int]] = {}
         # Without a span to make or a debug line to write, no per-update trace context is set up.
         traced = telemetry.recording() or logs.debug_enabled()
@@ -103,7 +111,9 @@ class StatusIntake:
                 ):
                     if self._take(update, now, pending):
                         msgs_by_job.setdefault(update.job_id, set()).add(index)
-        writes = [StatusWrite.of(job_id, status, revision) for job_id, (status, revision) in pending.items()]
+        writes = [
+            StatusWrite.of(job_id, status, revision) for job_id, (_, status, revision) in pending.items()
+        ]
         freed = False
         lost: set[int] = set()
         for write, record in zip(writes, await self.table.write(writes), strict=True):

@@ -84,7 +84,13 @@ class JobRecord:
 
     @property
     def status(self) -> pb.JobStatus:
+        """A fresh parsed copy of the status: the caller owns it."""
         return pb.JobStatus.FromString(self.status_blob)
+
+    @property
+    def dispatch_state(self) -> sm.DispatchState:
+        """What the state machine decides on, from the fields kept parsed (no parse)."""
+        return sm.DispatchState(self.state, self.cluster, self.generation)
 
     def set_status(self, status: pb.JobStatus, revision: int, blob: bytes | None = None) -> None:
         self.status_blob = blob if blob is not None else status.SerializeToString()

@@ -1,6 +1,8 @@
 """Semantic validation of job specs, naming the field and the problem for every violation.
 
-Runs before anything is stored: an invalid spec is refused whole and leaves no trace.
+Runs where specs enter the hub (SubmitJob, SubmitJobs, an explain of a spec), before anything
+is stored: an invalid spec is refused whole and leaves no trace. It checks the wire message
+itself, so it lives at the boundary, not in the core.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fedplane.core.validation import MAX_PODS, MAX_SPEC_BYTES, validate_spec
+from fedplane.hub.validation import MAX_PODS, MAX_SPEC_BYTES, validate_spec
 from fedplane.v1 import types_pb2 as pb
 
 MANIFEST = json.dumps({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}})
