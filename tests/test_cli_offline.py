@@ -440,7 +440,9 @@ class FakeHub(hub_pb2_grpc.JobServiceServicer, hub_pb2_grpc.ClusterServiceServic
 @pytest.fixture
 def fake_hub() -> Iterator[tuple[FakeHub, str]]:
     hub = FakeHub()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    # No SO_REUSEPORT (gRPC's default): a server of an earlier test still shutting down could
+    # otherwise share the port and answer this test's calls with GOAWAY.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
     hub_pb2_grpc.add_JobServiceServicer_to_server(hub, server)
     hub_pb2_grpc.add_ClusterServiceServicer_to_server(hub, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -448,7 +450,7 @@ def fake_hub() -> Iterator[tuple[FakeHub, str]]:
     yield hub, f"127.0.0.1:{port}"
     for timer in hub.timers:
         timer.cancel()
-    server.stop(grace=None)
+    server.stop(grace=None).wait(10)
 
 
 def test_submit_wait_shows_where_jobs_ran(fake_hub: tuple[FakeHub, str]) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fedplane.local import servers as embedded
@@ -68,3 +70,39 @@ def test_an_out_of_range_environment_override_is_named(tmp_path: Path) -> None:
     )
     line = one_error_line(result)
     assert "FEDPLANE_AGENT_HEARTBEAT_INTERVAL_SECONDS: -5.0 is out of range; it must be above 0" in line
+
+
+def test_a_hub_on_a_taken_port_says_so(tmp_path: Path) -> None:
+    # gRPC sets SO_REUSEPORT by default, which would let a second hub share the first's port.
+    etcd = embedded.start_etcd(tmp_path / "etcd")
+    nats = embedded.start_nats(tmp_path / "nats")
+    try:
+        port = embedded.free_port()
+        config = f"etcd_endpoint: {etcd.address}\nnats_url: nats://{nats.address}\nlisten: 127.0.0.1:{port}\n"
+        (tmp_path / "hub.yaml").write_text(config)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "fedplane.client", "hub", "--config", "hub.yaml"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not _listening(port):
+                assert first.poll() is None, first.stderr.read() if first.stderr else ""
+                assert time.monotonic() < deadline, "the first hub did not start listening"
+                time.sleep(0.1)
+            line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
+            assert f"cannot listen on 127.0.0.1:{port}" in line
+        finally:
+            first.terminate()
+            first.wait(30)
+    finally:
+        nats.stop()
+        etcd.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -34,7 +34,11 @@ class HubServer:
     @classmethod
     async def start(cls, config: HubConfig) -> HubServer:
         hub = await Hub.start(config)
-        server = grpc.aio.server(interceptors=[telemetry.grpc_server_interceptor()])
+        # No SO_REUSEPORT (gRPC turns it on by default): a second hub on the same port must fail
+        # to start, not silently share the port and half the calls.
+        server = grpc.aio.server(
+            interceptors=[telemetry.grpc_server_interceptor()], options=[("grpc.so_reuseport", 0)]
+        )
         hub_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
         hub_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(hub), server)
         health = HealthServicer()
