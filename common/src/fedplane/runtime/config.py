@@ -61,6 +61,9 @@ class HubConfig:
     max_dispatch_per_cycle: int = 1000
     # The etcd server's --max-txn-ops (etcd's default is 128): writes are batched up to it.
     etcd_max_txn_ops: int = 128
+    # Run on an etcd release with a known data-loss bug (3.5.0 to 3.5.2, etcd-io/etcd#13766),
+    # which the hub otherwise refuses at start.
+    etcd_allow_unsafe_version: bool = False
     # How long the JetStream streams keep commands and status updates.
     stream_max_age_seconds: float = 7 * 24 * 3600
     # Finished jobs (and their idempotency keys) are deleted this long after finishing; 0 = never.

