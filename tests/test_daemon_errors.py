@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedplane.local import servers as embedded
@@ -80,27 +82,38 @@ def test_a_hub_on_a_taken_port_says_so(tmp_path: Path) -> None:
         port = embedded.free_port()
         config = f"etcd_endpoint: {etcd.address}\nnats_url: nats://{nats.address}\nlisten: 127.0.0.1:{port}\n"
         (tmp_path / "hub.yaml").write_text(config)
-        first = subprocess.Popen(
-            [sys.executable, "-m", "fedplane.client", "hub", "--config", "hub.yaml"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not _listening(port):
-                assert first.poll() is None, first.stderr.read() if first.stderr else ""
-                assert time.monotonic() < deadline, "the first hub did not start listening"
-                time.sleep(0.1)
+        with running_hub(tmp_path, port):
             line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
             assert f"cannot listen on 127.0.0.1:{port}" in line
-        finally:
-            first.terminate()
-            first.wait(30)
     finally:
         nats.stop()
         etcd.stop()
+
+
+@contextlib.contextmanager
+def running_hub(cwd: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    """`fedplane hub --config hub.yaml` in `cwd`, once it listens on `port`; stopped on exit."""
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "fedplane.client", "hub", "--config", "hub.yaml"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            assert hub.poll() is None, hub.stderr.read() if hub.stderr else ""
+            assert time.monotonic() < deadline, "the hub did not start listening"
+            time.sleep(0.1)
+        yield hub
+    finally:
+        hub.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            hub.wait(30)
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait(10)
 
 
 def _listening(port: int) -> bool:

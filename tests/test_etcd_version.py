@@ -3,13 +3,8 @@ tests run the etcd 3.6 that tools/build_etcd.sh builds."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +12,7 @@ import pytest
 
 from fedplane.hub.store import Store, etcd_version_problem
 from fedplane.local import servers as embedded
-from tests.test_daemon_errors import one_error_line, run
+from tests.test_daemon_errors import one_error_line, run, running_hub
 
 
 @pytest.mark.parametrize("version", ["3.5.0", "3.5.1", "3.5.2", "v3.5.1", "3.5.2-rc.0"])
@@ -54,11 +49,6 @@ def old_etcd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[embedd
         etcd.stop()
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_a_hub_on_etcd_3_5_1_refuses_in_one_line_unless_allowed(
     old_etcd: embedded.ServerProcess, tmp_path: Path
 ) -> None:
@@ -75,26 +65,8 @@ def test_a_hub_on_etcd_3_5_1_refuses_in_one_line_unless_allowed(
         assert "etcd_allow_unsafe_version" in line
 
         (tmp_path / "hub.yaml").write_text(config + "etcd_allow_unsafe_version: true\n")
-        hub = subprocess.Popen(
-            [sys.executable, "-m", "fedplane.client", "hub", "--config", "hub.yaml"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not _listening(port):
-                assert hub.poll() is None, hub.stderr.read() if hub.stderr else ""
-                assert time.monotonic() < deadline, "the hub did not start on etcd 3.5.1 when allowed"
-                time.sleep(0.1)
-        finally:
-            hub.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                hub.wait(30)
-            if hub.poll() is None:
-                hub.kill()
-                hub.wait(10)
+        with running_hub(tmp_path, port):
+            pass  # it starts on etcd 3.5.1 when allowed
     finally:
         nats.stop()
 

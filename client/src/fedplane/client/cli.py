@@ -30,6 +30,7 @@ from rich.table import Table
 from fedplane.client import display
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.client.spec import SpecError, load_file
+from fedplane.runtime import entry
 from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
 
@@ -38,9 +39,9 @@ __all__ = ["app", "main"]
 T = TypeVar("T")
 
 DEFAULT_HUB = "127.0.0.1:50051"
-EXIT_ERROR = 2
+EXIT_ERROR = entry.EXIT_ERROR
 EXIT_JOBS_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = entry.EXIT_INTERRUPTED
 PIPE_WIDTH = 200
 
 app = typer.Typer(
@@ -431,14 +432,11 @@ def _daemon(module_name: str, start: Callable[[ModuleType], object]) -> None:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _fail(f"cannot start {module_name}: {exc}")
-    from fedplane.client.spec import SpecError
-    from fedplane.runtime.config import ConfigError, StartupError
-
     try:
         start(module)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (ConfigError, StartupError, SpecError, OSError) as exc:
+    except (*entry.EXPECTED, SpecError) as exc:
         _fail(str(exc))
 
 

@@ -20,8 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable, Container, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Container,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -391,12 +400,12 @@ def consume_commands(
 
 def dispatch_commands_in(msg: Incoming) -> list[agent_pb.DispatchCommand]:
     """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
-    if (msg.headers or {}).get(MSG_TYPE_HEADER) == "DispatchBatch":
-        return list(agent_pb.DispatchBatch.FromString(msg.data).commands)
-    command = agent_pb.DispatchCommand.FromString(msg.data)
-    if not command.trace_context:
-        command.trace_context.update(trace_headers(msg))
-    return [command]
+    return _items_in(
+        msg,
+        "DispatchBatch",
+        lambda data: agent_pb.DispatchBatch.FromString(data).commands,
+        agent_pb.DispatchCommand.FromString,
+    )
 
 
 # ---------------------------------------------------------------------- status (agent -> hub)
@@ -431,12 +440,36 @@ def consume_statuses(
 
 def status_updates_in(msg: Incoming) -> list[agent_pb.StatusUpdate]:
     """The updates a message carries: a StatusBatch, or one StatusUpdate (earlier agents)."""
-    if (msg.headers or {}).get(MSG_TYPE_HEADER) == "StatusBatch":
-        return list(agent_pb.StatusBatch.FromString(msg.data).updates)
-    update = agent_pb.StatusUpdate.FromString(msg.data)
-    if not update.trace_context:
-        update.trace_context.update(trace_headers(msg))
-    return [update]
+    return _items_in(
+        msg,
+        "StatusBatch",
+        lambda data: agent_pb.StatusBatch.FromString(data).updates,
+        agent_pb.StatusUpdate.FromString,
+    )
+
+
+class _Traced(Protocol):
+    @property
+    def trace_context(self) -> MutableMapping[str, str]: ...
+
+
+_Item = TypeVar("_Item", bound=_Traced)
+
+
+def _items_in(
+    msg: Incoming,
+    batch_type: str,
+    batch: Callable[[bytes], Iterable[_Item]],
+    single: Callable[[bytes], _Item],
+) -> list[_Item]:
+    """A batch message's items, or the one item of a message from a peer that does not batch
+    (whose trace context, if it has none inside, travels in the headers)."""
+    if (msg.headers or {}).get(MSG_TYPE_HEADER) == batch_type:
+        return list(batch(msg.data))
+    item = single(msg.data)
+    if not item.trace_context:
+        item.trace_context.update(trace_headers(msg))
+    return [item]
 
 
 # ---------------------------------------------------------------------- acknowledgement
