@@ -71,6 +71,14 @@ def test_a_batch_message_is_unpacked_and_a_single_one_takes_its_trace_from_the_h
     assert update.job_id == "d" and dict(update.trace_context) == trace
 
 
+def test_a_message_that_does_not_parse_carries_nothing() -> None:
+    garbage = b"\xff\xff\xff\xff"
+    assert bus.dispatch_commands_in(message(garbage, {})) == []
+    assert bus.dispatch_commands_in(message(garbage, {bus.MSG_TYPE_HEADER: "DispatchBatch"})) == []
+    assert bus.status_updates_in(message(garbage, {})) == []
+    assert bus.status_updates_in(message(garbage, {bus.MSG_TYPE_HEADER: "StatusBatch"})) == []
+
+
 class FakeMessage:
     """A stand-in for nats-py's Msg, as the hub's unit tests use: it records how it was settled."""
 

@@ -133,3 +133,18 @@ async def test_updates_for_one_job_in_a_batch_chain_and_the_ignored_ones_change_
     stored = parts.store.statuses[record.id][0]
     assert stored == expected.SerializeToString()  # exactly the two moves that applied
     assert record.state == S.SUCCEEDED and record.status_blob == stored
+
+
+async def test_a_message_that_does_not_parse_is_dropped_without_holding_up_the_batch() -> None:
+    # Redelivered, it would fail again and take every good message of its batch with it.
+    parts = Parts()
+    (record,) = await parts.submit(spec())
+    record = await parts.dispatched(record, "c1")
+    garbage = FakeMsg(b"\xff\xff\xff\xff")
+    good = status_msg(update(record.id, S.RUNNING))
+
+    await intake(parts).apply_batch([garbage, good])
+
+    assert garbage.acked and not garbage.naked
+    assert good.acked and not good.naked
+    assert record.state == S.RUNNING

@@ -33,6 +33,7 @@ from collections.abc import (
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import nats
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
@@ -463,10 +464,19 @@ def _items_in(
     single: Callable[[bytes], _Item],
 ) -> list[_Item]:
     """A batch message's items, or the one item of a message from a peer that does not batch
-    (whose trace context, if it has none inside, travels in the headers)."""
-    if (msg.headers or {}).get(MSG_TYPE_HEADER) == batch_type:
-        return list(batch(msg.data))
-    item = single(msg.data)
+    (whose trace context, if it has none inside, travels in the headers).
+
+    A message that does not parse has no items: it never will parse, so redelivering it would
+    only hold up the good messages of every batch it lands in, for good. It is logged and
+    settled like any message whose items all changed nothing.
+    """
+    try:
+        if (msg.headers or {}).get(MSG_TYPE_HEADER) == batch_type:
+            return list(batch(msg.data))
+        item = single(msg.data)
+    except DecodeError:
+        log.warning("message dropped: it does not parse", expected=batch_type, bytes=len(msg.data))
+        return []
     if not item.trace_context:
         item.trace_context.update(trace_headers(msg))
     return [item]
