@@ -39,7 +39,7 @@ async def federation(
         listen="127.0.0.1:0",
         etcd_endpoint=etcd.address,
         nats_url=f"nats://{nats.address}",
-        heartbeat_timeout_seconds=3.0,
+        cluster_unknown_after_seconds=3.0,
         batch_window_seconds=0.01,
     )
     fed = Federation(etcd, nats, tmp_path, config)

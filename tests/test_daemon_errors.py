@@ -51,11 +51,12 @@ def test_out_of_range_settings_are_refused_at_start_all_at_once(tmp_path: Path) 
     # Zero transaction ops or a zero heartbeat timeout would only fail later, at the first write
     # or by marking every cluster unready: the hub refuses them before it connects anywhere.
     (tmp_path / "hub.yaml").write_text(
-        "etcd_max_txn_ops: 0\nheartbeat_timeout_seconds: 0\nweights: {cost: -1}\nbatch_window_seconds: 0\n"
+        "etcd_max_txn_ops: 0\ncluster_unknown_after_seconds: 0\n"
+        "weights: {cost: -1}\nbatch_window_seconds: 0\n"
     )
     line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
     assert "etcd_max_txn_ops: 0 is out of range; it must be at least 3" in line
-    assert "heartbeat_timeout_seconds: 0.0 is out of range; it must be above 0" in line
+    assert "cluster_unknown_after_seconds: 0.0 is out of range; it must be above 0" in line
     assert "weights.cost: -1.0 is out of range" in line
     assert "batch_window_seconds" not in line  # 0 is a valid window
 

@@ -85,7 +85,7 @@ def daemons(
                 "listen": f"127.0.0.1:{port}",
                 "etcd_endpoint": etcd.address,
                 "nats_url": f"nats://{nats.address}",
-                "heartbeat_timeout_seconds": 5,
+                "cluster_unknown_after_seconds": 5,
                 "telemetry": {"exporter": "console"},
             }
         )

@@ -159,7 +159,7 @@ class Parts:
 
     def __post_init__(self) -> None:
         self.table = JobTable(self.store)
-        self.registry = ClusterRegistry(self.config.heartbeat_timeout_seconds)
+        self.registry = ClusterRegistry(self.config.cluster_unknown_after_seconds)
 
     async def submit(self, *specs: pb.JobSpec) -> list[JobRecord]:
         """Jobs stored through the intake, as a submit stores them."""

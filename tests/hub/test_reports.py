@@ -34,7 +34,7 @@ def heartbeat(parts: Parts, cluster: str, ahead: float = 0.0) -> bus.Message:
 
 async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout() -> None:
     parts = Parts()
-    timeout = parts.config.heartbeat_timeout_seconds
+    timeout = parts.config.cluster_unknown_after_seconds
     driver = reports(parts)
     await driver.on_report(inventory(parts, "c1"))
     await driver.on_report(heartbeat(parts, "c1"))

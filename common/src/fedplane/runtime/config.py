@@ -44,6 +44,16 @@ class WeightsConfig:
 
 
 @dataclasses.dataclass
+class DisconnectConfig:
+    """What happens to a job whose cluster is lost (a job's own `disconnect` overrides it)."""
+
+    # requeue | wait | fail
+    action: str = "requeue"
+    # How long after the cluster is declared lost the action is taken.
+    requeue_after_seconds: float = 0.0
+
+
+@dataclasses.dataclass
 class HubConfig:
     listen: str = "127.0.0.1:50051"
     etcd_endpoint: str = "127.0.0.1:2379"
@@ -52,8 +62,22 @@ class HubConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     # Identity stamped on workloads in member clusters (fedplane.io/hub label).
     hub_id: str = "fedplane"
-    # A cluster with no heartbeat for this long gets no new placements.
-    heartbeat_timeout_seconds: float = 30.0
+    # This replica's name among the hub replicas (empty: host name and listen port).
+    replica_id: str = ""
+    # The leader lease's time to live: a dead leader is replaced within about this long.
+    leader_lease_seconds: float = 5.0
+    # A cluster with no heartbeat for this long is UNKNOWN: no new jobs, nothing evicted.
+    cluster_unknown_after_seconds: float = 15.0
+    # ... and for this long LOST (its lease in etcd expires): its jobs follow their disconnect policy.
+    cluster_lost_after_seconds: float = 60.0
+    # The same thresholds for clusters labelled as edge (weak links: longer by default).
+    edge_cluster_unknown_after_seconds: float = 60.0
+    edge_cluster_lost_after_seconds: float = 900.0
+    # A cluster whose inventory carries this label with the value "true" is an edge cluster.
+    edge_label: str = "fedplane.io/edge"
+    # The default disconnect policy, and per-queue defaults over it (queue name -> policy).
+    disconnect: DisconnectConfig = dataclasses.field(default_factory=DisconnectConfig)
+    queue_disconnect: dict[str, DisconnectConfig] = dataclasses.field(default_factory=dict)
     # Events arriving within this window are placed in one batch.
     batch_window_seconds: float = 0.0
     # At most this many jobs are dispatched per placement cycle (the next cycle follows at once),
@@ -130,7 +154,12 @@ class AgentConfig:
 # The range of each numeric setting: (lowest, whether the lowest itself is refused, highest).
 # Checked by name, so a setting of that name means the same in every section.
 _RANGES: dict[str, tuple[float, bool, float]] = {
-    "heartbeat_timeout_seconds": (0, True, math.inf),
+    "leader_lease_seconds": (1, False, math.inf),
+    "cluster_unknown_after_seconds": (0, True, math.inf),
+    "cluster_lost_after_seconds": (0, True, math.inf),
+    "edge_cluster_unknown_after_seconds": (0, True, math.inf),
+    "edge_cluster_lost_after_seconds": (0, True, math.inf),
+    "requeue_after_seconds": (0, False, math.inf),
     "batch_window_seconds": (0, False, math.inf),
     "max_dispatch_per_cycle": (1, False, math.inf),
     # A job's create is up to 3 operations (spec, status, idempotency key) in one transaction.
@@ -268,8 +297,40 @@ def _coerce(text: str) -> Any:
     return text
 
 
+DISCONNECT_ACTIONS = ("requeue", "wait", "fail")
+
+
+def check_hub(config: HubConfig) -> HubConfig:
+    """Refuse settings that are each in range but make no sense together."""
+    problems = []
+    for prefix in ("", "edge_"):
+        unknown = getattr(config, f"{prefix}cluster_unknown_after_seconds")
+        lost = getattr(config, f"{prefix}cluster_lost_after_seconds")
+        if lost <= unknown:
+            problems.append(
+                f"{prefix}cluster_lost_after_seconds: {lost:g} must be longer than"
+                f" {prefix}cluster_unknown_after_seconds ({unknown:g})"
+            )
+    policies = {"disconnect": config.disconnect} | {
+        f"queue_disconnect.{queue}": policy for queue, policy in config.queue_disconnect.items()
+    }
+    for where, policy in policies.items():
+        if policy.action not in DISCONNECT_ACTIONS:
+            problems.append(
+                f"{where}.action: {policy.action!r} is not one of {', '.join(DISCONNECT_ACTIONS)}"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
 def load_hub(path: str | os.PathLike[str] | None) -> HubConfig:
-    return load(HubConfig, path, "FEDPLANE_HUB_")
+    try:
+        return check_hub(load(HubConfig, path, "FEDPLANE_HUB_"))
+    except ConfigError as exc:
+        if path and not str(exc).startswith(str(path)):
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
 
 
 def load_agent(path: str | os.PathLike[str]) -> AgentConfig:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from fedplane.v1 import types_pb2 as fedplane_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64plane/v1/agent.proto\x12\x0b\x66\x65\x64plane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x66\x65\x64plane/v1/types.proto\"i\n\tHeartbeat\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb9\x02\n\tInventory\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x05 \x03(\x0b\x32\".fedplane.v1.Inventory.LabelsEntry\x12\"\n\x06taints\x18\x06 \x03(\x0b\x32\x12.fedplane.v1.Taint\x12 \n\x05nodes\x18\x07 \x03(\x0b\x32\x11.fedplane.v1.Node\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x16\n\x0e\x61\x63\x63ounted_jobs\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x01\n\x12\x44\x61taLocalityReport\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x1c.fedplane.v1.DatasetPresence\"v\n\x0e\x43reateWorkload\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fedplane.v1.JobSpec\x12\x30\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1b.fedplane.v1.NodeAssignment\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\" \n\x0e\x44\x65leteWorkload\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x02\n\x0f\x44ispatchCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12-\n\x06\x63reate\x18\x03 \x01(\x0b\x32\x1b.fedplane.v1.CreateWorkloadH\x00\x12-\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x1b.fedplane.v1.DeleteWorkloadH\x00\x12\x45\n\rtrace_context\x18\x05 \x03(\x0b\x32..fedplane.v1.DispatchCommand.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"?\n\rDispatchBatch\x12.\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1c.fedplane.v1.DispatchCommand\"\xad\x02\n\x0cStatusUpdate\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.fedplane.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\rtrace_context\x18\x08 \x03(\x0b\x32+.fedplane.v1.StatusUpdate.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x0bStatusBatch\x12*\n\x07updates\x18\x01 \x03(\x0b\x32\x19.fedplane.v1.StatusUpdate\"1\n\x0bWorkloadRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"K\n\x0bOrphanQuery\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12+\n\tworkloads\x18\x02 \x03(\x0b\x32\x18.fedplane.v1.WorkloadRef\"8\n\x0bOrphanReply\x12)\n\x07orphans\x18\x01 \x03(\x0b\x32\x18.fedplane.v1.WorkloadRefb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64plane/v1/agent.proto\x12\x0b\x66\x65\x64plane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x66\x65\x64plane/v1/types.proto\"i\n\tHeartbeat\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb9\x02\n\tInventory\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x05 \x03(\x0b\x32\".fedplane.v1.Inventory.LabelsEntry\x12\"\n\x06taints\x18\x06 \x03(\x0b\x32\x12.fedplane.v1.Taint\x12 \n\x05nodes\x18\x07 \x03(\x0b\x32\x11.fedplane.v1.Node\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x16\n\x0e\x61\x63\x63ounted_jobs\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x01\n\x12\x44\x61taLocalityReport\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x1c.fedplane.v1.DatasetPresence\"\x93\x01\n\x0e\x43reateWorkload\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fedplane.v1.JobSpec\x12\x30\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1b.fedplane.v1.NodeAssignment\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\x12\x1b\n\x13\x66\x65nce_after_seconds\x18\x04 \x01(\x01\" \n\x0e\x44\x65leteWorkload\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x02\n\x0f\x44ispatchCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12-\n\x06\x63reate\x18\x03 \x01(\x0b\x32\x1b.fedplane.v1.CreateWorkloadH\x00\x12-\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x1b.fedplane.v1.DeleteWorkloadH\x00\x12\x45\n\rtrace_context\x18\x05 \x03(\x0b\x32..fedplane.v1.DispatchCommand.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"?\n\rDispatchBatch\x12.\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1c.fedplane.v1.DispatchCommand\"\xad\x02\n\x0cStatusUpdate\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.fedplane.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\rtrace_context\x18\x08 \x03(\x0b\x32+.fedplane.v1.StatusUpdate.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x0bStatusBatch\x12*\n\x07updates\x18\x01 \x03(\x0b\x32\x19.fedplane.v1.StatusUpdate\"1\n\x0bWorkloadRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"K\n\x0bOrphanQuery\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12+\n\tworkloads\x18\x02 \x03(\x0b\x32\x18.fedplane.v1.WorkloadRef\"8\n\x0bOrphanReply\x12)\n\x07orphans\x18\x01 \x03(\x0b\x32\x18.fedplane.v1.WorkloadRefb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,26 +47,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVENTORY_LABELSENTRY']._serialized_end=519
   _globals['_DATALOCALITYREPORT']._serialized_start=522
   _globals['_DATALOCALITYREPORT']._serialized_end=685
-  _globals['_CREATEWORKLOAD']._serialized_start=687
-  _globals['_CREATEWORKLOAD']._serialized_end=805
-  _globals['_DELETEWORKLOAD']._serialized_start=807
-  _globals['_DELETEWORKLOAD']._serialized_end=839
-  _globals['_DISPATCHCOMMAND']._serialized_start=842
-  _globals['_DISPATCHCOMMAND']._serialized_end=1123
-  _globals['_DISPATCHCOMMAND_TRACECONTEXTENTRY']._serialized_start=1062
-  _globals['_DISPATCHCOMMAND_TRACECONTEXTENTRY']._serialized_end=1113
-  _globals['_DISPATCHBATCH']._serialized_start=1125
-  _globals['_DISPATCHBATCH']._serialized_end=1188
-  _globals['_STATUSUPDATE']._serialized_start=1191
-  _globals['_STATUSUPDATE']._serialized_end=1492
-  _globals['_STATUSUPDATE_TRACECONTEXTENTRY']._serialized_start=1062
-  _globals['_STATUSUPDATE_TRACECONTEXTENTRY']._serialized_end=1113
-  _globals['_STATUSBATCH']._serialized_start=1494
-  _globals['_STATUSBATCH']._serialized_end=1551
-  _globals['_WORKLOADREF']._serialized_start=1553
-  _globals['_WORKLOADREF']._serialized_end=1602
-  _globals['_ORPHANQUERY']._serialized_start=1604
-  _globals['_ORPHANQUERY']._serialized_end=1679
-  _globals['_ORPHANREPLY']._serialized_start=1681
-  _globals['_ORPHANREPLY']._serialized_end=1737
+  _globals['_CREATEWORKLOAD']._serialized_start=688
+  _globals['_CREATEWORKLOAD']._serialized_end=835
+  _globals['_DELETEWORKLOAD']._serialized_start=837
+  _globals['_DELETEWORKLOAD']._serialized_end=869
+  _globals['_DISPATCHCOMMAND']._serialized_start=872
+  _globals['_DISPATCHCOMMAND']._serialized_end=1153
+  _globals['_DISPATCHCOMMAND_TRACECONTEXTENTRY']._serialized_start=1092
+  _globals['_DISPATCHCOMMAND_TRACECONTEXTENTRY']._serialized_end=1143
+  _globals['_DISPATCHBATCH']._serialized_start=1155
+  _globals['_DISPATCHBATCH']._serialized_end=1218
+  _globals['_STATUSUPDATE']._serialized_start=1221
+  _globals['_STATUSUPDATE']._serialized_end=1522
+  _globals['_STATUSUPDATE_TRACECONTEXTENTRY']._serialized_start=1092
+  _globals['_STATUSUPDATE_TRACECONTEXTENTRY']._serialized_end=1143
+  _globals['_STATUSBATCH']._serialized_start=1524
+  _globals['_STATUSBATCH']._serialized_end=1581
+  _globals['_WORKLOADREF']._serialized_start=1583
+  _globals['_WORKLOADREF']._serialized_end=1632
+  _globals['_ORPHANQUERY']._serialized_start=1634
+  _globals['_ORPHANQUERY']._serialized_end=1709
+  _globals['_ORPHANREPLY']._serialized_start=1711
+  _globals['_ORPHANREPLY']._serialized_end=1767
 # @@protoc_insertion_point(module_scope)

@@ -171,8 +171,14 @@ class CreateWorkload(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
+    FENCE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     hub_id: _builtins.str
     """Identity of the hub deployment that owns the workload (labels in the member cluster)."""
+    fence_after_seconds: _builtins.float
+    """Stop the workload once the agent has been cut off from the hub for this long (the
+    cluster's lost threshold plus the job's requeue delay, less a margin), because by then the
+    hub may run it elsewhere; 0 = keep it running however long (disconnect policy WAIT).
+    """
     @_builtins.property
     def spec(self) -> _types_pb2.JobSpec: ...
     @_builtins.property
@@ -183,10 +189,11 @@ class CreateWorkload(_message.Message):
         spec: _types_pb2.JobSpec | None = ...,
         assignments: _abc.Iterable[_types_pb2.NodeAssignment] | None = ...,
         hub_id: _builtins.str = ...,
+        fence_after_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "hub_id", b"hub_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "fence_after_seconds", b"fence_after_seconds", "hub_id", b"hub_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from fedplane.v1 import types_pb2 as fedplane_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64plane/v1/hub.proto\x12\x0b\x66\x65\x64plane.v1\x1a\x17\x66\x65\x64plane/v1/types.proto\"O\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fedplane.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.fedplane.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x11SubmitJobsRequest\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.fedplane.v1.SubmitJobRequest\"E\n\x12SubmitJobsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fedplane.v1.SubmitJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe8\x01\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.fedplane.v1.JobState\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.fedplane.v1.ListJobsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fedplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x10WatchJobsRequest\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\";\n\x08JobEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.fedplane.v1.Job\"U\n\x11\x45xplainJobRequest\x12\x10\n\x06job_id\x18\x01 \x01(\tH\x00\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x14.fedplane.v1.JobSpecH\x00\x42\x08\n\x06target\"#\n\x12GetJobStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"\x91\x01\n\x08JobStats\x12\x34\n\x08\x62y_state\x18\x01 \x03(\x0b\x32\".fedplane.v1.JobStats.ByStateEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\x1a.\n\x0c\x42yStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13ListClustersRequest\">\n\x14ListClustersResponse\x12&\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x14.fedplane.v1.Cluster\"!\n\x11GetClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14\x43ordonClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x16UncordonClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xba\x04\n\nJobService\x12J\n\tSubmitJob\x12\x1d.fedplane.v1.SubmitJobRequest\x1a\x1e.fedplane.v1.SubmitJobResponse\x12M\n\nSubmitJobs\x12\x1e.fedplane.v1.SubmitJobsRequest\x1a\x1f.fedplane.v1.SubmitJobsResponse\x12\x36\n\x06GetJob\x12\x1a.fedplane.v1.GetJobRequest\x1a\x10.fedplane.v1.Job\x12G\n\x08ListJobs\x12\x1c.fedplane.v1.ListJobsRequest\x1a\x1d.fedplane.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.fedplane.v1.CancelJobRequest\x1a\x10.fedplane.v1.Job\x12\x43\n\tWatchJobs\x12\x1d.fedplane.v1.WatchJobsRequest\x1a\x15.fedplane.v1.JobEvent0\x01\x12\x46\n\nExplainJob\x12\x1e.fedplane.v1.ExplainJobRequest\x1a\x18.fedplane.v1.Explanation\x12\x45\n\x0bGetJobStats\x12\x1f.fedplane.v1.GetJobStatsRequest\x1a\x15.fedplane.v1.JobStats2\xc1\x02\n\x0e\x43lusterService\x12S\n\x0cListClusters\x12 .fedplane.v1.ListClustersRequest\x1a!.fedplane.v1.ListClustersResponse\x12\x42\n\nGetCluster\x12\x1e.fedplane.v1.GetClusterRequest\x1a\x14.fedplane.v1.Cluster\x12H\n\rCordonCluster\x12!.fedplane.v1.CordonClusterRequest\x1a\x14.fedplane.v1.Cluster\x12L\n\x0fUncordonCluster\x12#.fedplane.v1.UncordonClusterRequest\x1a\x14.fedplane.v1.Clusterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64plane/v1/hub.proto\x12\x0b\x66\x65\x64plane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x66\x65\x64plane/v1/types.proto\"\x15\n\x13GetHubStatusRequest\"\xa5\x01\n\nHubReplica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12+\n\x07started\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrole_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x06 \x01(\t\"\xbe\x01\n\tHubStatus\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x30\n\x0cleader_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x66\x65ncing_revision\x18\x03 \x01(\x03\x12)\n\x08replicas\x18\x04 \x03(\x0b\x32\x17.fedplane.v1.HubReplica\x12\x13\n\x0b\x61nswered_by\x18\x05 \x01(\t\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\"O\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fedplane.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.fedplane.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x11SubmitJobsRequest\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.fedplane.v1.SubmitJobRequest\"E\n\x12SubmitJobsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fedplane.v1.SubmitJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe8\x01\n\x0fListJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.fedplane.v1.JobState\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.fedplane.v1.ListJobsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fedplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x10WatchJobsRequest\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\";\n\x08JobEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.fedplane.v1.Job\"U\n\x11\x45xplainJobRequest\x12\x10\n\x06job_id\x18\x01 \x01(\tH\x00\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x14.fedplane.v1.JobSpecH\x00\x42\x08\n\x06target\"#\n\x12GetJobStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"\x91\x01\n\x08JobStats\x12\x34\n\x08\x62y_state\x18\x01 \x03(\x0b\x32\".fedplane.v1.JobStats.ByStateEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\x1a.\n\x0c\x42yStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13ListClustersRequest\">\n\x14ListClustersResponse\x12&\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x14.fedplane.v1.Cluster\"!\n\x11GetClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14\x43ordonClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x16UncordonClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xba\x04\n\nJobService\x12J\n\tSubmitJob\x12\x1d.fedplane.v1.SubmitJobRequest\x1a\x1e.fedplane.v1.SubmitJobResponse\x12M\n\nSubmitJobs\x12\x1e.fedplane.v1.SubmitJobsRequest\x1a\x1f.fedplane.v1.SubmitJobsResponse\x12\x36\n\x06GetJob\x12\x1a.fedplane.v1.GetJobRequest\x1a\x10.fedplane.v1.Job\x12G\n\x08ListJobs\x12\x1c.fedplane.v1.ListJobsRequest\x1a\x1d.fedplane.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.fedplane.v1.CancelJobRequest\x1a\x10.fedplane.v1.Job\x12\x43\n\tWatchJobs\x12\x1d.fedplane.v1.WatchJobsRequest\x1a\x15.fedplane.v1.JobEvent0\x01\x12\x46\n\nExplainJob\x12\x1e.fedplane.v1.ExplainJobRequest\x1a\x18.fedplane.v1.Explanation\x12\x45\n\x0bGetJobStats\x12\x1f.fedplane.v1.GetJobStatsRequest\x1a\x15.fedplane.v1.JobStats2\xc1\x02\n\x0e\x43lusterService\x12S\n\x0cListClusters\x12 .fedplane.v1.ListClustersRequest\x1a!.fedplane.v1.ListClustersResponse\x12\x42\n\nGetCluster\x12\x1e.fedplane.v1.GetClusterRequest\x1a\x14.fedplane.v1.Cluster\x12H\n\rCordonCluster\x12!.fedplane.v1.CordonClusterRequest\x1a\x14.fedplane.v1.Cluster\x12L\n\x0fUncordonCluster\x12#.fedplane.v1.UncordonClusterRequest\x1a\x14.fedplane.v1.Cluster2V\n\nHubService\x12H\n\x0cGetHubStatus\x12 .fedplane.v1.GetHubStatusRequest\x1a\x16.fedplane.v1.HubStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,48 +37,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOBSTATS_BYSTATEENTRY']._loaded_options = None
   _globals['_JOBSTATS_BYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITJOBREQUEST']._serialized_start=63
-  _globals['_SUBMITJOBREQUEST']._serialized_end=142
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=144
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=211
-  _globals['_SUBMITJOBSREQUEST']._serialized_start=213
-  _globals['_SUBMITJOBSREQUEST']._serialized_end=277
-  _globals['_SUBMITJOBSRESPONSE']._serialized_start=279
-  _globals['_SUBMITJOBSRESPONSE']._serialized_end=348
-  _globals['_GETJOBREQUEST']._serialized_start=350
-  _globals['_GETJOBREQUEST']._serialized_end=381
-  _globals['_LISTJOBSREQUEST']._serialized_start=384
-  _globals['_LISTJOBSREQUEST']._serialized_end=616
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=571
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=616
-  _globals['_LISTJOBSRESPONSE']._serialized_start=618
-  _globals['_LISTJOBSRESPONSE']._serialized_end=711
-  _globals['_CANCELJOBREQUEST']._serialized_start=713
-  _globals['_CANCELJOBREQUEST']._serialized_end=763
-  _globals['_WATCHJOBSREQUEST']._serialized_start=765
-  _globals['_WATCHJOBSREQUEST']._serialized_end=838
-  _globals['_JOBEVENT']._serialized_start=840
-  _globals['_JOBEVENT']._serialized_end=899
-  _globals['_EXPLAINJOBREQUEST']._serialized_start=901
-  _globals['_EXPLAINJOBREQUEST']._serialized_end=986
-  _globals['_GETJOBSTATSREQUEST']._serialized_start=988
-  _globals['_GETJOBSTATSREQUEST']._serialized_end=1023
-  _globals['_JOBSTATS']._serialized_start=1026
-  _globals['_JOBSTATS']._serialized_end=1171
-  _globals['_JOBSTATS_BYSTATEENTRY']._serialized_start=1125
-  _globals['_JOBSTATS_BYSTATEENTRY']._serialized_end=1171
-  _globals['_LISTCLUSTERSREQUEST']._serialized_start=1173
-  _globals['_LISTCLUSTERSREQUEST']._serialized_end=1194
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=1196
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=1258
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1260
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1293
-  _globals['_CORDONCLUSTERREQUEST']._serialized_start=1295
-  _globals['_CORDONCLUSTERREQUEST']._serialized_end=1347
-  _globals['_UNCORDONCLUSTERREQUEST']._serialized_start=1349
-  _globals['_UNCORDONCLUSTERREQUEST']._serialized_end=1387
-  _globals['_JOBSERVICE']._serialized_start=1390
-  _globals['_JOBSERVICE']._serialized_end=1960
-  _globals['_CLUSTERSERVICE']._serialized_start=1963
-  _globals['_CLUSTERSERVICE']._serialized_end=2284
+  _globals['_GETHUBSTATUSREQUEST']._serialized_start=96
+  _globals['_GETHUBSTATUSREQUEST']._serialized_end=117
+  _globals['_HUBREPLICA']._serialized_start=120
+  _globals['_HUBREPLICA']._serialized_end=285
+  _globals['_HUBSTATUS']._serialized_start=288
+  _globals['_HUBSTATUS']._serialized_end=478
+  _globals['_SUBMITJOBREQUEST']._serialized_start=480
+  _globals['_SUBMITJOBREQUEST']._serialized_end=559
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=561
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=628
+  _globals['_SUBMITJOBSREQUEST']._serialized_start=630
+  _globals['_SUBMITJOBSREQUEST']._serialized_end=694
+  _globals['_SUBMITJOBSRESPONSE']._serialized_start=696
+  _globals['_SUBMITJOBSRESPONSE']._serialized_end=765
+  _globals['_GETJOBREQUEST']._serialized_start=767
+  _globals['_GETJOBREQUEST']._serialized_end=798
+  _globals['_LISTJOBSREQUEST']._serialized_start=801
+  _globals['_LISTJOBSREQUEST']._serialized_end=1033
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=988
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=1033
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1035
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1128
+  _globals['_CANCELJOBREQUEST']._serialized_start=1130
+  _globals['_CANCELJOBREQUEST']._serialized_end=1180
+  _globals['_WATCHJOBSREQUEST']._serialized_start=1182
+  _globals['_WATCHJOBSREQUEST']._serialized_end=1255
+  _globals['_JOBEVENT']._serialized_start=1257
+  _globals['_JOBEVENT']._serialized_end=1316
+  _globals['_EXPLAINJOBREQUEST']._serialized_start=1318
+  _globals['_EXPLAINJOBREQUEST']._serialized_end=1403
+  _globals['_GETJOBSTATSREQUEST']._serialized_start=1405
+  _globals['_GETJOBSTATSREQUEST']._serialized_end=1440
+  _globals['_JOBSTATS']._serialized_start=1443
+  _globals['_JOBSTATS']._serialized_end=1588
+  _globals['_JOBSTATS_BYSTATEENTRY']._serialized_start=1542
+  _globals['_JOBSTATS_BYSTATEENTRY']._serialized_end=1588
+  _globals['_LISTCLUSTERSREQUEST']._serialized_start=1590
+  _globals['_LISTCLUSTERSREQUEST']._serialized_end=1611
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=1613
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=1675
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1677
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1710
+  _globals['_CORDONCLUSTERREQUEST']._serialized_start=1712
+  _globals['_CORDONCLUSTERREQUEST']._serialized_end=1764
+  _globals['_UNCORDONCLUSTERREQUEST']._serialized_start=1766
+  _globals['_UNCORDONCLUSTERREQUEST']._serialized_end=1804
+  _globals['_JOBSERVICE']._serialized_start=1807
+  _globals['_JOBSERVICE']._serialized_end=2377
+  _globals['_CLUSTERSERVICE']._serialized_start=2380
+  _globals['_CLUSTERSERVICE']._serialized_end=2701
+  _globals['_HUBSERVICE']._serialized_start=2703
+  _globals['_HUBSERVICE']._serialized_end=2789
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from fedplane.v1 import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -18,6 +19,99 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class GetHubStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHubStatusRequest: _TypeAlias = GetHubStatusRequest  # noqa: Y015
+
+@_typing.final
+class HubReplica(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    ROLE_SINCE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    address: _builtins.str
+    """The replica's gRPC address, as configured (listen)."""
+    role: _builtins.str
+    """"leader", "follower" or "stopping"."""
+    version: _builtins.str
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def role_since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        role: _builtins.str = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        role_since: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["role_since", b"role_since", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "role", b"role", "role_since", b"role_since", "started", b"started", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HubReplica: _TypeAlias = HubReplica  # noqa: Y015
+
+@_typing.final
+class HubStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_SINCE_FIELD_NUMBER: _builtins.int
+    FENCING_REVISION_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    leader: _builtins.str
+    """The leading replica's id; empty while none leads."""
+    fencing_revision: _builtins.int
+    """The leader key's create revision: the fencing token every leader write compares."""
+    answered_by: _builtins.str
+    """The replica that answered."""
+    lease_seconds: _builtins.float
+    """The leader lease's time to live, in seconds."""
+    @_builtins.property
+    def leader_since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___HubReplica]: ...
+    def __init__(
+        self,
+        *,
+        leader: _builtins.str = ...,
+        leader_since: _timestamp_pb2.Timestamp | None = ...,
+        fencing_revision: _builtins.int = ...,
+        replicas: _abc.Iterable[Global___HubReplica] | None = ...,
+        answered_by: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["leader_since", b"leader_since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "fencing_revision", b"fencing_revision", "leader", b"leader", "leader_since", b"leader_since", "lease_seconds", b"lease_seconds", "replicas", b"replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HubStatus: _TypeAlias = HubStatus  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):

@@ -605,3 +605,80 @@ class ClusterService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HubServiceStub:
+    """The hub replicas themselves: which one leads.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetHubStatus = channel.unary_unary(
+                '/fedplane.v1.HubService/GetHubStatus',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.GetHubStatusRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_hub__pb2.HubStatus.FromString,
+                _registered_method=True)
+
+
+class HubServiceServicer:
+    """The hub replicas themselves: which one leads.
+    """
+
+    def GetHubStatus(self, request, context):
+        """Who leads, since when, under which fencing revision, and every replica's state. Any
+        replica answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HubServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetHubStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHubStatus,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.GetHubStatusRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_hub__pb2.HubStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedplane.v1.HubService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedplane.v1.HubService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HubService:
+    """The hub replicas themselves: which one leads.
+    """
+
+    @staticmethod
+    def GetHubStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.HubService/GetHubStatus',
+            fedplane_dot_v1_dot_hub__pb2.GetHubStatusRequest.SerializeToString,
+            fedplane_dot_v1_dot_hub__pb2.HubStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -184,3 +184,40 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_types_pb2.Cluster, _abc.Awaitable[_types_pb2.Cluster]]: ...
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class HubServiceStub:
+    """The hub replicas themselves: which one leads."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> HubServiceAsyncStub: ...
+    GetHubStatus: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatusRequest, _hub_pb2.HubStatus]
+    """Who leads, since when, under which fencing revision, and every replica's state. Any
+    replica answers.
+    """
+
+@_typing.type_check_only
+class HubServiceAsyncStub(HubServiceStub):
+    """The hub replicas themselves: which one leads."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetHubStatus: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatusRequest, _hub_pb2.HubStatus]  # type: ignore[assignment]
+    """Who leads, since when, under which fencing revision, and every replica's state. Any
+    replica answers.
+    """
+
+class HubServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The hub replicas themselves: which one leads."""
+
+    @_abc_1.abstractmethod
+    def GetHubStatus(
+        self,
+        request: _hub_pb2.GetHubStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.HubStatus, _abc.Awaitable[_hub_pb2.HubStatus]]:
+        """Who leads, since when, under which fencing revision, and every replica's state. Any
+        replica answers.
+        """
+
+def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

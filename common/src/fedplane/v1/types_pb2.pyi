@@ -22,6 +22,37 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DisconnectAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DisconnectActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DisconnectAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISCONNECT_ACTION_UNSPECIFIED: _DisconnectAction.ValueType  # 0
+    """Take the queue's default (then the hub's)."""
+    DISCONNECT_REQUEUE: _DisconnectAction.ValueType  # 1
+    """Run it elsewhere once the cluster has been lost for requeue_after_seconds, if another
+    cluster can take it (otherwise keep waiting for the cluster).
+    """
+    DISCONNECT_WAIT: _DisconnectAction.ValueType  # 2
+    """Keep waiting for the cluster to come back, however long."""
+    DISCONNECT_FAIL: _DisconnectAction.ValueType  # 3
+    """Fail the job once the cluster has been lost for requeue_after_seconds."""
+
+class DisconnectAction(_DisconnectAction, metaclass=_DisconnectActionEnumTypeWrapper): ...
+
+DISCONNECT_ACTION_UNSPECIFIED: DisconnectAction.ValueType  # 0
+"""Take the queue's default (then the hub's)."""
+DISCONNECT_REQUEUE: DisconnectAction.ValueType  # 1
+"""Run it elsewhere once the cluster has been lost for requeue_after_seconds, if another
+cluster can take it (otherwise keep waiting for the cluster).
+"""
+DISCONNECT_WAIT: DisconnectAction.ValueType  # 2
+"""Keep waiting for the cluster to come back, however long."""
+DISCONNECT_FAIL: DisconnectAction.ValueType  # 3
+"""Fail the job once the cluster has been lost for requeue_after_seconds."""
+Global___DisconnectAction: _TypeAlias = DisconnectAction  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -68,14 +99,26 @@ class _ClusterHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cluster
     CLUSTER_HEALTH_UNSPECIFIED: _ClusterHealth.ValueType  # 0
     READY: _ClusterHealth.ValueType  # 1
     NOT_READY: _ClusterHealth.ValueType  # 2
-    """No heartbeat within the configured timeout."""
+    """Not reporting yet (no heartbeat or no inventory since registration)."""
+    UNKNOWN: _ClusterHealth.ValueType  # 3
+    """No heartbeat for longer than the unknown threshold: no new jobs, nothing evicted."""
+    LOST: _ClusterHealth.ValueType  # 4
+    """Its lease in etcd expired (no heartbeat for the lost threshold): its jobs follow their
+    disconnect policy.
+    """
 
 class ClusterHealth(_ClusterHealth, metaclass=_ClusterHealthEnumTypeWrapper): ...
 
 CLUSTER_HEALTH_UNSPECIFIED: ClusterHealth.ValueType  # 0
 READY: ClusterHealth.ValueType  # 1
 NOT_READY: ClusterHealth.ValueType  # 2
-"""No heartbeat within the configured timeout."""
+"""Not reporting yet (no heartbeat or no inventory since registration)."""
+UNKNOWN: ClusterHealth.ValueType  # 3
+"""No heartbeat for longer than the unknown threshold: no new jobs, nothing evicted."""
+LOST: ClusterHealth.ValueType  # 4
+"""Its lease in etcd expired (no heartbeat for the lost threshold): its jobs follow their
+disconnect policy.
+"""
 Global___ClusterHealth: _TypeAlias = ClusterHealth  # noqa: Y015
 
 @_typing.final
@@ -403,6 +446,7 @@ class JobSpec(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     WORKLOAD_FIELD_NUMBER: _builtins.int
     MAX_RUN_SECONDS_FIELD_NUMBER: _builtins.int
+    DISCONNECT_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     name: _builtins.str
     priority: _builtins.int
@@ -418,6 +462,10 @@ class JobSpec(_message.Message):
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetRef]: ...
     @_builtins.property
     def workload(self) -> Global___Workload: ...
+    @_builtins.property
+    def disconnect(self) -> Global___DisconnectPolicy:
+        """What happens to the job when its cluster is lost; unset: the queue's default, then the hub's."""
+
     def __init__(
         self,
         *,
@@ -430,14 +478,40 @@ class JobSpec(_message.Message):
         datasets: _abc.Iterable[Global___DatasetRef] | None = ...,
         workload: Global___Workload | None = ...,
         max_run_seconds: _builtins.int = ...,
+        disconnect: Global___DisconnectPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "disconnect", b"disconnect", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "datasets", b"datasets", "labels", b"labels", "max_run_seconds", b"max_run_seconds", "name", b"name", "pod_sets", b"pod_sets", "priority", b"priority", "queue", b"queue", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "datasets", b"datasets", "disconnect", b"disconnect", "labels", b"labels", "max_run_seconds", b"max_run_seconds", "name", b"name", "pod_sets", b"pod_sets", "priority", b"priority", "queue", b"queue", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class DisconnectPolicy(_message.Message):
+    """Like Nomad's disconnect block: how long a lost cluster is tolerated and what then."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    REQUEUE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    action: Global___DisconnectAction.ValueType
+    requeue_after_seconds: _builtins.float
+    """How long after the cluster is declared lost the action is taken (0 = at once)."""
+    def __init__(
+        self,
+        *,
+        action: Global___DisconnectAction.ValueType = ...,
+        requeue_after_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "requeue_after_seconds", b"requeue_after_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisconnectPolicy: _TypeAlias = DisconnectPolicy  # noqa: Y015
 
 @_typing.final
 class Transition(_message.Message):
@@ -862,6 +936,10 @@ class Cluster(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_JOBS_FIELD_NUMBER: _builtins.int
     CORDON_REASON_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    LOST_TIME_FIELD_NUMBER: _builtins.int
+    EDGE_FIELD_NUMBER: _builtins.int
+    HEALTH_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     cordoned: _builtins.bool
     health: Global___ClusterHealth.ValueType
@@ -871,6 +949,12 @@ class Cluster(_message.Message):
     active_jobs: _builtins.int
     """Non-terminal jobs the hub has placed on this cluster."""
     cordon_reason: _builtins.str
+    heartbeat_age_seconds: _builtins.float
+    """Seconds since the hub last stored a heartbeat of the cluster (as the answering hub sees it)."""
+    edge: _builtins.bool
+    """Labelled as an edge cluster: longer unknown and lost thresholds."""
+    health_reason: _builtins.str
+    """Why the cluster is not READY, in words."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -885,6 +969,10 @@ class Cluster(_message.Message):
     def free(self) -> Global___Resources: ...
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetPresence]: ...
+    @_builtins.property
+    def lost_time(self) -> _timestamp_pb2.Timestamp:
+        """When the cluster was declared lost (unset unless LOST)."""
+
     def __init__(
         self,
         *,
@@ -902,10 +990,14 @@ class Cluster(_message.Message):
         agent_version: _builtins.str = ...,
         active_jobs: _builtins.int = ...,
         cordon_reason: _builtins.str = ...,
+        heartbeat_age_seconds: _builtins.float = ...,
+        lost_time: _timestamp_pb2.Timestamp | None = ...,
+        edge: _builtins.bool = ...,
+        health_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "free", b"free", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "free", b"free", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "allocatable", b"allocatable", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cost", b"cost", "datasets", b"datasets", "free", b"free", "health", b"health", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "name", b"name", "nodes", b"nodes", "taints", b"taints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "allocatable", b"allocatable", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cost", b"cost", "datasets", b"datasets", "edge", b"edge", "free", b"free", "health", b"health", "health_reason", b"health_reason", "heartbeat_age_seconds", b"heartbeat_age_seconds", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time", "name", b"name", "nodes", b"nodes", "taints", b"taints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

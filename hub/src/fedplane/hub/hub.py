@@ -57,7 +57,7 @@ class Hub:
         self.js = js
         self.clock = clock
         self.table = JobTable(store)
-        self.registry = ClusterRegistry(config.heartbeat_timeout_seconds)
+        self.registry = ClusterRegistry(config.cluster_unknown_after_seconds)
         self.events = EventLog(EVENT_BUFFER)
         self.commands = CommandSender(js)
         self.intake = Intake(self.table, clock)

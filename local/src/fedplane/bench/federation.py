@@ -370,7 +370,7 @@ async def _bench(
                 "etcd_endpoint": etcd.address,
                 "nats_url": f"nats://{nats.address}",
                 # Generous: a saturated 2-core machine must not make a cluster look dead.
-                "heartbeat_timeout_seconds": 30.0,
+                "cluster_unknown_after_seconds": 30.0,
                 # The embedded etcd allows 1,024 operations per transaction (ETCD_ARGS).
                 "etcd_max_txn_ops": 1024,
                 # Production logging: one JSON line per dispatched job, as operators run it.

@@ -161,7 +161,7 @@ async def run(
             listen=f"127.0.0.1:{listen_port}",
             etcd_endpoint=etcd.address,
             nats_url=f"nats://{nats.address}",
-            heartbeat_timeout_seconds=5.0,
+            cluster_unknown_after_seconds=5.0,
         )
         hub_server = await HubServer.start(config)
         target = f"127.0.0.1:{hub_server.port}"
