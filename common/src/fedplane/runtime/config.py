@@ -120,6 +120,9 @@ class SimulatedBackendConfig:
     # Delay between creation and admission / admission and running.
     start_delay_seconds: float = 0.2
     seed: int = 0
+    # Append each workload's creation, start and end (with cluster, job, generation and time)
+    # to this JSON-lines file: what really ran where, for capacity planning and chaos checks.
+    ledger_path: str = ""
 
 
 @dataclasses.dataclass
