@@ -1,7 +1,8 @@
 """The registry's cached cluster views are exactly the views built afresh from the reports.
 
 The registry keeps every cluster's view and the list of them, updating them incrementally as
-inventories, data reports, reservations, releases, cordons and heartbeats arrive. Whatever
+inventories, data reports, reservations, releases, cordons, heartbeats and lost clusters arrive
+(with edge clusters' longer thresholds among them). Whatever
 the sequence, `views()` must equal the views the straightforward code (kept here) builds
 from scratch, and views handed out must never change afterwards.
 """
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedplane.core.capacity import reservation_key
+from fedplane.core.health import HealthThresholds
 from fedplane.core.model import (
     GPU_PRODUCT_LABEL,
     Assignment,
@@ -31,6 +33,8 @@ from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 TIMEOUT = 10.0
+EDGE_TIMEOUT = 30.0
+THRESHOLDS = HealthThresholds(TIMEOUT, 40.0, EDGE_TIMEOUT, 120.0)
 CLUSTERS = ["c0", "c1", "c2"]
 NODES = ["n0", "n1", "n2", "n3"]
 JOBS = [
@@ -49,7 +53,7 @@ JOBS = [
 
 def fresh_view(state: ClusterState, now: float) -> ClusterView:
     """A cluster's view built from scratch, as the registry did before it cached anything."""
-    ready, why = state.ready(now, TIMEOUT)
+    ready, why = state.ready(now, THRESHOLDS)
     inventory = state.inventory if state.inventory is not None else agent_pb.Inventory()
     nodes = [
         NodeView(
@@ -116,7 +120,7 @@ NODE_REPORTS = st.tuples(
 def inventories(draw: st.DrawFn, name: str, reservation_keys: list[str]) -> agent_pb.Inventory:
     """A report: some of the nodes in any order, accounting for some reservations (or unknown ones)."""
     message = agent_pb.Inventory(cluster=name, cost=draw(st.sampled_from([0.0, 1.0, 2.5])))
-    message.labels.update(draw(st.sampled_from([{}, {"region": "eu"}])))
+    message.labels.update(draw(st.sampled_from([{}, {"region": "eu"}, {THRESHOLDS.edge_label: "true"}])))
     if draw(st.booleans()):
         message.taints.add(key="spot", effect="NoExecute")
     for node_name, cores, gpus, labels, taints, ready, unschedulable in draw(
@@ -162,6 +166,7 @@ OPERATIONS = [
     "cordon",
     "heartbeat",
     "silence",
+    "lost",
     "datasets",
     "time",
     "place",
@@ -172,7 +177,7 @@ OPERATIONS = [
 @given(st.data())
 def test_cached_views_equal_fresh_ones_whatever_happens(data: st.DataObject) -> None:
     draw = data.draw
-    registry = ClusterRegistry(TIMEOUT)
+    registry = ClusterRegistry(THRESHOLDS)
     now = 1000.0
     handed_out: list[tuple[ClusterView, ClusterView]] = []  # (view, a deep copy when handed out)
     for name in CLUSTERS[: draw(st.integers(1, len(CLUSTERS)))]:
@@ -219,14 +224,18 @@ def test_cached_views_equal_fresh_ones_whatever_happens(data: st.DataObject) -> 
             state.heartbeat = agent_pb.Heartbeat(cluster=state.name)
             state.last_seen = now
         elif operation == "silence":
-            state.last_seen = now - draw(st.sampled_from([TIMEOUT - 1, TIMEOUT + 1, 100.0]))
+            state.last_seen = now - draw(
+                st.sampled_from([TIMEOUT - 1, TIMEOUT + 1, EDGE_TIMEOUT - 1, EDGE_TIMEOUT + 1, 100.0])
+            )
+        elif operation == "lost":
+            state.lost_since = draw(st.sampled_from([None, now]))
         elif operation == "datasets":
             report = agent_pb.DataLocalityReport(cluster=state.name)
             for dataset in draw(st.lists(st.sampled_from(["d1", "d2"]), unique=True)):
                 report.datasets.add(id=dataset, bytes=100)
             state.datasets = report
         elif operation == "time":
-            now += draw(st.sampled_from([0.5, 3.0, TIMEOUT / 2, TIMEOUT + 1]))
+            now += draw(st.sampled_from([0.5, 3.0, TIMEOUT / 2, TIMEOUT + 1, EDGE_TIMEOUT + 1]))
         elif operation == "place":
             # As the hub does: place on the (cached, shared) views, then reserve the choice.
             job = draw(st.sampled_from(JOBS))
@@ -242,7 +251,7 @@ def test_cached_views_equal_fresh_ones_whatever_happens(data: st.DataObject) -> 
         if draw(st.booleans()):
             check()
         # The view the hub shows (ClusterState.to_pb) comes from the same cache.
-        assert_same(state.view(now, TIMEOUT), fresh_view(state, now))
+        assert_same(state.view(now, THRESHOLDS), fresh_view(state, now))
     check()
     for view, snapshot in handed_out:
         assert view == snapshot, "a view changed after it was handed out"
@@ -250,7 +259,7 @@ def test_cached_views_equal_fresh_ones_whatever_happens(data: st.DataObject) -> 
 
 
 def test_clusters_added_behind_get_or_adds_back_are_still_seen() -> None:
-    registry = ClusterRegistry(TIMEOUT)
+    registry = ClusterRegistry(THRESHOLDS)
     registry.get_or_add("a")
     assert [v.name for v in registry.views(0.0)] == ["a"]
     registry.clusters["b"] = ClusterState("b", pb.Cluster(name="b"))

@@ -21,6 +21,8 @@ class HubSide:
     def __init__(self, js: bus.JetStream) -> None:
         self.js = js
         self.updates: dict[str, list[agent_pb.StatusUpdate]] = {}
+        # Every update in the order it arrived, across jobs.
+        self.arrived: list[agent_pb.StatusUpdate] = []
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -38,6 +40,7 @@ class HubSide:
             for msg in msgs:
                 for update in bus.status_updates_in(msg):
                     self.updates.setdefault(update.job_id, []).append(update)
+                    self.arrived.append(update)
             await bus.ack_or_nak(msgs, (), delay=0.1)
             self._arrived.set()
 
@@ -87,10 +90,12 @@ def create_command(
     duration: str = "0.3s",
     max_run_seconds: int = 0,
     node: str = "cpu-0",
+    fence_after_seconds: float = 0.0,
 ) -> agent_pb.DispatchCommand:
     """A create for one 1-CPU pod on `node`, running `duration` on the simulated backend."""
     manifest = {"kind": "Job", "metadata": {"annotations": {DURATION_ANNOTATION: duration}}}
     command = agent_pb.DispatchCommand(job_id=job_id, generation=generation)
+    command.create.fence_after_seconds = fence_after_seconds
     spec = command.create.spec
     spec.name = job_id
     spec.max_run_seconds = max_run_seconds

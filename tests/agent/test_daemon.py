@@ -135,13 +135,13 @@ async def test_an_overrun_stop_under_way_is_held_by_the_agent_and_cancelled_at_s
     try:
         await hub_side.send("edge", create_command("j-slow", duration="60s", max_run_seconds=1))
         await asyncio.wait_for(backend.deleting.wait(), 10)
-        (stopping,) = agent._overrun_stops
+        (stopping,) = agent._stops
         gc.collect()  # the loop holds tasks weakly: only the agent's reference keeps it alive
         assert not stopping.done()
     finally:
         await agent.stop()
     assert stopping.cancelled()
-    assert not agent._overrun_stops
+    assert not agent._stops
 
 
 class RunsTwice(SimulatedBackend):
@@ -245,3 +245,20 @@ async def test_an_overrun_stop_that_found_the_workload_ended_is_not_taken_for_a_
     assert (cancelled.generation, cancelled.reason, cancelled.message) == (2, "Deleted", "cancelled by user")
     assert pb.FAILED not in hub_side.states("j-race")
     assert not agent._overrun  # the ending cleared the mark of the stop
+
+
+async def test_a_delete_ahead_of_its_create_keeps_that_create_from_ever_running(
+    agent: Agent, hub_side: HubSide
+) -> None:
+    # The hub cancelled dispatch 2 before its create was applied here (say the create was nak'd
+    # and comes back later): the delete arrives first, the create after it.
+    await hub_side.send("edge", delete_command("j-ahead", generation=2, reason="cancelled by user"))
+    cancelled = await hub_side.until("j-ahead", pb.CANCELLED)
+    assert cancelled.generation == 2
+    assert agent.generations == {"j-ahead": 2}
+
+    await hub_side.send("edge", create_command("j-ahead", generation=2, duration="0.2s"))
+    await hub_side.send("edge", create_command("j-marker", duration="0.2s"))
+    await hub_side.until("j-marker", pb.SUCCEEDED)
+    assert "j-ahead" not in backend_of(agent).started
+    assert hub_side.states("j-ahead") == [pb.CANCELLED]

@@ -1,4 +1,5 @@
-"""The agent's decisions, from plain inputs: idempotency by generation, create outcomes, max run time."""
+"""The agent's decisions, from plain inputs: idempotency by generation, create outcomes, max run time,
+self-fencing."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 
-def create(generation: int, max_run_seconds: int = 0, job_id: str = "j-1") -> agent_pb.DispatchCommand:
+def create(
+    generation: int, max_run_seconds: int = 0, job_id: str = "j-1", fence_after_seconds: float = 0.0
+) -> agent_pb.DispatchCommand:
     command = agent_pb.DispatchCommand(job_id=job_id, generation=generation)
     command.create.spec.name = "train"
     command.create.spec.max_run_seconds = max_run_seconds
+    command.create.fence_after_seconds = fence_after_seconds
     return command
 
 
@@ -50,8 +54,8 @@ def test_a_create_is_applied_only_for_a_generation_newer_than_the_one_held(
     ("generation", "held", "expected"),
     [
         (2, 2, Command.DELETE),  # cancels the dispatch the agent holds
-        (3, 2, Command.DELETE),  # a dispatch newer than any create seen: still nothing may run
-        (1, 0, Command.DELETE),  # a job the agent never saw: the backend reports it gone
+        (3, 2, Command.DELETE_AHEAD),  # a dispatch newer than any create seen: still nothing may run
+        (1, 0, Command.DELETE_AHEAD),  # a job the agent never saw: the backend reports it gone
         (1, 2, Command.STALE_DELETE),  # meant for a dispatch since replaced: the newer one stays
     ],
 )
@@ -139,3 +143,61 @@ def test_a_repeated_running_keeps_the_clock_of_the_first() -> None:
 
 def test_the_overrun_stop_names_the_limit() -> None:
     assert decisions.overrun_delete_reason(5) == "exceeded max run time of 5s"
+
+
+def test_a_restarted_clock_runs_for_the_time_left() -> None:
+    assert decisions.clock_left(60, 45.5) == 14.5
+    assert decisions.clock_left(60, 0) == 60  # never ran before the restart
+    assert decisions.clock_left(60, 75) == 0  # ran out while the agent was down: stop it now
+    assert decisions.clock_left(60, -3) == 60  # a wall clock set back never lengthens the limit
+
+
+# ---------------------------------------------------------------------- self-fencing
+
+
+def test_an_accepted_create_carries_its_fence() -> None:
+    outcome = decisions.decide_created(create(2, fence_after_seconds=840.0), None)
+    assert not outcome.retry and outcome.report is None
+    assert (outcome.fence_after_seconds, outcome.max_run_seconds) == (840.0, 0)
+    assert decisions.decide_created(create(2), None).fence_after_seconds == 0  # wait for the hub forever
+
+
+def test_a_refused_create_has_no_fence() -> None:
+    error = BackendError("no such node", permanent=True, reason="NodeNotFound")
+    assert decisions.decide_created(create(2, fence_after_seconds=60), error).fence_after_seconds == 0
+
+
+def test_only_workloads_whose_fence_the_cut_off_time_exceeds_are_stopped() -> None:
+    limits = [(("a", 1), 30.0), (("b", 2), 60.0), (("c", 1), 0.0), (("d", 3), 29.0)]
+    assert decisions.decide_fences(10, limits, set()) == []  # within every fence
+    assert decisions.decide_fences(30, limits, set()) == [("d", 3)]  # "a" is at its limit, not past it
+    assert decisions.decide_fences(30.5, limits, set()) == [("a", 1), ("d", 3)]
+    assert decisions.decide_fences(10_000, limits, set()) == [("a", 1), ("b", 2), ("d", 3)]  # never "c"
+
+
+def test_a_workload_being_fenced_is_not_stopped_again() -> None:
+    limits = [(("a", 1), 30.0), (("b", 2), 30.0)]
+    assert decisions.decide_fences(45, limits, {("a", 1)}) == [("b", 2)]
+
+
+def test_a_fenced_workloads_cancel_is_reported_with_the_fenced_reason() -> None:
+    message = decisions.fence_message(912.7)
+    assert message == "fenced: cut off from the hub for 912 s; the hub may run it elsewhere"
+    outcome = decisions.decide_event(event(pb.CANCELLED, generation=3), 0, False, fenced=message)
+    assert outcome.report == WorkloadEvent("j-1", 3, pb.CANCELLED, "Fenced", message)
+    assert decisions.FENCED_REASON == "Fenced"
+    assert outcome.finished  # which also forgets the fence
+
+
+@pytest.mark.parametrize("state", [pb.SUCCEEDED, pb.FAILED])
+def test_a_fenced_workload_that_ended_by_itself_first_is_reported_as_it_ended(
+    state: pb.JobState.ValueType,
+) -> None:
+    outcome = decisions.decide_event(event(state), 0, False, fenced=decisions.fence_message(100))
+    assert outcome.report is None and outcome.finished
+
+
+def test_a_workload_stopped_both_for_overrunning_and_by_its_fence_ends_as_the_overrun() -> None:
+    outcome = decisions.decide_event(event(pb.CANCELLED), 30, True, fenced=decisions.fence_message(100))
+    assert outcome.report is not None
+    assert (outcome.report.state, outcome.report.reason) == (pb.FAILED, "MaxRunTimeExceeded")

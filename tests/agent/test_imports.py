@@ -23,6 +23,7 @@ IO = frozenset(
         "fedplane.hub",
         "fedplane.agent.daemon",
         "fedplane.agent.outbox",
+        "fedplane.agent.state",
         "fedplane.agent.simulated",
         "fedplane.agent.kubernetes_backend",
     }

@@ -27,7 +27,7 @@ S = sm.S
 On = sm.On
 ALL_STATES = sorted(sm.NAMES)
 INPUTS = [value for name, value in vars(On).items() if name.isupper()]
-HUB_INPUTS = [On.PLACE, On.CANCEL, On.REQUEUE]
+HUB_INPUTS = [On.PLACE, On.CANCEL, On.REQUEUE, On.FAIL]
 # Forward order a job may move in; a job may only stay or move right.
 ORDER: dict[int, int] = {
     S.DISPATCHED: 1,
@@ -482,8 +482,14 @@ def fire(current: sm.DispatchState, on: str) -> tuple[int, sm.Transition | None]
         if on == On.REQUEUE:
             move = sm.requeue(current, "ClusterLost")
             return move.state, move
+        if on == On.FAIL:
+            move = sm.give_up(current, "ClusterLost")
+            return move.state, move
     except sm.TransitionError:
         return None
+    if on == On.FENCED:  # the agent's own stop: CANCELLED, for the reason FENCED
+        outcome = sm.apply_update(current, current.cluster, current.generation, S.CANCELLED, reason=sm.FENCED)
+        return None if isinstance(outcome, sm.Ignored) else (outcome.state, outcome)
     reported = next(state for state, report in sm.REPORTS.items() if report == on)
     outcome = sm.apply_update(current, current.cluster, current.generation, reported)
     return None if isinstance(outcome, sm.Ignored) else (outcome.state, outcome)
@@ -497,7 +503,21 @@ def test_the_table_has_a_row_for_every_state_and_only_terminal_states_have_no_wa
         assert set(row.values()) <= set(sm.TRANSITIONS)
     # Every state a cluster reports is an input, and only those.
     assert set(sm.REPORTS) == {S.ADMITTED, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert set(sm.REPORTS.values()) == set(INPUTS) - set(HUB_INPUTS)
+    assert set(sm.REPORTS.values()) == set(INPUTS) - set(HUB_INPUTS) - {On.FENCED}
+
+
+def test_an_agents_fenced_stop_requeues_the_job_and_the_agent_uses_the_same_reason() -> None:
+    from fedplane.agent import decisions
+
+    assert decisions.FENCED_REASON == sm.FENCED
+    running = update(dispatched("east"), S.RUNNING)
+    outcome = sm.apply_update(running.current, "east", 1, S.CANCELLED, reason=sm.FENCED, message="cut off")
+    assert isinstance(outcome, sm.Transition)
+    assert (outcome.state, outcome.cluster, outcome.generation) == (S.PENDING, "", 1)
+    assert outcome.replaces_placement
+    # A plain CANCELLED still ends the job; a fenced stop of an older generation changes nothing.
+    assert sm.apply_update(running.current, "east", 1, S.CANCELLED).state == S.CANCELLED  # type: ignore[union-attr]
+    assert isinstance(sm.apply_update(running.current, "east", 0, S.CANCELLED, reason=sm.FENCED), sm.Ignored)
 
 
 def test_reports_only_move_a_job_forward_and_to_the_state_reported() -> None:
@@ -526,9 +546,9 @@ def test_every_state_and_input_does_what_the_table_says(state: int, on: str) -> 
         return
     assert move.state == expected
     # Only dispatch changes the generation, by one; only dispatch and a requeue to PENDING
-    # change the cluster and what placement decided.
+    # change the cluster and what placement decided (giving up keeps both).
     assert move.generation == current.generation + (on == On.PLACE)
-    replaces = on == On.PLACE or (on == On.REQUEUE and expected == S.PENDING)
+    replaces = on == On.PLACE or (on in (On.REQUEUE, On.FENCED) and expected == S.PENDING)
     assert move.replaces_placement == replaces
     assert move.cluster == ("west" if on == On.PLACE else "" if replaces else current.cluster)
 
@@ -613,6 +633,43 @@ def test_orphans() -> None:
     assert sm.is_orphan(sm.DispatchState(S.CANCELLED, "east", 1), "east", 1)
 
 
+# -- giving up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [S.DISPATCHED, S.ADMITTED, S.RUNNING])
+def test_giving_up_fails_the_job_where_it_is(state: int) -> None:
+    job = dispatched("east")
+    if state != S.DISPATCHED:
+        job = update(job, state)
+    move = sm.give_up(job.current, "ClusterLost")
+    assert not move.replaces_placement
+    failed = job.moved(move)
+    assert failed.state == S.FAILED and sm.is_terminal(failed.state)
+    assert (failed.reason, failed.message) == ("ClusterLost", "given up on east")
+    # It stays on record where it last was, with what placement chose there.
+    assert (failed.cluster, failed.generation) == ("east", 1)
+    assert failed.assignments == (assignment(),)
+    assert history(failed) == [*history(job), ("FAILED", "east", 1, "ClusterLost")]
+    # Whatever the lost cluster says later changes nothing.
+    for late in (S.RUNNING, S.SUCCEEDED, S.CANCELLED):
+        assert ignored(failed, late) == "job already FAILED"
+    assert sm.give_up(job.current, "ClusterLost", "lost for 60s").message == "lost for 60s"
+
+
+def test_giving_up_on_a_cancelling_job_cancels_it() -> None:
+    cancelling = cancel(dispatched("east"), "stop")
+    cancelled = cancelling.moved(sm.give_up(cancelling.current, "ClusterLost"))
+    assert cancelled.state == S.CANCELLED
+    assert (cancelled.reason, cancelled.message) == ("ClusterLost", "cancel finished without word from east")
+    assert (cancelled.cluster, cancelled.generation) == ("east", 1)
+
+
+@pytest.mark.parametrize("state", [S.PENDING, S.SUCCEEDED, S.FAILED, S.CANCELLED])
+def test_giving_up_is_refused_for_a_job_on_no_cluster_or_finished(state: int) -> None:
+    with pytest.raises(sm.TransitionError, match=f"cannot fail a job that is {sm.state_name(state)}"):
+        sm.give_up(in_state(state), "ClusterLost")
+
+
 # -- any sequence of inputs --------------------------------------------------------------------
 
 INPUT_SEQUENCES = st.lists(
@@ -622,7 +679,7 @@ INPUT_SEQUENCES = st.lists(
             st.sampled_from([0, 1, 2, 3]),
             st.sampled_from([*ALL_STATES, 99]),
         ),
-        st.sampled_from([On.CANCEL, On.REQUEUE, "place east", "place west"]),
+        st.sampled_from([On.CANCEL, On.REQUEUE, On.FAIL, "place east", "place west"]),
     ),
     max_size=30,
 )
@@ -654,6 +711,9 @@ def test_any_sequence_of_inputs_follows_the_table_and_fences_generations(
                     assert job.state == S.CANCELLING and cancelled.send_delete
                     continue
                 move = cancelled.transition
+            elif item == On.FAIL:
+                on = item
+                move = sm.give_up(job.current, "ClusterLost")
             else:
                 on = item
                 move = sm.requeue(job.current, "ClusterLost")

@@ -10,7 +10,7 @@ from typing import Any, cast
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Verdict
 from fedplane.hub import records
-from fedplane.hub.clusters import ClusterRegistry, ClusterState
+from fedplane.hub.clusters import ClusterRegistry, ClusterState, health_thresholds
 from fedplane.hub.intake import Intake
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
 from fedplane.runtime import bus
@@ -159,7 +159,8 @@ class Parts:
 
     def __post_init__(self) -> None:
         self.table = JobTable(self.store)
-        self.registry = ClusterRegistry(self.config.cluster_unknown_after_seconds)
+        self.registry = ClusterRegistry(health_thresholds(self.config))
+        self.store.clock = self.clock  # its cluster leases expire by the test's clock
 
     async def submit(self, *specs: pb.JobSpec) -> list[JobRecord]:
         """Jobs stored through the intake, as a submit stores them."""

@@ -5,18 +5,26 @@ transaction's writes share one), create-if-absent for spec and idempotency keys 
 batch-then-one-by-one fallback as the etcd store, compare-and-swap on a status key's mod
 revision, deletes compared the same way, and a status watch that replays history after a
 revision and then follows new puts. `put_status` is another writer racing the hub.
+Cluster leases (hub/liveness.py's ClusterLeaseStore) expire by `clock`, the test's clock when
+the tests' Parts made the store: an expired lease's alive key is deleted, as etcd does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from fedplane.hub.clock import Clock
 from fedplane.hub.store import (
+    AliveKey,
     Fence,
+    FenceLost,
     JobToCreate,
     JobToDelete,
+    LeaseGrant,
     RevisionCompacted,
     StatusToWrite,
     StoredJob,
@@ -31,16 +39,32 @@ class MemoryStore:
     statuses: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # id -> (blob, mod revision)
     idem: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
     clusters: dict[str, bytes] = field(default_factory=dict)
+    # Every admin record put, as the cluster watch reports it: (revision, name, blob).
+    cluster_history: list[tuple[int, str, bytes]] = field(default_factory=list)
     # Every status put, as the watch reports it: (revision, job id, blob).
     history: list[tuple[int, str, bytes]] = field(default_factory=list)
     compacted: int = 0
     # The sizes of the create transactions sent, and the fences every status write came with.
     create_txns: list[int] = field(default_factory=list)
     fences: list[Fence] = field(default_factory=list)
+    # The fence etcd would hold (None: leadership is not in play): a fenced write under any
+    # other fence raises FenceLost, as the etcd store's does.
+    leader: Fence | None = None
     # While not set, create transactions wait (a transaction held in flight).
     gate: asyncio.Event | None = None
     closed: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Cluster leases: expiring by `clock` (the system's if None), the alive keys and their
+    # puts and deletes, the leases' (TTL, expiry), and the keepalive streams opened and the
+    # sizes of their rounds.
+    clock: Clock | None = None
+    alive: dict[str, AliveKey] = field(default_factory=dict)
+    alive_history: list[AliveKey] = field(default_factory=list)
+    leases: dict[int, tuple[int, float]] = field(default_factory=dict)
+    next_lease: int = 0x7000
+    renewal_streams: int = 0
+    renewal_rounds: list[int] = field(default_factory=list)
+    _alive_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ------------------------------------------------------------------ helpers for tests
     def _next(self) -> int:
@@ -120,8 +144,13 @@ class MemoryStore:
         jobs.sort(key=lambda j: (j.seq, j.id))
         return jobs, self.revision
 
-    async def write_statuses(self, writes: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
+    def _check(self, fence: Fence) -> None:
         self.fences.append(fence)
+        if fence.key and self.leader is not None and fence != self.leader:
+            raise FenceLost(fence)
+
+    async def write_statuses(self, writes: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
+        self._check(fence)
         out: list[int | None] = []
         for start in range(0, len(writes), self.max_txn_ops):
             chunk = writes[start : start + self.max_txn_ops]
@@ -141,21 +170,24 @@ class MemoryStore:
         return out
 
     async def delete_jobs(self, jobs: Sequence[JobToDelete], fence: Fence) -> list[bool]:
-        self.fences.append(fence)
+        self._check(fence)
         out = []
         for job in jobs:
             if self.status_revision(job.id) != job.revision:
                 out.append(False)
                 continue
-            self._next()
+            revision = self._next()
             self.specs.pop(job.id, None)
             self.statuses.pop(job.id, None)
+            self.history.append((revision, job.id, b""))
             if job.idempotency_key:
                 self.idem.pop(job.idempotency_key, None)
             out.append(True)
         return out
 
-    async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+    async def watch_statuses(
+        self, from_revision: int, deletes: bool = False
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
         if self.compacted and from_revision + 1 < self.compacted:
             raise RevisionCompacted(self.compacted)
         seen = 0
@@ -163,7 +195,7 @@ class MemoryStore:
             while seen < len(self.history):
                 revision, job_id, blob = self.history[seen]
                 seen += 1
-                if revision > from_revision:
+                if revision > from_revision and (blob or deletes):
                     yield revision, job_id, blob
             await self._changed.wait()
 
@@ -171,8 +203,150 @@ class MemoryStore:
         return dict(self.clusters)
 
     async def put_cluster(self, name: str, blob: bytes) -> None:
-        self._next()
+        self.cluster_history.append((self._next(), name, blob))
         self.clusters[name] = blob
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def create_cluster(self, name: str, blob: bytes) -> bool:
+        if name in self.clusters:
+            return False
+        await self.put_cluster(name, blob)
+        return True
+
+    async def load_clusters_at(self) -> tuple[dict[str, bytes], int]:
+        return dict(self.clusters), self.revision
+
+    async def watch_clusters(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        seen = 0
+        while True:
+            while seen < len(self.cluster_history):
+                revision, name, blob = self.cluster_history[seen]
+                seen += 1
+                if revision > from_revision:
+                    yield revision, name, blob
+            await self._changed.wait()
 
     async def close(self) -> None:
         self.closed = True
+
+    # ------------------------------------------------------------------ cluster leases
+    # hub/liveness.py's ClusterLeaseStore: alive keys bound to leases that expire by `clock`.
+    def _lease_now(self) -> float:
+        return self.clock.time() if self.clock is not None else time.time()
+
+    def _lease_fence(self, fence: Fence) -> None:
+        if fence.key and self.leader is not None and fence != self.leader:
+            raise FenceLost(fence)
+
+    def _alive_event(self, key: AliveKey) -> None:
+        if key.lease:
+            self.alive[key.name] = key
+        else:
+            self.alive.pop(key.name, None)
+        self.alive_history.append(key)
+        changed, self._alive_changed = self._alive_changed, asyncio.Event()
+        changed.set()
+
+    def expire_leases(self) -> None:
+        """Expire the leases whose time is up, deleting their keys (as etcd does on its own)."""
+        now = self._lease_now()
+        for lease in [lease for lease, (_, until) in self.leases.items() if until <= now]:
+            del self.leases[lease]
+            for key in [k for k in self.alive.values() if k.lease == lease]:
+                self._alive_event(AliveKey(key.name, 0, self._next(), b""))
+
+    def lease_ttl_left(self, lease: int) -> float:
+        """Seconds the lease has left (0 if it is gone), as etcd's LeaseTimeToLive says."""
+        self.expire_leases()
+        found = self.leases.get(lease)
+        return max(0.0, found[1] - self._lease_now()) if found else 0.0
+
+    async def load_alive(self) -> tuple[list[AliveKey], int]:
+        self.expire_leases()
+        return list(self.alive.values()), self.revision
+
+    async def watch_alive(self, from_revision: int) -> AsyncIterator[AliveKey]:
+        seen = 0
+        while True:
+            self.expire_leases()
+            while seen < len(self.alive_history):
+                key = self.alive_history[seen]
+                seen += 1
+                if key.revision > from_revision:
+                    yield key
+            changed: asyncio.Future[object] = asyncio.ensure_future(self._alive_changed.wait())
+            waits = {changed}
+            if self.leases and self.clock is not None:
+                soonest = min(until for _, until in self.leases.values())
+                waits.add(asyncio.ensure_future(self.clock.sleep(max(0.0, soonest - self._lease_now()))))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+
+    async def grant_cluster_leases(self, grants: Sequence[LeaseGrant], fence: Fence) -> list[AliveKey | None]:
+        self._lease_fence(fence)
+        self.expire_leases()
+        out: list[AliveKey | None] = []
+        for grant in grants:
+            current = self.alive.get(grant.name)
+            if (current.lease if current is not None else 0) != grant.replace:
+                out.append(None)
+                continue
+            self.next_lease += 1
+            self.leases[self.next_lease] = (grant.ttl, self._lease_now() + grant.ttl)
+            self.leases.pop(grant.replace, None)
+            key = AliveKey(grant.name, self.next_lease, self._next(), grant.value)
+            self._alive_event(key)
+            out.append(key)
+        return out
+
+    async def rewrite_alive(self, keys: Sequence[AliveKey], fence: Fence) -> list[AliveKey | None]:
+        self._lease_fence(fence)
+        self.expire_leases()
+        out: list[AliveKey | None] = []
+        for key in keys:
+            current = self.alive.get(key.name)
+            if current is None or current.lease != key.lease:
+                out.append(None)
+                continue
+            written = key._replace(revision=self._next())
+            self._alive_event(written)
+            out.append(written)
+        return out
+
+    @contextlib.asynccontextmanager
+    async def cluster_lease_renewals(self) -> AsyncIterator[MemoryRenewals]:
+        self.renewal_streams += 1
+        yield MemoryRenewals(self)
+
+    async def update_cluster(self, name: str, change: Callable[[bytes | None], bytes], fence: Fence) -> bytes:
+        self._lease_fence(fence)
+        blob = change(self.clusters.get(name))
+        self._next()
+        self.clusters[name] = blob
+        return blob
+
+
+@dataclass
+class MemoryRenewals:
+    """The memory store's keepalive stream: renews by the store's clock, and counts its rounds."""
+
+    store: MemoryStore
+
+    async def renew(self, leases: Sequence[int]) -> dict[int, int]:
+        store = self.store
+        store.expire_leases()
+        store.renewal_rounds.append(len(leases))
+        now = store._lease_now()
+        out = {}
+        for lease in leases:
+            found = store.leases.get(lease)
+            if found is None:
+                out[lease] = 0
+                continue
+            store.leases[lease] = (found[0], now + found[0])
+            out[lease] = found[0]
+        return out

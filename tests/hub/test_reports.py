@@ -51,8 +51,10 @@ async def test_a_cluster_goes_stale_when_the_clock_passes_its_heartbeat_timeout(
         await parts.clock.advance(timeout / 2)
         assert driver.ready == frozenset()
         assert parts.table.wake.is_set()
-        cluster = driver.registry.clusters["c1"].to_pb(parts.clock.time(), timeout, 0)
-        assert cluster.health == pb.NOT_READY
+        cluster = driver.registry.clusters["c1"].to_pb(parts.clock.time(), parts.registry.thresholds, 0)
+        assert cluster.health == pb.UNKNOWN
+        assert cluster.heartbeat_age_seconds == timeout - 1 + timeout / 2
+        assert cluster.health_reason.startswith("no heartbeat for")
 
         await driver.on_report(heartbeat(parts, "c1"))
         assert driver.ready == {"c1"}

@@ -148,3 +148,25 @@ async def test_a_message_that_does_not_parse_is_dropped_without_holding_up_the_b
     assert garbage.acked and not garbage.naked
     assert good.acked and not good.naked
     assert record.state == S.RUNNING
+
+
+async def test_a_workload_fenced_off_by_its_agent_is_requeued_with_its_capacity_released() -> None:
+    parts = Parts()
+    ready_cluster(parts.registry, "c1", parts.clock.time())
+    (record,) = await parts.submit(spec())
+    record = await parts.dispatched(record, "c1")
+    parts.registry.clusters["c1"].reserve(
+        JobRequest(record.id, (PodSetRequest("main", 1, 1, {"cpu": 1000}),)),
+        1,
+        [Assignment("main", "n1", 1)],
+    )
+    fenced = update(record.id, S.CANCELLED)
+    fenced.reason = sm.FENCED
+    msg = status_msg(fenced)
+
+    await intake(parts).apply_batch([msg])
+
+    assert msg.acked
+    assert (record.state, record.cluster, record.generation) == (S.PENDING, "", 1)
+    assert parts.registry.clusters["c1"].reservations == {}
+    assert record.id in parts.table.queue  # placed again by the next round

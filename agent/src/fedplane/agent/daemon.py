@@ -5,14 +5,21 @@ a durable JetStream consumer, acknowledging a command only once the backend has 
 the workload; and reports workload state changes through the outbox. Commands are
 idempotent by (job, generation), so a redelivered command never creates a second workload.
 
+Cut off from the hub (no heartbeat acknowledged by JetStream: a dead link to an edge site's
+leaf node, or NATS down), the agent keeps its workloads running and its updates queued, and
+stops (fences) those whose create said the hub may run them elsewhere after so long. When
+contact returns it replays its outbox at once and collects its orphans, so that workloads the
+hub no longer assigns here are deleted soon after the link returns.
+
 This module is the I/O shell: what to do about a command or a workload event is decided in
-`decisions`, and every NATS call goes through `fedplane.runtime.bus`.
+`decisions`, what must survive a restart is kept by `state`, and every NATS call goes through
+`fedplane.runtime.bus`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -21,8 +28,9 @@ from opentelemetry import trace
 
 from fedplane.agent import decisions
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
-from fedplane.agent.decisions import CREATE, DELETE, DUPLICATE
+from fedplane.agent.decisions import CREATE, DELETE, DELETE_AHEAD, DUPLICATE, Workload
 from fedplane.agent.outbox import Outbox
+from fedplane.agent.state import AgentState, Limits
 from fedplane.core.model import Taint
 from fedplane.runtime import bus, entry, gcpolicy, logs, tasks, telemetry, timestamps
 from fedplane.runtime.config import AgentConfig, load_agent
@@ -61,23 +69,29 @@ class Agent:
         self.agent_id = uuid.uuid4().hex[:12]
         self.taints = [Taint.parse(t) for t in config.taints]
         state_dir = Path(config.state_dir) if config.state_dir else None
-        if state_dir is not None:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        self._state_path = state_dir / "generations.json" if state_dir else None
+        self.state = AgentState(state_dir)
         self.outbox = Outbox(state_dir / "outbox.log" if state_dir else None)
         # Highest generation seen per job: the idempotency record for commands.
-        self.generations: dict[str, int] = {}
-        if self._state_path and self._state_path.exists():
-            self.generations = {k: int(v) for k, v in json.loads(self._state_path.read_text()).items()}
+        self.generations = self.state.generations
         self._traces: dict[str, dict[str, str]] = {}
-        # The max-run policy's state, per workload (job id, generation), so that one dispatch's
-        # clock or stop is never taken for another's: the limits of the workloads that have one,
-        # the clocks of those running under one, those this agent stopped for overrunning (see
-        # decisions), and the tasks stopping them (held here: the loop keeps only weak references).
-        self._max_run: dict[tuple[str, int], int] = {}
-        self._deadlines: dict[tuple[str, int], asyncio.TimerHandle] = {}
-        self._overrun: set[tuple[str, int]] = set()
-        self._overrun_stops: set[asyncio.Task[None]] = set()
+        # The limits' state, per workload (job id, generation), so that one dispatch's clock or
+        # stop is never taken for another's. The limits themselves (max run time, fence) are in
+        # `state`; here are the clocks of workloads running under a max run time, those this agent
+        # stopped for overrunning, those it fenced (with the message of the stop; see decisions),
+        # and the tasks stopping either (held here: the loop keeps only weak references).
+        self._deadlines: dict[Workload, asyncio.TimerHandle] = {}
+        self._overrun: set[Workload] = set()
+        self._fenced: dict[Workload, str] = {}
+        self._stops: set[asyncio.Task[None]] = set()
+        # Contact with the hub: the monotonic time the last acknowledged heartbeat was sent (a
+        # restarted agent counts from its last contact before the restart), and whether the
+        # last heartbeat was acknowledged.
+        self._last_contact = time.monotonic()
+        if self.state.last_contact is not None:
+            self._last_contact -= max(0.0, time.time() - self.state.last_contact)
+        self.in_contact = False
+        # Set to collect orphans now rather than at the next interval (contact came back).
+        self._collect_now = asyncio.Event()
         self._changed = asyncio.Event()
         # The datasets last published (serialized without sequence and time): sent again on change.
         self._datasets_sent = b""
@@ -91,7 +105,10 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.backend.start(self._on_workload_event, self._changed.set)
+        await self._resume_limits()
         self._changed.set()
+        # Before connecting, which an edge agent may wait on for as long as its link is down.
+        self._tasks = [asyncio.create_task(self._fence_loop(), name="agent-fence")]
         self.nc = await bus.connect(
             self.config.nats_url,
             f"fedplane-agent-{self.cluster}",
@@ -100,7 +117,7 @@ class Agent:
         )
         self.js = bus.jetstream(self.nc)
         self.connected.set()
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
             asyncio.create_task(self._inventory_loop(), name="agent-inventory"),
             asyncio.create_task(self._command_loop(), name="agent-commands"),
@@ -119,7 +136,7 @@ class Agent:
         await tasks.cancel_all(self._tasks)
         for handle in self._deadlines.values():
             handle.cancel()
-        await tasks.cancel_all(self._overrun_stops)
+        await tasks.cancel_all(self._stops)
         await tasks.bounded(self.backend.stop(), 10, "backend stop")
         if self.nc is not None:
             await tasks.bounded(bus.close(self.nc), 5, "NATS close")
@@ -131,21 +148,83 @@ class Agent:
     async def _on_reconnect(self) -> None:
         self.connected.set()
         self._changed.set()
+        self._collect_now.set()
+        self.outbox.wake()
         log.info("reconnected to NATS; replaying", cluster=self.cluster, queued_updates=len(self.outbox))
 
-    # ------------------------------------------------------------------ reports
+    # ------------------------------------------------------------------ contact with the hub
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats, and through their acknowledgements, whether the hub can hear this agent.
+
+        Only JetStream's acknowledgement counts as contact: an agent on an edge site's leaf node
+        stays connected to the leaf when the leaf's link to the hub is down.
+        """
         assert self.js is not None
         while True:
             beat = agent_pb.Heartbeat(
                 cluster=self.cluster, agent_id=self.agent_id, version=__version__, time=timestamps.now()
             )
+            sent = time.monotonic()
             try:
                 await bus.publish_report(self.js, "heartbeat", self.cluster, beat.SerializeToString())
             except Exception as exc:
-                log.debug("heartbeat not sent", error=str(exc))
+                self._no_contact(exc)
+            else:
+                self._contact(sent)
             await asyncio.sleep(self.config.heartbeat_interval_seconds)
 
+    def _contact(self, sent: float) -> None:
+        """A heartbeat sent at `sent` (monotonic) was stored: the hub hears this agent again.
+
+        Counted from when it was sent, which is before the NATS server stored it, and the hub
+        counts from when it was stored: the agent never counts itself cut off for less time
+        than the hub counts it silent, so it fences no later than the hub may requeue.
+        """
+        self._last_contact = max(self._last_contact, sent)
+        self.state.contact(time.time() - (time.monotonic() - self._last_contact))
+        if not self.in_contact:
+            self.in_contact = True
+            log.info("in contact with the hub", cluster=self.cluster, queued_updates=len(self.outbox))
+            self.outbox.wake()
+            self._collect_now.set()
+            self._changed.set()
+
+    def _no_contact(self, exc: Exception) -> None:
+        if self.in_contact:
+            self.in_contact = False
+            log.warning("cut off from the hub: heartbeat not stored; working offline", error=str(exc))
+        else:
+            log.debug("heartbeat not sent", error=str(exc))
+
+    def cut_off_seconds(self) -> float:
+        """How long since the last heartbeat that JetStream acknowledged was sent."""
+        return time.monotonic() - self._last_contact
+
+    async def _fence_loop(self) -> None:
+        """Stop the workloads whose fence the time cut off from the hub has passed (see decisions)."""
+        every = min(1.0, self.config.heartbeat_interval_seconds)
+        while True:
+            await asyncio.sleep(every)
+            cut_off = self.cut_off_seconds()
+            for workload in decisions.decide_fences(cut_off, self.state.fence_limits(), self._fenced):
+                self._fence(workload, cut_off)
+
+    def _fence(self, workload: Workload, cut_off: float) -> None:
+        """Stop a workload the hub may run elsewhere by now. Marked before the delete starts, so
+        that the CANCELLED it causes is reported as the fence (see decisions)."""
+        job_id, generation = workload
+        message = decisions.fence_message(cut_off)
+        log.warning(
+            "fencing workload: cut off from the hub past its fence",
+            job_id=job_id,
+            generation=generation,
+            cut_off_seconds=round(cut_off, 1),
+            fence_after_seconds=self.state.limits[workload].fence_after_seconds,
+        )
+        self._fenced[workload] = message
+        self._spawn_stop(workload, message, "fencing", unmark=self._fenced)
+
+    # ------------------------------------------------------------------ reports
     async def _inventory_loop(self) -> None:
         """Report on change and at least every interval.
 
@@ -249,7 +328,9 @@ class Agent:
         action = decisions.decide_command(command, known)
         if action is CREATE:
             return await self._create(command, trace_ctx)
-        if action is DELETE:
+        if action is DELETE or action is DELETE_AHEAD:
+            if action is DELETE_AHEAD:
+                self._remember(job_id, generation)
             self._traces.setdefault(job_id, trace_ctx)
             await self.backend.delete(job_id, generation, command.delete.reason)
             log.info("workload deleted", job_id=job_id, generation=generation, reason=command.delete.reason)
@@ -261,41 +342,66 @@ class Agent:
         """Create the workload; the generation is held only once the backend has decided, so a
         temporary refusal leaves the redelivered command to be applied."""
         job_id, generation, create = command.job_id, command.generation, command.create
+        workload = (job_id, generation)
         request = CreateRequest(job_id, generation, create.spec, list(create.assignments), create.hub_id)
         self._traces[job_id] = trace_ctx
+        # The limits are in place before the create: a backend may report the workload running
+        # before its create returns, and the clock must start then.
+        accepted = decisions.decide_created(command, None)
+        if accepted.max_run_seconds or accepted.fence_after_seconds:
+            self.state.set_limits(workload, Limits(accepted.max_run_seconds, accepted.fence_after_seconds))
         error: BackendError | None = None
         try:
             await self.backend.create(request)
         except BackendError as exc:
             error = exc
-        outcome = decisions.decide_created(command, error)
+        except BaseException:
+            self.state.forget([workload])
+            raise
+        outcome = accepted if error is None else decisions.decide_created(command, error)
         if outcome.retry:
+            self.state.forget([workload])
             log.warning("backend refused workload for now", job_id=job_id, error=str(error))
             return False
         self._remember(job_id, generation)
         if outcome.report is not None:
+            self.state.forget([workload])
             self._report(outcome.report)
             return True
-        if outcome.max_run_seconds:
-            self._max_run[job_id, generation] = outcome.max_run_seconds
         log.info("workload created", job_id=job_id, generation=generation)
         return True
 
     def _remember(self, job_id: str, generation: int) -> None:
-        self.generations[job_id] = generation
-        if self._state_path is not None:
-            tmp = self._state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.generations))
-            tmp.replace(self._state_path)
+        self.state.hold(job_id, generation)
+
+    async def _resume_limits(self) -> None:
+        """After a restart: forget the limits of workloads that are gone, and start again the
+        clocks of those that were running under a max run time, for the time they have left."""
+        if not self.state.limits:
+            return
+        try:
+            present = {(w.job_id, w.generation) for w in await self.backend.list_workloads()}
+        except Exception as exc:
+            log.warning("workload limits not checked against the cluster", error=str(exc))
+            present = set(self.state.limits)
+        self.state.forget([w for w in self.state.limits if w not in present])
+        now = time.time()
+        for workload, limits in self.state.limits.items():
+            if limits.max_run_seconds and limits.running_since:
+                left = decisions.clock_left(limits.max_run_seconds, now - limits.running_since)
+                self._start_clock(workload, limits.max_run_seconds, left)
 
     # ------------------------------------------------------------------ garbage collection
     async def _gc_loop(self) -> None:
+        """Collect orphans every interval, and at once when contact with the hub (re)starts."""
         while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._collect_now.wait(), self.config.gc_interval_seconds)
+            self._collect_now.clear()
             try:
                 await self.collect_orphans()
             except Exception as exc:
                 log.debug("orphan collection skipped", error=str(exc))
-            await asyncio.sleep(self.config.gc_interval_seconds)
 
     async def collect_orphans(self) -> list[str]:
         """Delete workloads the hub no longer assigns here (left by a failover or a lost cancel).
@@ -323,26 +429,36 @@ class Agent:
     # ------------------------------------------------------------------ status
     def _on_workload_event(self, event: WorkloadEvent) -> None:
         workload = (event.job_id, event.generation)
+        limits = self.state.limits.get(workload)
         outcome = decisions.decide_event(
-            event, self._max_run.get(workload, 0), workload in self._overrun, workload in self._deadlines
+            event,
+            limits.max_run_seconds if limits is not None else 0,
+            workload in self._overrun,
+            workload in self._deadlines,
+            self._fenced.get(workload, ""),
         )
         if outcome is not decisions.AS_IS:
             limit = outcome.start_clock_seconds
             if limit:
-                self._deadlines[workload] = asyncio.get_running_loop().call_later(
-                    limit, self._clock_ran_out, workload, limit
-                )
+                self._start_clock(workload, limit, limit)
+                self.state.clock_started(workload, time.time())
             if outcome.finished:
                 handle = self._deadlines.pop(workload, None)
                 if handle is not None:
                     handle.cancel()
-                self._max_run.pop(workload, None)
+                self.state.forget([workload])
                 self._overrun.discard(workload)
+                self._fenced.pop(workload, None)
             if outcome.report is not None:
                 event = outcome.report
         self._report(event)
 
-    def _clock_ran_out(self, workload: tuple[str, int], limit: int) -> None:
+    def _start_clock(self, workload: Workload, limit: int, left: float) -> None:
+        self._deadlines[workload] = asyncio.get_running_loop().call_later(
+            left, self._clock_ran_out, workload, limit
+        )
+
+    def _clock_ran_out(self, workload: Workload, limit: int) -> None:
         """Stop a workload that ran past its limit.
 
         It is marked as stopped by the agent here, before the delete starts, so that an ending
@@ -356,18 +472,27 @@ class Agent:
             limit_seconds=limit,
         )
         self._overrun.add(workload)
-        task = asyncio.get_running_loop().create_task(
-            self._stop_overrun(job_id, generation, limit), name=f"agent-overrun-{job_id}"
-        )
-        self._overrun_stops.add(task)
-        task.add_done_callback(self._overrun_stops.discard)
+        self._spawn_stop(workload, decisions.overrun_delete_reason(limit), "overrun")
 
-    async def _stop_overrun(self, job_id: str, generation: int, limit: int) -> None:
-        try:
-            await self.backend.delete(job_id, generation, decisions.overrun_delete_reason(limit))
-        except Exception:
-            # Nobody awaits this task: say why the workload runs on past its limit.
-            log.exception("stopping an overrunning workload failed", job_id=job_id, generation=generation)
+    def _spawn_stop(
+        self, workload: Workload, reason: str, why: str, unmark: dict[Workload, str] | None = None
+    ) -> None:
+        """Delete a workload in a task of its own (held by the agent). If the delete fails, the
+        workload is taken out of `unmark`, so that a fence is tried again at its next check."""
+        job_id, generation = workload
+
+        async def stop() -> None:
+            try:
+                await self.backend.delete(job_id, generation, reason)
+            except Exception:
+                # Nobody awaits this task: say why the workload runs on.
+                log.exception("stopping a workload failed", why=why, job_id=job_id, generation=generation)
+                if unmark is not None:
+                    unmark.pop(workload, None)
+
+        task = asyncio.get_running_loop().create_task(stop(), name=f"agent-{why}-{job_id}")
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
 
     def _report(self, event: WorkloadEvent) -> None:
         update = agent_pb.StatusUpdate(

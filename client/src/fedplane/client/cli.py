@@ -451,11 +451,25 @@ def _config(path: Path | None) -> str | None:
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 
 
-@app.command()
-def hub(config: ConfigOption = None) -> None:
-    """Run the hub (gRPC API, scheduler, NATS consumers) until Ctrl-C."""
+hub_app = typer.Typer(no_args_is_help=False)
+app.add_typer(hub_app, name="hub")
+
+
+@hub_app.callback(invoke_without_command=True)
+def hub(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Run a hub replica (gRPC API, scheduler, NATS consumers) until Ctrl-C; `hub status` shows
+    which replica leads."""
+    if ctx.invoked_subcommand is not None:
+        return
     config_path = _config(config)
     _daemon("fedplane.hub.server", lambda m: m.main(config_path))
+
+
+@hub_app.command("status")
+def hub_status(ctx: typer.Context, output: OutputOption = Output.table) -> None:
+    """Which hub replica leads, since when, and each replica's role."""
+    result = _run(ctx, lambda c: c.hub_status())
+    _emit(result, output, lambda: display.hub_status_table(result))
 
 
 @app.command()
@@ -477,17 +491,28 @@ def up(
     keep_running: Annotated[
         bool, typer.Option("--keep-running", help="Keep the federation up after the jobs finish.")
     ] = False,
+    edge: Annotated[
+        int,
+        typer.Option(
+            "--edge",
+            help="Run the last N clusters as an edge site, behind a NATS leaf node (SIGUSR1 cuts its link).",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Start a local federation (etcd, NATS, hub, simulated clusters) and run jobs on it."""
     if jobs is not None and not jobs.is_dir():
         _fail(f"{jobs}: no such directory")
+    if edge > (clusters if clusters is not None else 3):
+        _fail(f"--edge {edge}: more edge clusters than clusters ({clusters or 3}); raise --clusters")
 
     def start(module: ModuleType) -> None:
         kwargs: dict[str, Any] = {"jobs_dir": jobs, "data_dir": data_dir, "keep_running": keep_running}
-        if clusters is not None:
-            if "clusters" not in inspect.signature(module.main).parameters:
-                _fail("--clusters is not supported by this version of fedplane.local")
-            kwargs["clusters"] = clusters
+        for name, value, default in (("clusters", clusters, None), ("edge", edge, 0)):
+            if value != default:
+                if name not in inspect.signature(module.main).parameters:
+                    _fail(f"--{name} is not supported by this version of fedplane.local")
+                kwargs[name] = value
         module.main(**kwargs)
 
     _daemon("fedplane.local.federation", start)
@@ -578,6 +603,62 @@ def bench(
         _console().print(report.render(result))
     figures = result["results"]
     if figures["timed_out"] or figures["submit_errors"]:
+        raise typer.Exit(EXIT_JOBS_FAILED)
+
+
+@app.command()
+def chaos(
+    duration: Annotated[
+        float, typer.Option("--duration", help="Seconds of faults under load (the run then settles).")
+    ] = 60.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the faults, targets and timings.")] = 0,
+    hubs: Annotated[int, typer.Option("--hubs", help="Hub replicas (one without leader election).")] = 2,
+    agents: Annotated[int, typer.Option("--agents", help="Simulated clusters.")] = 3,
+    edge_agents: Annotated[
+        int,
+        typer.Option("--edge-agents", help="Extra edge sites, each behind a leaf node with a cuttable link."),
+    ] = 1,
+    rate: Annotated[float, typer.Option("--rate", help="Jobs submitted per second.")] = 8.0,
+    settle: Annotated[
+        float, typer.Option("--settle", help="Seconds allowed for every accepted job to finish afterwards.")
+    ] = 60.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    keep: Annotated[
+        bool,
+        typer.Option("--keep", help="Keep the work directory (logs, ledgers, etcd data) even if all holds."),
+    ] = False,
+) -> None:
+    """Run a local federation under random faults, then check its invariants; exit 1 if one broke."""
+    # Imported here: the chaos harness pulls in the agent, the servers and rich tables.
+    from fedplane.chaos import runner
+
+    params = runner.ChaosParams(
+        duration=duration,
+        seed=seed,
+        hubs=hubs,
+        agents=agents,
+        edge_agents=edge_agents,
+        rate=rate,
+        settle=settle,
+    )
+    problems = params.problems()
+    if problems:
+        _fail("; ".join(problems))
+
+    def progress(event: Any) -> None:
+        typer.echo(f"chaos: {event.at:6.1f}s {event.action} {event.target} {event.detail}".rstrip(), err=True)
+
+    try:
+        outcome = runner.run(params, on_event=progress, keep=keep)
+    except runner.HarnessError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_output:
+        typer.echo(json.dumps(outcome.as_dict(), indent=2))
+    else:
+        _console().print(runner.render(outcome))
+    if not outcome.ok:
         raise typer.Exit(EXIT_JOBS_FAILED)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "cluster_table",
     "event_line",
     "explanation_table",
+    "format_age",
     "format_resources",
     "format_time",
     "job_detail",
@@ -253,6 +254,7 @@ def cluster_table(clusters: Iterable[pb.Cluster]) -> Table:
     for column in (
         "NAME",
         "HEALTH",
+        "HEARTBEAT",
         "CORDONED",
         "NODES",
         "CPU FREE",
@@ -265,8 +267,9 @@ def cluster_table(clusters: Iterable[pb.Cluster]) -> Table:
     for c in clusters:
         ready = sum(1 for n in c.nodes if n.ready and not n.unschedulable)
         table.add_row(
-            c.name,
+            c.name + (" (edge)" if c.edge else ""),
             _health_text(c.health),
+            heartbeat_age(c),
             Text("yes", style="yellow") if c.cordoned else "no",
             f"{ready}/{len(c.nodes)}",
             _free_of(c.free, c.allocatable, quantity.CPU),
@@ -278,20 +281,52 @@ def cluster_table(clusters: Iterable[pb.Cluster]) -> Table:
     return table
 
 
+_HEALTH_STYLES: dict[int, str] = {
+    pb.READY: "green",
+    pb.NOT_READY: "red",
+    pb.UNKNOWN: "bold yellow",
+    pb.LOST: "bold red",
+}
+
+
 def _health_text(health: int) -> Text:
-    if health == pb.READY:
-        return Text("READY", style="green")
-    if health == pb.NOT_READY:
-        return Text("NOT_READY", style="bold red")
-    return Text("UNKNOWN", style="dim")
+    try:
+        name = pb.ClusterHealth.Name(pb.ClusterHealth.ValueType(health))
+    except ValueError:
+        name = f"HEALTH_{health}"
+    return Text(name, style=_HEALTH_STYLES.get(health, "dim"))
+
+
+def format_age(seconds: float) -> str:
+    """A short age: "12s", "3m", "5h", "2d" (whole units, rounded down)."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def heartbeat_age(cluster: pb.Cluster) -> str:
+    """Time since the cluster's last heartbeat, as the hub that answered measured it (so the
+    client's own clock does not matter), or "-" if it never sent one."""
+    if not _is_set(cluster.last_heartbeat):
+        return "-"
+    return format_age(cluster.heartbeat_age_seconds)
 
 
 def cluster_detail(cluster: pb.Cluster) -> RenderableType:
     """`fedplane cluster NAME`: the summary, every node and every dataset."""
     info = _kv_table()
     info.add_row("Name", cluster.name)
-    info.add_row("Health", _health_text(cluster.health))
-    info.add_row("Last heartbeat", format_time(cluster.last_heartbeat))
+    health = _health_text(cluster.health)
+    if cluster.health_reason:
+        health.append(f" ({cluster.health_reason})")
+    info.add_row("Health", health)
+    last = format_time(cluster.last_heartbeat)
+    info.add_row("Last heartbeat", last if last == "-" else f"{last} ({heartbeat_age(cluster)} ago)")
+    if _is_set(cluster.lost_time):
+        info.add_row("Lost since", format_time(cluster.lost_time))
+    info.add_row("Edge", "yes (longer unknown and lost thresholds)" if cluster.edge else "no")
     cordon = (
         "yes" + (f" ({cluster.cordon_reason})" if cluster.cordon_reason else "") if cluster.cordoned else "no"
     )
@@ -419,3 +454,30 @@ class JobBoard:
                 job_summary(job),
             )
         return table
+
+
+def hub_status_table(status: hub_pb2.HubStatus) -> Table:
+    """The replicas, the leader first; the title says who leads and under which fence."""
+    if status.leader:
+        title = (
+            f"leader {status.leader} since {format_time(status.leader_since)}"
+            f" (fencing revision {status.fencing_revision}, lease {status.lease_seconds:g}s)"
+        )
+    else:
+        title = "no replica leads right now"
+    table = Table(title=title, title_justify="left")
+    for column in ("REPLICA", "ROLE", "ADDRESS", "SINCE", "STARTED", "VERSION"):
+        table.add_column(column)
+    replicas = sorted(status.replicas, key=lambda r: (r.role != "leader", r.id))
+    for replica in replicas:
+        role = Text(replica.role, style="bold green" if replica.role == "leader" else "")
+        answered = " *" if replica.id == status.answered_by else ""
+        table.add_row(
+            replica.id + answered,
+            role,
+            replica.address,
+            format_time(replica.role_since),
+            format_time(replica.started),
+            replica.version,
+        )
+    return table

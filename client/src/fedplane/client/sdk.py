@@ -89,6 +89,7 @@ class FedplaneClient:
         self._channel: grpc.aio.Channel | None = None
         self._jobs: hub_pb2_grpc.JobServiceAsyncStub | None = None
         self._clusters: hub_pb2_grpc.ClusterServiceAsyncStub | None = None
+        self._hubs: hub_pb2_grpc.HubServiceAsyncStub | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ class FedplaneClient:
     async def close(self) -> None:
         if self._channel is not None:
             channel, self._channel = self._channel, None
-            self._jobs = self._clusters = None
+            self._jobs = self._clusters = self._hubs = None
             # Cancels every call; bounded, so a stream that never acknowledges its
             # cancellation cannot keep a CLI command (say, watch after Ctrl-C) from exiting.
             with contextlib.suppress(TimeoutError):
@@ -120,6 +121,7 @@ class FedplaneClient:
             self._clusters = cast(
                 "hub_pb2_grpc.ClusterServiceAsyncStub", hub_pb2_grpc.ClusterServiceStub(self._channel)
             )
+            self._hubs = cast("hub_pb2_grpc.HubServiceAsyncStub", hub_pb2_grpc.HubServiceStub(self._channel))
 
     @property
     def _job_stub(self) -> hub_pb2_grpc.JobServiceAsyncStub:
@@ -132,6 +134,12 @@ class FedplaneClient:
         self._connect()
         assert self._clusters is not None
         return self._clusters
+
+    @property
+    def _hub_stub(self) -> hub_pb2_grpc.HubServiceAsyncStub:
+        self._connect()
+        assert self._hubs is not None
+        return self._hubs
 
     async def _call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
         """One unary call, retried with backoff while the hub is UNAVAILABLE."""
@@ -434,3 +442,9 @@ class FedplaneClient:
 
     async def uncordon(self, name: str) -> pb.Cluster:
         return await self._call(self._cluster_stub.UncordonCluster, hub_pb2.UncordonClusterRequest(name=name))
+
+    # -- hub replicas ---------------------------------------------------------------------------
+
+    async def hub_status(self) -> hub_pb2.HubStatus:
+        """Which replica leads, since when, and every replica's role (any replica answers)."""
+        return await self._call(self._hub_stub.GetHubStatus, hub_pb2.GetHubStatusRequest())

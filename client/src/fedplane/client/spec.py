@@ -46,12 +46,19 @@ _TOP_KEYS = {
     "constraints",
     "datasets",
     "workload",
+    "disconnect",
 }
 _POD_SET_KEYS = {"name", "count", "minCount", "gpuType", "requests"}
 _CONSTRAINT_KEYS = {"clusterSelector", "tolerations", "preferredGroups", "strictGroups"}
 _TOLERATION_KEYS = {"key", "operator", "value", "effect"}
 _GROUP_KEYS = {"clusters", "matchLabels"}
 _DATASET_KEYS = {"id", "size", "required"}
+_DISCONNECT_KEYS = {"action", "requeueAfter"}
+_DISCONNECT_ACTIONS = {
+    "requeue": pb.DISCONNECT_REQUEUE,
+    "wait": pb.DISCONNECT_WAIT,
+    "fail": pb.DISCONNECT_FAIL,
+}
 
 _BYTE_SUFFIXES = [
     *[("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)],
@@ -275,6 +282,33 @@ def _dataset(value: object, path: str) -> pb.DatasetRef:
     return ref
 
 
+def _seconds(value: object, path: str) -> float:
+    """A duration ("5m", "1h30m"), or seconds as a number (fractions allowed here)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if not value >= 0 or value == float("inf"):
+            _fail(path, f"{value!r} is not a duration (must be a finite number, not negative)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        _fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
+    try:
+        return float(parse_duration(value))
+    except ValueError as exc:
+        _fail(path, str(exc))
+
+
+def _disconnect(value: object, path: str) -> pb.DisconnectPolicy:
+    data = _mapping(value, path, _DISCONNECT_KEYS)
+    policy = pb.DisconnectPolicy()
+    if "action" in data:
+        action = _str(data["action"], _join(path, "action"))
+        if action not in _DISCONNECT_ACTIONS:
+            _fail(_join(path, "action"), f"{action!r} is not one of: {', '.join(_DISCONNECT_ACTIONS)}")
+        policy.action = _DISCONNECT_ACTIONS[action]
+    if "requeueAfter" in data:
+        policy.requeue_after_seconds = _seconds(data["requeueAfter"], _join(path, "requeueAfter"))
+    return policy
+
+
 def _manifest_json(value: object, path: str) -> str:
     _mapping(value, path)
 
@@ -313,6 +347,8 @@ def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
         spec.constraints.CopyFrom(_constraints(doc["constraints"], _join(path, "constraints")))
     if "datasets" in doc:
         spec.datasets.extend(_items(doc["datasets"], _join(path, "datasets"), _dataset))
+    if "disconnect" in doc:
+        spec.disconnect.CopyFrom(_disconnect(doc["disconnect"], _join(path, "disconnect")))
     if "workload" in doc:
         spec.workload.manifest_json = _manifest_json(doc["workload"], _join(path, "workload"))
     else:
@@ -442,8 +478,21 @@ def spec_to_dict(spec: pb.JobSpec) -> dict[str, Any]:
                 ref["required"] = True
             datasets.append(ref)
         out["datasets"] = datasets
+    if spec.HasField("disconnect"):
+        out["disconnect"] = _disconnect_to_dict(spec.disconnect)
     if spec.workload.manifest_json:
         out["workload"] = json.loads(spec.workload.manifest_json)
+    return out
+
+
+def _disconnect_to_dict(policy: pb.DisconnectPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    names = {number: name for name, number in _DISCONNECT_ACTIONS.items()}
+    if policy.action in names:
+        out["action"] = names[policy.action]
+    after = policy.requeue_after_seconds
+    if after:
+        out["requeueAfter"] = format_duration(int(after)) if after == int(after) else after
     return out
 
 

@@ -13,15 +13,19 @@ pair it does not list.
      | ^                   |                    |                   |
      | +------requeue------+--------------------+-------------------+
      |                     |                    |                   |
+     |                     +--------fail--------+-------------------+--> FAILED (the hub gave up)
+     |                     |                    |                   |
      |                     +-------cancel-------+-------------------+--> CANCELLING --agent--> CANCELLED
-     +--cancel--> CANCELLED                                               (requeue: CANCELLED)
+     +--cancel--> CANCELLED                                     (requeue or fail: CANCELLED)
 
 Status updates from agents are idempotent by (generation, state): a stale generation or a
 backwards move is ignored, so redelivered or reordered messages never regress a job or
 resurrect it. The one way back is `requeue`, the hub's own decision: it clears the cluster
 but keeps the generation, so the next dispatch bumps it and fences off whatever the old
-cluster still reports. The record has no attempt counter: the generation, which dispatch and
-nothing else bumps, counts the dispatches (`attempts`).
+cluster still reports. The hub's other decision about a job on a cluster is `give_up` (its
+cluster was lost and its disconnect policy says fail): the job ends FAILED where it was. The
+record has no attempt counter: the generation, which dispatch and nothing else bumps, counts
+the dispatches (`attempts`).
 
 The core speaks its own types only (see docs/architecture.md, "One language in the core"):
 states are plain ints, the same numbers as the wire's JobState (tests/hub/test_states.py
@@ -60,7 +64,7 @@ NAMES: Final[Mapping[int, str]] = {value: name for name, value in vars(S).items(
 
 
 class On:
-    """The inputs of the table: three decisions of the hub's, and the states clusters report.
+    """The inputs of the table: four decisions of the hub's, and the states clusters report.
 
     Plain strings rather than an Enum: an Enum member hashes in Python code, and the table is
     looked up for every status update.
@@ -69,6 +73,10 @@ class On:
     PLACE = "place"  # placement chose a cluster: dispatch()
     CANCEL = "cancel"  # a user asked: request_cancel()
     REQUEUE = "requeue"  # the cluster was lost, or the job preempted: requeue()
+    FAIL = "fail"  # the hub gave up on the job where it is (its cluster lost): give_up()
+    # The agent stopped the workload itself, cut off from the hub past the job's fence: the
+    # job must run again elsewhere. Reported as CANCELLED with reason FENCED.
+    FENCED = "FENCED"
     # A member cluster reported its workload in this state: apply_update().
     ADMITTED = "ADMITTED"
     RUNNING = "RUNNING"
@@ -78,7 +86,7 @@ class On:
 
 
 # state: {input: next state}. In each row: what the cluster reports, then the hub's decisions.
-# A pair not listed is refused (dispatch, request_cancel, requeue raise TransitionError) or,
+# A pair not listed is refused (dispatch, request_cancel, requeue, give_up raise TransitionError) or,
 # for a report, ignored (apply_update says why).
 # fmt: off
 TRANSITIONS: Final[Mapping[int, Mapping[str, int]]] = {
@@ -89,29 +97,33 @@ TRANSITIONS: Final[Mapping[int, Mapping[str, int]]] = {
     S.DISPATCHED: {
         On.ADMITTED: S.ADMITTED, On.RUNNING: S.RUNNING,
         On.SUCCEEDED: S.SUCCEEDED, On.FAILED: S.FAILED, On.CANCELLED: S.CANCELLED,
-        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING,
+        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING, On.FAIL: S.FAILED, On.FENCED: S.PENDING,
     },
     S.ADMITTED: {
         On.RUNNING: S.RUNNING,
         On.SUCCEEDED: S.SUCCEEDED, On.FAILED: S.FAILED, On.CANCELLED: S.CANCELLED,
-        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING,
+        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING, On.FAIL: S.FAILED, On.FENCED: S.PENDING,
     },
     S.RUNNING: {
         On.SUCCEEDED: S.SUCCEEDED, On.FAILED: S.FAILED, On.CANCELLED: S.CANCELLED,
-        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING,
+        On.CANCEL: S.CANCELLING, On.REQUEUE: S.PENDING, On.FAIL: S.FAILED, On.FENCED: S.PENDING,
     },
     # Only the workload's end still counts, whichever way it ended. Cancelling again re-sends
-    # the delete and changes nothing. Requeued (its cluster is gone), the job was cancelled:
-    # it must not run again.
+    # the delete and changes nothing. Requeued or given up (its cluster is gone), the job was
+    # cancelled: it must not run again.
     S.CANCELLING: {
         On.SUCCEEDED: S.SUCCEEDED, On.FAILED: S.FAILED, On.CANCELLED: S.CANCELLED,
-        On.CANCEL: S.CANCELLING, On.REQUEUE: S.CANCELLED,
+        On.CANCEL: S.CANCELLING, On.REQUEUE: S.CANCELLED, On.FAIL: S.CANCELLED, On.FENCED: S.CANCELLED,
     },
     S.SUCCEEDED: {},
     S.FAILED: {},
     S.CANCELLED: {},
 }
 # fmt: on
+
+# The reason of an agent's CANCELLED report for a workload it stopped itself, cut off from the
+# hub for longer than the job's fence (agent.decisions.FENCED_REASON is the same string).
+FENCED = "Fenced"
 
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 ON_CLUSTER = frozenset({S.DISPATCHED, S.ADMITTED, S.RUNNING})
@@ -253,9 +265,14 @@ def apply_update(
     if generation != current.generation or cluster != current.cluster:
         return Ignored(f"stale: job is at {current.cluster}/{current.generation}")
     on = REPORTS.get(state)
+    if on == On.CANCELLED and reason == FENCED:
+        on = On.FENCED
     target = None if on is None else next_state(current.state, on)
     if target is None:
         return Ignored(_why_ignored(current.state, state))
+    if target == S.PENDING:
+        # Fenced by its agent: run it again elsewhere, as a requeue does.
+        return Transition(target, reason, message, "", current.generation, replaces_placement=True)
     return _move(current, target, reason, message)
 
 
@@ -318,6 +335,27 @@ def requeue(current: DispatchState, reason: str, *, message: str = "") -> Transi
         current.generation,
         replaces_placement=True,
     )
+
+
+def give_up(current: DispatchState, reason: str, message: str = "") -> Transition:
+    """End a job on a cluster as FAILED where it is, without word from the cluster (its cluster
+    was lost and its disconnect policy says fail).
+
+    Allowed from DISPATCHED, ADMITTED and RUNNING; a CANCELLING job becomes CANCELLED instead
+    (what was asked of it). The job keeps its cluster, generation and placement, so the record
+    says where it last ran, a late report from there finds it finished, and a delete can be
+    addressed to that very dispatch. `reason` is machine-readable ("ClusterLost").
+    """
+    state = next_state(current.state, On.FAIL)
+    if state is None:
+        raise TransitionError(f"cannot fail a job that is {state_name(current.state)}")
+    if not message:
+        message = (
+            f"cancel finished without word from {current.cluster}"
+            if state == S.CANCELLED
+            else f"given up on {current.cluster}"
+        )
+    return _move(current, state, reason, message)
 
 
 def is_terminal(state: int) -> bool:

@@ -51,3 +51,10 @@ def stop_event() -> asyncio.Event:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for `event` at most `seconds`; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()

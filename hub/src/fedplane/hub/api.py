@@ -16,7 +16,7 @@ from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, delete_command
 from fedplane.hub.errors import HubError
 from fedplane.hub.events import Change, EventLog, WatchFellBehind
-from fedplane.hub.store import RevisionCompacted
+from fedplane.hub.store import NO_FENCE, RevisionCompacted
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
 from fedplane.hub.validation import validate_spec
 from fedplane.runtime import logs
@@ -120,7 +120,10 @@ class HubApi:
                 written: JobRecord | None = record  # already cancelling: only the delete again
             else:
                 status = records.record_into(record.status, outcome.transition, self.clock.time())
-                (written,) = await table.write([StatusWrite.of(job_id, status, record.revision)])
+                # Any replica may write a user's cancel: the compare-and-swap on the job's own
+                # status decides against a racing dispatch or update, whoever leads.
+                write = StatusWrite.of(job_id, status, record.revision)
+                (written,) = await table.write([write], NO_FENCE)
             if written is None:
                 continue  # lost a race with a status update: re-read and decide again
             if outcome.send_delete:
@@ -174,7 +177,7 @@ class HubApi:
         now = self.clock.time()
         active = self.table.active
         return [
-            c.to_pb(now, self.registry.timeout, active.get(c.name, 0))
+            c.to_pb(now, self.registry.thresholds, active.get(c.name, 0))
             for c in sorted(self.registry.clusters.values(), key=lambda c: c.name)
         ]
 

@@ -14,7 +14,14 @@ changed since the last cycle, so views are cached at two levels:
   replaces just the nodes it touches, and health and cordon are refreshed when asked;
 - the registry keeps the list of views and asks a cluster again only when something about
   it was set (every setter and method of ClusterState tells the registry), when it is not
-  ready (its reason says for how long), or when a heartbeat may have grown too old.
+  ready (its reason says for how long), or when a heartbeat may have grown too old: each ready
+  view stays ready until its last heartbeat plus its cluster's unknown threshold (longer for
+  edge clusters), and the earliest of those is the registry's `_deadline`.
+
+Health (`fedplane.core.health`): READY, NOT_READY, UNKNOWN by the age of the last heartbeat,
+and LOST once the cluster's lease in etcd has expired, which liveness.py observes and records
+here as `lost_since`. Only READY clusters' views are ready for placement. Whoever acts on lost
+clusters (lost.py) waits on `ClusterRegistry.lost_changed` or registers `on_lost_change`.
 
 Views are never modified once handed out (placement is copy-on-write too), so one view
 object serves every cycle until its cluster changes, with the totals, node index and memo
@@ -23,25 +30,46 @@ placement caches on it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 
 from fedplane.core import capacity, model
+from fedplane.core import health as hl
 from fedplane.core.capacity import Reservation, reservation_key
+from fedplane.core.health import Health, HealthThresholds
 from fedplane.hub import convert
 from fedplane.runtime import timestamps
+from fedplane.runtime.config import HubConfig
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 _NO_INVENTORY = agent_pb.Inventory()
+_WIRE_HEALTH = {
+    hl.READY: pb.READY,
+    hl.NOT_READY: pb.NOT_READY,
+    hl.UNKNOWN: pb.UNKNOWN,
+    hl.LOST: pb.LOST,
+}
+
+
+def health_thresholds(config: HubConfig) -> HealthThresholds:
+    """The hub's cluster health settings, as the registry and the lease driver use them."""
+    return HealthThresholds(
+        unknown_after=config.cluster_unknown_after_seconds,
+        lost_after=config.cluster_lost_after_seconds,
+        edge_unknown_after=config.edge_cluster_unknown_after_seconds,
+        edge_lost_after=config.edge_cluster_lost_after_seconds,
+        edge_label=config.edge_label,
+    )
 
 
 class ClusterState:
     """One member cluster: its latest reports, admin record and reservations, and its cached view.
 
-    Replace `admin`, `heartbeat`, `inventory`, `datasets` and `last_seen` by assignment (never
-    modify them in place) and change `reservations` through the methods: each change tells
-    the registry (`changed`), which asks for this cluster's view again only then.
+    Replace `admin`, `heartbeat`, `inventory`, `datasets`, `last_seen` and `lost_since` by
+    assignment (never modify them in place) and change `reservations` through the methods: each
+    change tells the registry (`changed`), which asks for this cluster's view again only then.
     """
 
     __slots__ = (
@@ -51,10 +79,12 @@ class ClusterState:
         "_heartbeat",
         "_inventory",
         "_last_seen",
+        "_lost_since",
         "_reported",
         "_stale",
         "_view",
         "changed",
+        "lost_changed",
         "name",
         "reservations",
     )
@@ -79,6 +109,11 @@ class ClusterState:
         self._last_seen = last_seen
         self.reservations: dict[str, Reservation] = reservations if reservations is not None else {}
         self.changed = changed
+        # Told (with the name and the new lost_since) when the cluster becomes lost or returns.
+        self.lost_changed: Callable[[str, float | None], None] | None = None
+        # Wall-clock seconds when the hub saw the cluster's alive key gone (its lease expired);
+        # None unless it is LOST.
+        self._lost_since: float | None = None
         # The view of the inventory and datasets messages in _built_from, minus the
         # reservations; stale once a report replaces either message.
         self._view: model.ClusterView | None = None
@@ -140,19 +175,50 @@ class ClusterState:
         self._last_seen = last_seen
         self._touch()
 
-    def ready(self, now: float, timeout: float) -> tuple[bool, str]:
-        if self._heartbeat is None:
-            return False, "agent has not reported yet"
-        if now - self._last_seen > timeout:
-            return False, f"no heartbeat for {now - self._last_seen:.0f}s"
-        if self._inventory is None:
-            return False, "no inventory reported yet"
-        return True, ""
+    @property
+    def lost_since(self) -> float | None:
+        """When the hub declared the cluster LOST (wall-clock seconds), or None unless it is."""
+        return self._lost_since
 
-    def view(self, now: float, timeout: float) -> model.ClusterView:
+    @lost_since.setter
+    def lost_since(self, since: float | None) -> None:
+        if since == self._lost_since:
+            return
+        self._lost_since = since
+        self._touch()
+        if self.lost_changed is not None:
+            self.lost_changed(self.name, since)
+
+    def is_edge(self, thresholds: HealthThresholds) -> bool:
+        """Labelled as an edge cluster by its inventory (longer thresholds)."""
+        inventory = self._inventory
+        return inventory is not None and thresholds.is_edge(inventory.labels)
+
+    def health(self, now: float, thresholds: HealthThresholds) -> Health:
+        edge = self.is_edge(thresholds)
+        return hl.judge(
+            reported=self._heartbeat is not None,
+            inventoried=self._inventory is not None,
+            last_seen=self._last_seen,
+            lost_since=self._lost_since,
+            now=now,
+            unknown_after=thresholds.unknown_for(edge),
+            lost_after=thresholds.lost_for(edge),
+        )
+
+    def ready(self, now: float, thresholds: HealthThresholds) -> tuple[bool, str]:
+        """Whether placement may use the cluster, and if not why."""
+        health = self.health(now, thresholds)
+        return health.state == hl.READY, health.reason
+
+    def ready_until(self, thresholds: HealthThresholds) -> float:
+        """Until when a READY cluster stays READY if nothing else happens."""
+        return self._last_seen + thresholds.unknown_for(self.is_edge(thresholds))
+
+    def view(self, now: float, thresholds: HealthThresholds) -> model.ClusterView:
         """The cluster as placement sees it: the cached view, rebuilt only if a report replaced it."""
         view = self._current()
-        ready, why = self.ready(now, timeout)
+        ready, why = self.ready(now, thresholds)
         cordoned = self._admin.cordoned
         if view is None:
             view = self._rebuild(ready, cordoned, why)
@@ -228,9 +294,9 @@ class ClusterState:
         capacity.drop_accounted(self.reservations, inventory.accounted_jobs)
         self._touch()
 
-    def to_pb(self, now: float, timeout: float, active_jobs: int) -> pb.Cluster:
-        ready, _ = self.ready(now, timeout)
-        view = self.view(now, timeout)
+    def to_pb(self, now: float, thresholds: HealthThresholds, active_jobs: int) -> pb.Cluster:
+        health = self.health(now, thresholds)
+        view = self.view(now, thresholds)
         inventory = self.inventory or agent_pb.Inventory()
         cluster = pb.Cluster(
             name=self.name,
@@ -238,7 +304,9 @@ class ClusterState:
             taints=list(inventory.taints),
             cordoned=self.admin.cordoned,
             cordon_reason=self.admin.cordon_reason,
-            health=pb.READY if ready else pb.NOT_READY,
+            health=_WIRE_HEALTH[health.state],
+            health_reason=health.reason,
+            edge=self.is_edge(thresholds),
             nodes=list(inventory.nodes),
             datasets=list(self.datasets.datasets) if self.datasets else [],
             cost=inventory.cost,
@@ -247,6 +315,9 @@ class ClusterState:
         )
         if self.last_seen:
             cluster.last_heartbeat.CopyFrom(timestamps.at(self.last_seen))
+            cluster.heartbeat_age_seconds = max(0.0, now - self.last_seen)
+        if self._lost_since is not None:
+            cluster.lost_time.CopyFrom(timestamps.at(self._lost_since))
         cluster.allocatable.quantities.update(view.total("allocatable"))
         # Free as the hub schedules against it: reported free minus capacity still in flight.
         cluster.free.quantities.update(view.total("free"))
@@ -295,10 +366,23 @@ def _node_views(
 
 
 class ClusterRegistry:
-    """Every known cluster, and the list of their views as the last placement cycle got it."""
+    """Every known cluster, and the list of their views as the last placement cycle got it.
 
-    def __init__(self, heartbeat_timeout: float) -> None:
-        self.timeout = heartbeat_timeout
+    Made with the health thresholds (`health_thresholds(config)`); a plain number is taken as
+    one unknown threshold for every cluster (hubs before cluster leases).
+
+    Clusters becoming LOST or returning (`ClusterState.lost_since` set or cleared): the
+    registry sets `lost_changed` (for one waiter, which clears it, then looks at `lost()`) and
+    calls every `on_lost_change` listener with the cluster's name and its new `lost_since`.
+    """
+
+    def __init__(self, thresholds: HealthThresholds | float) -> None:
+        if not isinstance(thresholds, HealthThresholds):
+            thresholds = HealthThresholds.uniform(float(thresholds))
+        self.thresholds = thresholds
+        self.lost_changed = asyncio.Event()
+        self._lost_listeners: list[Callable[[str, float | None], None]] = []
+        self._heartbeat_listeners: list[Callable[[str], None]] = []
         # Add clusters through get_or_add(), so that the registry hears of their changes.
         self.clusters: dict[str, ClusterState] = {}
         self._names: list[str] = []  # sorted, as in _views
@@ -315,13 +399,41 @@ class ClusterRegistry:
         if state is not None:
             return state, False
         state = ClusterState(name, pb.Cluster(name=name), changed=self._changed.add)
+        state.lost_changed = self._lost_changed
         self.clusters[name] = state
         self._changed.add(name)
         return state, True
 
+    # ------------------------------------------------------------------ health
+    def health(self, name: str, now: float) -> Health:
+        return self.clusters[name].health(now, self.thresholds)
+
+    def lost(self) -> dict[str, float]:
+        """Every LOST cluster, with when it was declared lost."""
+        return {n: s.lost_since for n, s in self.clusters.items() if s.lost_since is not None}
+
+    def on_lost_change(self, listener: Callable[[str, float | None], None]) -> None:
+        """Call `listener(name, lost_since)` whenever a cluster becomes LOST or stops being LOST."""
+        self._lost_listeners.append(listener)
+
+    def _lost_changed(self, name: str, since: float | None) -> None:
+        self.lost_changed.set()
+        for listener in self._lost_listeners:
+            listener(name, since)
+
+    def on_heartbeat(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(name)` after each heartbeat the hub takes (see `heard`)."""
+        self._heartbeat_listeners.append(listener)
+
+    def heard(self, name: str) -> None:
+        """A heartbeat of `name` was just recorded (reports.py calls this)."""
+        for listener in self._heartbeat_listeners:
+            listener(name)
+
+    # ------------------------------------------------------------------ views
     def views(self, now: float) -> list[model.ClusterView]:
         """Every cluster's view, by name; asks again only the clusters that may have changed."""
-        clusters, timeout = self.clusters, self.timeout
+        clusters, thresholds = self.clusters, self.thresholds
         if len(clusters) != len(self._names) or now > self._deadline:
             return self._rebuild(now)
         asked = [*self._changed, *self._not_ready] if self._changed or self._not_ready else ()
@@ -331,27 +443,28 @@ class ClusterRegistry:
             slot = self._slots.get(name)
             if state is None or slot is None:
                 return self._rebuild(now)
-            view = self._views[slot] = state.view(now, timeout)
+            view = self._views[slot] = state.view(now, thresholds)
             if view.ready:
                 self._not_ready.discard(name)
-                self._deadline = min(self._deadline, state.last_seen + timeout)
+                self._deadline = min(self._deadline, state.ready_until(thresholds))
             else:
                 self._not_ready.add(name)
         return list(self._views)
 
     def _rebuild(self, now: float) -> list[model.ClusterView]:
-        clusters, timeout = self.clusters, self.timeout
+        clusters, thresholds = self.clusters, self.thresholds
         names = sorted(clusters)
         views = []
         not_ready = set()
         deadline = math.inf
         for name in names:
             state = clusters[name]
-            state.changed = self._changed.add  # in case it was added behind get_or_add()'s back
-            view = state.view(now, timeout)
+            # In case it was added behind get_or_add()'s back.
+            state.changed, state.lost_changed = self._changed.add, self._lost_changed
+            view = state.view(now, thresholds)
             views.append(view)
             if view.ready:
-                deadline = min(deadline, state.last_seen + timeout)
+                deadline = min(deadline, state.ready_until(thresholds))
             else:
                 not_ready.add(name)
         self._names, self._slots, self._views = names, {n: i for i, n in enumerate(names)}, views
@@ -360,4 +473,5 @@ class ClusterRegistry:
         return list(views)
 
     def ready_names(self, now: float) -> frozenset[str]:
-        return frozenset(name for name, c in self.clusters.items() if c.ready(now, self.timeout)[0])
+        thresholds = self.thresholds
+        return frozenset(name for name, c in self.clusters.items() if c.ready(now, thresholds)[0])

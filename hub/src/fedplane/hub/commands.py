@@ -22,17 +22,23 @@ from fedplane.v1 import types_pb2 as pb
 log = logs.get("fedplane.hub")
 
 
-def create_command(job: pb.Job, hub_id: str) -> agent_pb.DispatchCommand:
+def create_command(job: pb.Job, hub_id: str, fence_after_seconds: float = 0.0) -> agent_pb.DispatchCommand:
+    """A create of the job's current dispatch. `fence_after_seconds`: how long the agent, cut
+    off from the hub, keeps the workload before stopping it (lost.DisconnectPolicies gives it;
+    0 keeps it however long)."""
     # Filled in place: building the parts as messages of their own copies the spec twice more.
     command = agent_pb.DispatchCommand(job_id=job.id, generation=job.status.generation)
     create = command.create
     create.spec.CopyFrom(job.spec)
     create.assignments.extend(job.status.assignments)
     create.hub_id = hub_id
+    create.fence_after_seconds = fence_after_seconds
     return command
 
 
 def delete_command(job: pb.Job, reason: str) -> agent_pb.DispatchCommand:
+    """A delete of the job's dispatch at its status's generation, for the cluster in its status
+    (the sender addresses a command to `job.status.cluster`)."""
     return agent_pb.DispatchCommand(
         job_id=job.id,
         generation=job.status.generation,

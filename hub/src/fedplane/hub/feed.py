@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from fedplane.core import dispatch as sm
 from fedplane.hub.events import Change, EventLog
 from fedplane.hub.table import JobRecord, JobTable
 from fedplane.runtime import logs
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
+S = sm.S
 
 
 class StatusFeed:
@@ -29,7 +31,14 @@ class StatusFeed:
         table, events = self.table, self.events
         while not stopping():
             try:
-                async for revision, job_id, blob in table.store.watch_statuses(events.revision):
+                async for revision, job_id, blob in table.store.watch_statuses(events.revision, deletes=True):
+                    if not blob:
+                        # Deleted (retention, on the leader): every replica forgets it.
+                        gone = table.jobs.get(job_id)
+                        if gone is not None:
+                            table.forget(gone)
+                        events.revision = max(events.revision, revision)
+                        continue
                     record = table.jobs.get(job_id)
                     if record is None:
                         creating = table.creating.get(job_id)
@@ -42,6 +51,8 @@ class StatusFeed:
                             if loaded is None:
                                 continue
                             record = table.add(JobRecord.stored(loaded))
+                            if record.state == S.PENDING:
+                                table.wake.set()  # submitted through another replica
                     if revision > record.revision:
                         table.merge(job_id, pb.JobStatus.FromString(blob), revision, blob)
                     events.publish(Change(revision, job_id, record.queue, blob))

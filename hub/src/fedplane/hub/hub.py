@@ -11,8 +11,14 @@ and beside the cluster registry (clusters.py); each concern is a driver over the
   statuses.py   the agents' status batches
   reports.py    heartbeats, inventories, data reports, cluster health, orphan queries
   retention.py  deleting finished jobs
+  liveness.py   cluster leases in etcd: which clusters are alive, and which are lost
+  lost.py       the jobs of lost clusters, by their disconnect policy
   feed.py       the watch on the hub's own status keys, into the table and the event log
   api.py        reads and administration (get, list, stats, cancel, explain, cordon, watch)
+  leader.py     leadership among replicas: the leader lease, and the fence of its writes
+
+Every replica takes submits, serves reads from its watch-fed table, and accepts cancels; only
+the leading replica places, applies statuses and deletes finished jobs, each write fenced.
 
 Time comes from an injected Clock, so that tests can drive it.
 """
@@ -21,25 +27,31 @@ from __future__ import annotations
 
 import asyncio
 
+from aetcd import exceptions as etcd_errors
+
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Weights
 from fedplane.hub import convert
 from fedplane.hub.api import HubApi
 from fedplane.hub.clock import SYSTEM, Clock
-from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.clusters import ClusterRegistry, health_thresholds
 from fedplane.hub.commands import CommandSender, create_command, delete_command
 from fedplane.hub.errors import HubError
 from fedplane.hub.events import EventLog
 from fedplane.hub.feed import StatusFeed
 from fedplane.hub.intake import Intake
+from fedplane.hub.leader import Leadership, default_replica_id, hub_status
+from fedplane.hub.liveness import Liveness
+from fedplane.hub.lost import LostClusterJobs
 from fedplane.hub.reports import ClusterReports
 from fedplane.hub.retention import Retention
 from fedplane.hub.scheduler import Scheduler
 from fedplane.hub.statuses import StatusIntake
-from fedplane.hub.store import Store
-from fedplane.hub.table import JobRecord, JobTable
+from fedplane.hub.store import Fence, Store
+from fedplane.hub.table import NOT_LEADING, JobRecord, JobTable
 from fedplane.runtime import bus, logs, tasks
 from fedplane.runtime.config import HubConfig
+from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
@@ -57,7 +69,7 @@ class Hub:
         self.js = js
         self.clock = clock
         self.table = JobTable(store)
-        self.registry = ClusterRegistry(config.cluster_unknown_after_seconds)
+        self.registry = ClusterRegistry(health_thresholds(config))
         self.events = EventLog(EVENT_BUFFER)
         self.commands = CommandSender(js)
         self.intake = Intake(self.table, clock)
@@ -66,10 +78,24 @@ class Hub:
         self.reports = ClusterReports(self.table, self.registry, store, clock)
         self.retention = Retention(self.table, clock, config.finished_job_retention_seconds)
         self.feed = StatusFeed(self.table, self.events)
+        self.lost = LostClusterJobs(self.table, self.registry, self.commands, clock, config)
         self.api = HubApi(
             self.table, self.registry, self.commands, self.events, clock, Weights(**vars(config.weights))
         )
+        replica_id = config.replica_id or default_replica_id(config.listen)
+        self.liveness = Liveness(self.registry, store, clock, replica_id)
+        self.leadership = Leadership(
+            store,
+            replica_id,
+            config.listen,
+            config.leader_lease_seconds,
+            self._lead,
+            self._follow,
+        )
+        self.table.fence = NOT_LEADING
+        self.table.fence_lost = self.leadership.fence_lost
         self._tasks: list[asyncio.Task[None]] = []
+        self._leader_tasks: list[asyncio.Task[None]] = []
         self._subs: list[bus.Subscription] = []
         self._stopping = False
 
@@ -89,15 +115,45 @@ class Hub:
         return hub
 
     async def _recover(self) -> None:
-        """Load every job and cluster, then resume: watch, consume, and re-send what may be unsent."""
-        table, registry, commands = self.table, self.registry, self.commands
+        """Load every job and cluster, then run: the parts every replica runs at once, and the
+        leader's parts whenever this replica leads (see leader.py)."""
+        table, registry = self.table, self.registry
         stored, revision = await self.store.load_jobs()
         self.events.revision = revision
-        for name, blob in (await self.store.load_clusters()).items():
+        admin_records, admin_revision = await self.store.load_clusters_at()
+        for name, blob in admin_records.items():
             state, _ = registry.get_or_add(name)
             state.admin = pb.Cluster.FromString(blob)
         for item in stored:
-            record = table.add(JobRecord.stored(item))
+            table.add(JobRecord.stored(item))
+        log.info("hub recovered", jobs=len(stored), pending=len(table.queue), revision=revision)
+        stopping = self._is_stopping
+        # Every replica: take submits, follow etcd into the table, hear the clusters, send the
+        # commands it queues (a cancel's delete), and campaign.
+        self._tasks = [
+            asyncio.create_task(self.intake.run(), name="hub-intake"),
+            asyncio.create_task(self.feed.run(stopping), name="hub-watch"),
+            asyncio.create_task(self.reports.run_health(), name="hub-health"),
+            asyncio.create_task(
+                self.reports.follow_admin(admin_revision, stopping), name="hub-cluster-records"
+            ),
+            asyncio.create_task(self.commands.run(), name="hub-commands"),
+            asyncio.create_task(self.liveness.run(), name="hub-liveness"),
+            asyncio.create_task(self.leadership.run(), name="hub-leadership"),
+        ]
+        self._subs = await self.reports.subscribe(self.nc, self.js)
+
+    async def _lead(self, fence: Fence) -> None:
+        """Take over: hold the capacity of the jobs on clusters, re-send what may be unsent,
+        and start placing, applying statuses and cleaning up, under `fence`."""
+        table, registry, commands = self.table, self.registry, self.commands
+        table.fence = fence
+        for state in registry.clusters.values():
+            for key in list(state.reservations):
+                job_id, _, generation = key.rpartition(":")
+                state.release(job_id, int(generation))
+        resend = 0
+        for record in list(table.jobs.values()):
             if record.state in sm.ON_CLUSTER and record.cluster:
                 # Hold the capacity until the cluster's inventory confirms it.
                 job = record.job
@@ -107,31 +163,50 @@ class Hub:
                     record.generation,
                     convert.assignments_core(job.status.assignments),
                 )
+            # The previous leader may have stopped between a write and its command's publish.
             if record.state == S.DISPATCHED:
                 job = record.job
-                commands.queue(job, create_command(job, self.config.hub_id))
+                cluster, _ = registry.get_or_add(record.cluster)
+                fence_after = self.lost.policies.fence_after_seconds(job.spec, registry, cluster)
+                commands.queue(job, create_command(job, self.config.hub_id, fence_after))
+                resend += 1
             elif record.state == S.CANCELLING:
                 job = record.job
                 commands.queue(job, delete_command(job, job.status.message))
-        log.info(
-            "hub recovered",
-            jobs=len(stored),
-            pending=len(table.queue),
-            revision=revision,
-            resend=len(commands),
-        )
+                resend += 1
+        for state in registry.clusters.values():
+            if state.inventory is not None:
+                state.apply_inventory(state.inventory)  # drops what the last report already counts
+        log.info("leader took over", jobs=len(table.jobs), pending=len(table.queue), resend=resend)
         stopping = self._is_stopping
-        self._tasks = [
-            asyncio.create_task(self.intake.run(), name="hub-intake"),
-            asyncio.create_task(self.feed.run(stopping), name="hub-watch"),
+        self._leader_tasks = [
             asyncio.create_task(self.scheduler.run(), name="hub-schedule"),
             asyncio.create_task(self.statuses.run(self.js, stopping), name="hub-status"),
-            asyncio.create_task(self.reports.run_health(), name="hub-health"),
-            asyncio.create_task(commands.run(), name="hub-commands"),
             asyncio.create_task(self.retention.run(), name="hub-retention"),
+            asyncio.create_task(self.liveness.lead(fence, self.leadership.fence_lost), name="hub-leases"),
+            asyncio.create_task(self._handle_lost_clusters(), name="hub-lost"),
         ]
-        self._subs = await self.reports.subscribe(self.nc, self.js)
-        table.wake.set()
+        table.capacity_changed()
+
+    async def _handle_lost_clusters(self) -> None:
+        """Act on lost clusters only once this leader's first lease round has settled which
+        clusters are alive: until then a cluster whose lease ran out while no replica led
+        would be taken for lost."""
+        await self.liveness.settled.wait()
+        await self.lost.run()
+
+    async def _follow(self) -> None:
+        """Stop the leader's parts at once: from here on every fenced write is refused."""
+        self.table.fence = NOT_LEADING
+        leader_tasks, self._leader_tasks = self._leader_tasks, []
+        await tasks.cancel_all(leader_tasks, grace=2)
+
+    async def status(self) -> hub_pb.HubStatus:
+        """Who leads and every replica, as etcd has it."""
+        try:
+            return await hub_status(self.store, self.leadership.me.id, self.config.leader_lease_seconds)
+        except etcd_errors.ClientError as exc:
+            raise HubError("UNAVAILABLE", f"the hub cannot reach etcd: {' '.join(str(exc).split())}") from exc
 
     def _is_stopping(self) -> bool:
         return self._stopping
@@ -139,8 +214,12 @@ class Hub:
     async def stop(self) -> None:
         self._stopping = True
         self.events.close()
-        # Let the status consumer finish its batch, so no fetched update waits out its ack deadline.
-        await tasks.finish_first(next((t for t in self._tasks if t.get_name() == "hub-status"), None), 3)
+        # Let the status consumer finish its batch, so no fetched update waits out its ack
+        # deadline; then give up leading (the next leader need not wait out the lease).
+        await tasks.finish_first(
+            next((t for t in self._leader_tasks if t.get_name() == "hub-status"), None), 3
+        )
+        await tasks.cancel_all([t for t in self._tasks if t.get_name() == "hub-leadership"])
         # Commands not yet stored would be re-sent after a restart anyway; this only saves the wait.
         await tasks.bounded(self.commands.sent(), 2, "command publish")
         await tasks.cancel_all(self._tasks)

@@ -3,18 +3,28 @@ and the agents' orphan queries.
 
 A cluster's health is judged by the time the NATS server stored its heartbeat, not by the
 agent's own clock, and never later than the hub's own now (a server clock running ahead must
-not keep a silent cluster alive).
+not keep a silent cluster alive). Every change of a cluster's health is logged as one line an
+operator can grep for: "cluster ready", "cluster unknown", "cluster lost", "cluster back"
+(no longer lost) and "cluster not ready", each with the cluster, the health before and after,
+and why.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
 from fedplane.core import dispatch as sm
+from fedplane.core import health as hl
+from fedplane.core.health import Health
 from fedplane.hub.clock import Clock
-from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.clusters import ClusterRegistry, ClusterState
 from fedplane.hub.store import JobStore
 from fedplane.hub.table import JobTable
 from fedplane.runtime import bus, logs
 from fedplane.v1 import agent_pb2 as agent_pb
+from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
 
@@ -26,6 +36,9 @@ class ClusterReports:
         self.store = store
         self.clock = clock
         self.ready: frozenset[str] = frozenset()
+        # Each cluster's health as last logged.
+        self.health: dict[str, int] = {}
+        registry.on_lost_change(lambda name, _since: self.check_health((name,)))
 
     async def subscribe(self, nc: bus.Connection, js: bus.JetStream) -> list[bus.Subscription]:
         """Subscribe to every cluster's reports (their last values first) and to orphan queries."""
@@ -50,8 +63,7 @@ class ClusterReports:
             kind = bus.kind_of(msg.subject)
             cluster = bus.cluster_of(msg.subject)
             state, added = self.registry.get_or_add(cluster)
-            if added:
-                await self.store.put_cluster(cluster, state.admin.SerializeToString())
+            if added and await self.store.create_cluster(cluster, state.admin.SerializeToString()):
                 log.info("cluster registered", cluster=cluster)
             now = self.clock.time()
             stamped = bus.stored_at(msg)
@@ -60,10 +72,12 @@ class ClusterReports:
             if kind == "heartbeat":
                 state.heartbeat = agent_pb.Heartbeat.FromString(msg.data)
                 state.last_seen = min(max(state.last_seen, stamped), now)
-                self.check_health()
+                self.registry.heard(cluster)
+                self.check_health((cluster,))
             elif kind == "inventory":
                 state.apply_inventory(agent_pb.Inventory.FromString(msg.data))
                 state.last_seen = max(state.last_seen, min(stamped, now))
+                self.check_health((cluster,))
                 self.table.capacity_changed()
             elif kind == "datasets":
                 state.datasets = agent_pb.DataLocalityReport.FromString(msg.data)
@@ -71,19 +85,73 @@ class ClusterReports:
         except Exception:
             log.exception("bad cluster report", subject=msg.subject)
 
-    def check_health(self) -> None:
-        """Log clusters becoming ready or not, and let placement look again when any did."""
-        ready = self.registry.ready_names(self.clock.time())
-        if ready != self.ready:
-            for name in ready - self.ready:
-                log.info("cluster ready", cluster=name)
-            for name in self.ready - ready:
-                log.warning("cluster not ready", cluster=name)
-            self.ready = ready
+    def check_health(self, names: Iterable[str] | None = None) -> None:
+        """Log the clusters (`names`, or all) whose health changed, and let placement look again
+        when any became ready or stopped being ready."""
+        now = self.clock.time()
+        clusters, thresholds, seen = self.registry.clusters, self.registry.thresholds, self.health
+        readiness_changed = False
+        for name in list(clusters) if names is None else names:
+            state = clusters.get(name)
+            if state is None:
+                continue
+            health = state.health(now, thresholds)
+            before = seen.get(name)
+            if before == health.state:
+                continue
+            seen[name] = health.state
+            _log_change(state, before, health, now, thresholds.lost_for(state.is_edge(thresholds)))
+            readiness_changed |= (before == hl.READY) != health.ready
+        if readiness_changed:
+            self.ready = frozenset(name for name, h in seen.items() if h == hl.READY)
             self.table.capacity_changed()
+
+    async def follow_admin(self, from_revision: int, stopping: Callable[[], bool]) -> None:
+        """Keep every cluster's admin record (cordon, recorded loss) as etcd has it, whichever
+        replica wrote it: a cordon through a follower must stop the leader's placements."""
+        revision = from_revision
+        while not stopping():
+            try:
+                async for at, name, blob in self.store.watch_clusters(revision):
+                    revision = at
+                    admin = pb.Cluster.FromString(blob)
+                    state, _ = self.registry.get_or_add(name)
+                    if admin != state.admin:
+                        state.admin = admin
+                        self.table.capacity_changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cluster record watch interrupted; resuming", error=str(exc), revision=revision)
+                await asyncio.sleep(0.5)
 
     async def run_health(self) -> None:
         """Notice heartbeats going stale, which no message announces."""
         while True:
-            await self.clock.sleep(max(0.2, self.registry.timeout / 4))
+            await self.clock.sleep(min(5.0, max(0.2, self.registry.thresholds.shortest_unknown / 4)))
             self.check_health()
+
+
+def _log_change(
+    state: ClusterState, before: int | None, health: Health, now: float, lost_after: float
+) -> None:
+    fields: dict[str, object] = {
+        "cluster": state.name,
+        "health": hl.NAMES[health.state],
+        "previous": hl.NAMES[before] if before is not None else "",
+        "reason": health.reason,
+    }
+    if state.heartbeat is not None:
+        fields["heartbeat_age_seconds"] = round(now - state.last_seen, 1)
+    if before == hl.LOST:
+        log.info("cluster back", **fields)
+    if health.state == hl.READY:
+        log.info("cluster ready", **fields)
+    elif health.state == hl.UNKNOWN:
+        log.warning("cluster unknown", lost_after_seconds=lost_after, **fields)
+    elif health.state == hl.LOST:
+        since = state.lost_since
+        lost_since = datetime.fromtimestamp(since, UTC).isoformat() if since is not None else ""
+        log.warning("cluster lost", lost_since=lost_since, **fields)
+    elif before is not None and before != hl.LOST:
+        log.warning("cluster not ready", **fields)

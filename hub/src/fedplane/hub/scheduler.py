@@ -17,6 +17,7 @@ from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
+from fedplane.hub.lost import DisconnectPolicies
 from fedplane.hub.table import JobTable, StatusWrite
 from fedplane.runtime import logs, telemetry
 from fedplane.runtime.config import HubConfig
@@ -43,6 +44,8 @@ class Scheduler:
         self.hub_id = config.hub_id
         self.max_per_round = config.max_dispatch_per_cycle
         self.batch_window = config.batch_window_seconds
+        # Each create says when a cut-off agent must stop the job (its disconnect policy).
+        self.policies = DisconnectPolicies(config)
 
     async def run(self) -> None:
         """Place as soon as something changed; what changes during a round waits for the next.
@@ -117,10 +120,10 @@ class Scheduler:
                         "clusters.considered": len(decision.verdicts),
                     },
                 ).end()
-            self.registry.clusters[decision.cluster].reserve(
-                request, write.status.generation, verdict.assignments
-            )
-            self.commands.queue(job, create_command(job, self.hub_id))
+            cluster = self.registry.clusters[decision.cluster]
+            cluster.reserve(request, write.status.generation, verdict.assignments)
+            fence = self.policies.fence_after_seconds(job.spec, self.registry, cluster)
+            self.commands.queue(job, create_command(job, self.hub_id, fence))
             log.info(
                 "job dispatched",
                 job_id=write.job_id,

@@ -10,7 +10,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fedplane.hub.hub import Hub
-from fedplane.hub.service import ClusterService, JobService
+from fedplane.hub.service import ClusterService, HubService, JobService
 from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
 from fedplane.runtime.config import HubConfig, StartupError, load_hub
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
@@ -19,6 +19,7 @@ log = logs.get("fedplane.hub")
 SERVICE_NAMES = [
     hub_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     hub_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+    hub_pb2.DESCRIPTOR.services_by_name["HubService"].full_name,
 ]
 
 
@@ -41,6 +42,7 @@ class HubServer:
         )
         hub_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
         hub_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(hub), server)
+        hub_pb2_grpc.add_HubServiceServicer_to_server(HubService(hub), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

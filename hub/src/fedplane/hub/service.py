@@ -144,3 +144,11 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
             return await self.hub.api.set_cordon(request.name, False, "")
 
         return await _call(context, run)
+
+
+class HubService(hub_pb2_grpc.HubServiceServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def GetHubStatus(self, request: hub_pb.GetHubStatusRequest, context: Any) -> hub_pb.HubStatus:
+        return await _call(context, self.hub.status)

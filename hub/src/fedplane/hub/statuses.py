@@ -114,17 +114,28 @@ class StatusIntake:
         writes = [
             StatusWrite.of(job_id, status, revision) for job_id, (_, status, revision) in pending.items()
         ]
+        jobs = self.table.jobs
+        # Where each job was before the batch: a fenced stop (back to PENDING) clears the cluster.
+        held_at = {w.job_id: jobs[w.job_id].cluster for w in writes if w.job_id in jobs}
         freed = False
         lost: set[int] = set()
         for write, record in zip(writes, await self.table.write(writes), strict=True):
             if record is None:
                 lost |= msgs_by_job[write.job_id]
                 continue
-            if sm.is_terminal(write.status.state):
-                state = self.registry.clusters.get(write.status.cluster)
+            written = write.status.state
+            if sm.is_terminal(written) or written == sm.S.PENDING:
+                state = self.registry.clusters.get(write.status.cluster or held_at.get(write.job_id, ""))
                 if state is not None:
                     state.release(write.job_id, write.status.generation)
                 freed = True
+                if written == sm.S.PENDING:
+                    log.warning(
+                        "job fenced off by its agent; requeued",
+                        job_id=write.job_id,
+                        cluster=held_at.get(write.job_id, ""),
+                        generation=write.status.generation,
+                    )
         await bus.ack_or_nak(msgs, lost, delay=0.1)
         if freed:
             self.table.capacity_changed()

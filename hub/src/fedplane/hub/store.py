@@ -4,7 +4,8 @@ Keyspace (under the configured prefix, default /fedplane):
   /jobs/spec/<id>      Job without status, written once at submit (its create revision orders jobs)
   /jobs/status/<id>    JobStatus: the dispatch record (state, cluster, generation), changed by CAS only
   /idem/<sha256(key)>  job id, created in the same transaction as the job (idempotent submit)
-  /clusters/<name>     Cluster administrative record (cordon state), created on first contact
+  /clusters/<name>     Cluster administrative record (cordon, lost time), created on first contact
+  /alive/<name>        JSON (liveness.AliveRecord) bound to the cluster's own lease: there while it lives
 
 Every status write compares the key's mod revision with the one the writer read, so two
 writers (a restarted hub racing its old self, a cancel racing a dispatch) cannot both win.
@@ -17,10 +18,11 @@ stand an in-memory store in for etcd.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -28,6 +30,7 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 from aetcd.exceptions import ClientError
+from grpc import aio as grpc_aio
 
 from fedplane.runtime import logs
 from fedplane.runtime.config import StartupError
@@ -91,13 +94,22 @@ class JobToDelete(Protocol):
 class Fence:
     """The authority a hub writes job statuses under, checked in the same transaction.
 
-    Today one hub writes and NO_FENCE compares nothing. Hub high availability makes it the
-    leader key and the create revision this hub won it at; `_Txn.fenced` then adds that one
-    compare, so that a deposed leader's writes land nowhere.
+    With hub HA it is the leader key and the create revision this replica won it at: every
+    guarded transaction compares that create revision, so that a deposed leader (its lease
+    expired while it was paused, cut off or slow) writes nothing, whatever it still believes.
+    NO_FENCE compares nothing: single-hub tests and writes that are safe from any replica.
     """
 
     key: bytes = b""
     revision: int = 0
+
+
+class FenceLost(Exception):
+    """The fence no longer holds: another replica leads now, or none does."""
+
+    def __init__(self, fence: Fence) -> None:
+        super().__init__(f"this hub no longer leads (fence {fence.key.decode()}@{fence.revision} is gone)")
+        self.fence = fence
 
 
 NO_FENCE = Fence()
@@ -126,14 +138,27 @@ class JobStore(Protocol):
         """Delete jobs with their idempotency keys, each only if its status is unchanged."""
         ...
 
-    def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+    def watch_statuses(
+        self, from_revision: int, deletes: bool = False
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
         """(revision, job id, status blob) of every status put after `from_revision`, in
-        revision order; raises RevisionCompacted when that history is gone."""
+        revision order, and with `deletes` every deletion as an empty blob (a stored status is
+        never empty); raises RevisionCompacted when that history is gone."""
         ...
 
     async def load_clusters(self) -> dict[str, bytes]: ...
 
     async def put_cluster(self, name: str, blob: bytes) -> None: ...
+
+    async def create_cluster(self, name: str, blob: bytes) -> bool:
+        """Store a first admin record unless one exists; whether it was created."""
+        ...
+
+    async def load_clusters_at(self) -> tuple[dict[str, bytes], int]: ...
+
+    def watch_clusters(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(revision, name, admin record) of every admin record written after `from_revision`."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -216,15 +241,24 @@ class _Txn:
         self.request.success.add().request_delete_range.key = key
 
     def fenced(self, fence: Fence) -> None:
-        """Make the transaction land only while `fence` holds.
+        """Make the transaction land only while `fence` holds (NO_FENCE: always).
 
-        NO_FENCE, the only fence today, compares nothing. Hub HA turns this into the one
-        compare of the leader key's create revision:
-            self.request.compare.add(target=_CREATE, key=fence.key, create_revision=fence.revision)
-        A deposed leader's transactions then fail as a lost CAS does, and the per-write
-        retry of write_statuses must tell the two apart (the failure branch can read the
-        leader key).
+        The failure branch reads the fence's key, so that a failed transaction tells a lost
+        fence (raise FenceLost: see `check_fence`) from a lost compare-and-swap (retry).
+        Call it first: the fence's read is then the failure branch's first response.
         """
+        if fence.key:
+            self.request.compare.add(target=_CREATE, key=fence.key, create_revision=fence.revision)
+            self.get(fence.key, on_failure=True)
+
+
+def check_fence(response: Any, fence: Fence) -> None:
+    """Raise FenceLost if a failed transaction built with `_Txn.fenced(fence)` failed on its fence."""
+    if not fence.key or response.succeeded:
+        return
+    kvs = response.responses[0].response_range.kvs
+    if not kvs or int(kvs[0].create_revision) != fence.revision:
+        raise FenceLost(fence)
 
 
 class Store:
@@ -426,10 +460,12 @@ class Store:
         """
         if not writes:
             return []
+        # The fence is one more compare: etcd counts compares against --max-txn-ops too.
+        per_txn = max(1, self.max_txn_ops - (1 if fence.key else 0))
         chunks = await asyncio.gather(
             *(
-                self._write_chunk(writes[start : start + self.max_txn_ops], fence)
-                for start in range(0, len(writes), self.max_txn_ops)
+                self._write_chunk(writes[start : start + per_txn], fence)
+                for start in range(0, len(writes), per_txn)
             )
         )
         return [revision for chunk in chunks for revision in chunk]
@@ -444,6 +480,7 @@ class Store:
         response = await self._txn(txn)
         if response.succeeded:
             return [int(response.header.revision)] * len(batch)
+        check_fence(response, fence)
         out: list[int | None] = []
         for key, w in zip(keys, batch, strict=True):
             txn = _Txn()
@@ -451,6 +488,7 @@ class Store:
             txn.modified_at(key, w.expected_revision)
             txn.put(key, w.blob)
             response = await self._txn(txn)
+            check_fence(response, fence)
             out.append(int(response.header.revision) if response.succeeded else None)
         return out
 
@@ -468,22 +506,25 @@ class Store:
             if job.idempotency_key:
                 txn.delete(self.idem_key(job.idempotency_key))
             response = await self._txn(txn)
+            check_fence(response, fence)
             out.append(bool(response.succeeded))
         return out
 
-    async def watch_statuses(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
-        """Status changes after `from_revision`, in revision order; raises RevisionCompacted.
+    async def _watch(
+        self, prefix: bytes, from_revision: int, deletes: bool = True
+    ) -> AsyncIterator[tuple[bool, Any]]:
+        """(deleted, key-value) of every change under `prefix` after `from_revision`, in revision
+        order; raises RevisionCompacted when that history is gone.
 
-        A watch stream of its own, read as protobuf: every status write of the hub comes back
-        here, and aetcd's watcher builds several Python objects per event on top.
+        A watch stream of its own, read as protobuf: the hub's every status write comes back
+        through one, and aetcd's watcher builds several Python objects per event on top.
         """
-        prefix = self.status_prefix
         create = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
                 key=prefix,
                 range_end=_prefix_end(prefix),
                 start_revision=from_revision + 1,
-                filters=[rpc.WatchCreateRequest.NODELETE],
+                filters=[] if deletes else [rpc.WatchCreateRequest.NODELETE],
             )
         )
 
@@ -492,7 +533,7 @@ class Store:
             await asyncio.Event().wait()  # keep the stream open until the call is cancelled
 
         call = rpc.WatchStub(self.client.channel).Watch(requests(), metadata=self.client.metadata)
-        cut = len(prefix)
+        delete = rpc.Event.DELETE
         try:
             with _etcd_errors():
                 async for response in call:
@@ -503,10 +544,18 @@ class Store:
                             f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}"
                         )
                     for event in response.events:
-                        kv = event.kv
-                        yield int(kv.mod_revision), kv.key[cut:].decode(), kv.value
+                        yield event.type == delete, event.kv
         finally:
             call.cancel()
+
+    async def watch_statuses(
+        self, from_revision: int, deletes: bool = False
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
+        """Status changes after `from_revision`, in revision order (deletions as empty blobs
+        with `deletes`); raises RevisionCompacted."""
+        cut = len(self.status_prefix)
+        async for deleted, kv in self._watch(self.status_prefix, from_revision, deletes):
+            yield int(kv.mod_revision), kv.key[cut:].decode(), b"" if deleted else kv.value
 
     # clusters
     async def load_clusters(self) -> dict[str, bytes]:
@@ -517,3 +566,328 @@ class Store:
 
     async def put_cluster(self, name: str, blob: bytes) -> None:
         await self.client.put(self.cluster_key(name), blob)
+
+    async def create_cluster(self, name: str, blob: bytes) -> bool:
+        """Store a cluster's first admin record unless one exists (any replica may hear a new
+        cluster first; none may overwrite a cordon); whether it was created."""
+        txn = _Txn()
+        key = self.cluster_key(name)
+        txn.created_never(key)
+        txn.put(key, blob)
+        return bool((await self._txn(txn)).succeeded)
+
+    async def load_clusters_at(self) -> tuple[dict[str, bytes], int]:
+        """Every cluster's admin record, and the revision to watch them from."""
+        revision = await self.revision()
+        prefix = f"{self.prefix}/clusters/".encode()
+        records: dict[str, bytes] = {}
+        async for page in self._pages(prefix, revision):
+            for kv in page:
+                records[kv.key[len(prefix) :].decode()] = kv.value
+        return records, revision
+
+    async def watch_clusters(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(revision, name, admin record) of every admin record written after `from_revision`."""
+        prefix = f"{self.prefix}/clusters/".encode()
+        async for _, kv in self._watch(prefix, from_revision, deletes=False):
+            yield int(kv.mod_revision), kv.key[len(prefix) :].decode(), kv.value
+
+    # cluster leases
+    #
+    # Each alive cluster has <prefix>/alive/<name> bound to a lease of its own, whose TTL is
+    # the cluster's lost threshold; the leader renews the leases of the clusters that keep
+    # heartbeating, in batches on one keepalive stream (LeaseKeepAlives), and etcd deletes the
+    # key of a cluster that stopped. See hub/liveness.py.
+    def alive_key(self, name: str) -> bytes:
+        return f"{self.prefix}/alive/{name}".encode()
+
+    @property
+    def alive_prefix(self) -> bytes:
+        return f"{self.prefix}/alive/".encode()
+
+    async def load_alive(self) -> tuple[list[AliveKey], int]:
+        """Every cluster's alive key with its lease, and the revision the load reflects (to watch from)."""
+        revision = await self.revision()
+        prefix = self.alive_prefix
+        cut = len(prefix)
+        keys: list[AliveKey] = []
+        async for page in self._pages(prefix, revision):
+            keys.extend(
+                AliveKey(kv.key[cut:].decode(), int(kv.lease), int(kv.mod_revision), kv.value) for kv in page
+            )
+        return keys, revision
+
+    async def watch_alive(self, from_revision: int) -> AsyncIterator[AliveKey]:
+        """Every put and delete of an alive key after `from_revision`, in revision order (a
+        delete has lease 0 and no value); raises RevisionCompacted when that history is gone."""
+        cut = len(self.alive_prefix)
+        async for deleted, kv in self._watch(self.alive_prefix, from_revision):
+            name = kv.key[cut:].decode()
+            if deleted:
+                yield AliveKey(name, 0, int(kv.mod_revision), b"")
+            else:
+                yield AliveKey(name, int(kv.lease), int(kv.mod_revision), kv.value)
+
+    async def grant_cluster_leases(self, grants: Sequence[LeaseGrant], fence: Fence) -> list[AliveKey | None]:
+        """Bind each cluster's alive key to a new lease of the grant's TTL: create the key if it
+        is absent (`replace` 0), or move it from lease `replace` (a new TTL); for each, the key as
+        written, or None where the key was not as expected (its new lease is revoked then).
+
+        The grants are concurrent calls; the keys go into as few transactions as etcd allows,
+        each comparing every key and the fence. A lease a key was moved from is revoked.
+        """
+        if not grants:
+            return []
+        with _etcd_errors():
+            granted = await asyncio.gather(
+                *(
+                    self.client.leasestub.LeaseGrant(
+                        rpc.LeaseGrantRequest(TTL=g.ttl),
+                        timeout=self.rpc_timeout,
+                        metadata=self.client.metadata,
+                    )
+                    for g in grants
+                )
+            )
+        leases = [int(r.ID) for r in granted]
+        bound: list[int | None] = []
+        try:
+            bound = await self._put_alive(
+                [
+                    (self.alive_key(g.name), g.replace, g.value, lease)
+                    for g, lease in zip(grants, leases, strict=True)
+                ],
+                fence,
+            )
+        finally:
+            unused = [lease for i, lease in enumerate(leases) if i >= len(bound) or bound[i] is None]
+            moved_from = [
+                g.replace for g, r in zip(grants, bound, strict=False) if g.replace and r is not None
+            ]
+            await self._revoke([*unused, *moved_from])
+        return [
+            AliveKey(g.name, lease, revision, g.value) if revision is not None else None
+            for g, lease, revision in zip(grants, leases, bound, strict=True)
+        ]
+
+    async def rewrite_alive(self, keys: Sequence[AliveKey], fence: Fence) -> list[AliveKey | None]:
+        """Write new values into alive keys, each only while it is bound to the lease it names
+        (the lease, and so its TTL, stays); each key as written, or None where it is gone."""
+        revisions = await self._put_alive(
+            [(self.alive_key(k.name), k.lease, k.value, k.lease) for k in keys], fence
+        )
+        return [
+            k._replace(revision=revision) if revision is not None else None
+            for k, revision in zip(keys, revisions, strict=True)
+        ]
+
+    async def _put_alive(
+        self, puts: Sequence[tuple[bytes, int, bytes, int]], fence: Fence
+    ) -> list[int | None]:
+        """(key, lease it must have now or 0 for absent, value, lease to bind) for each put, in
+        transactions of as many as etcd allows, falling back to one by one when a compare fails;
+        each put's revision, or None where its compare failed."""
+        out: list[int | None] = []
+        per_txn = max(1, self.max_txn_ops - 1)  # room for the fence's compare
+        for start in range(0, len(puts), per_txn):
+            chunk = puts[start : start + per_txn]
+            response = await self._txn(self._alive_txn(chunk, fence))
+            if response.succeeded:
+                out.extend([int(response.header.revision)] * len(chunk))
+                continue
+            check_fence(response, fence)
+            if len(chunk) == 1:
+                out.append(None)
+                continue
+            for put in chunk:
+                response = await self._txn(self._alive_txn([put], fence))
+                check_fence(response, fence)
+                out.append(int(response.header.revision) if response.succeeded else None)
+        return out
+
+    @staticmethod
+    def _alive_txn(puts: Sequence[tuple[bytes, int, bytes, int]], fence: Fence) -> _Txn:
+        txn = _Txn()
+        txn.fenced(fence)
+        for key, expected, value, lease in puts:
+            if expected:
+                txn.request.compare.add(target=rpc.Compare.LEASE, key=key, lease=expected)
+            else:
+                txn.created_never(key)
+            put = txn.request.success.add().request_put
+            put.key, put.value, put.lease = key, value, lease
+        return txn
+
+    async def _revoke(self, leases: Sequence[int]) -> None:
+        """Revoke leases no key needs any more, best effort: they would expire anyway."""
+        if not leases:
+            return
+        results = await asyncio.gather(
+            *(
+                self.client.leasestub.LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.rpc_timeout, metadata=self.client.metadata
+                )
+                for lease in leases
+            ),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            log.debug("revoking unused cluster leases failed", count=len(failed), error=str(failed[0]))
+
+    @contextlib.asynccontextmanager
+    async def cluster_lease_renewals(self) -> AsyncIterator[LeaseKeepAlives]:
+        """One keepalive stream for renewing many leases, closed on leaving the context."""
+        renewals = LeaseKeepAlives(self)
+        try:
+            yield renewals
+        finally:
+            await renewals.close()
+
+    async def update_cluster(self, name: str, change: Callable[[bytes | None], bytes], fence: Fence) -> bytes:
+        """Read, change and write a cluster's admin record under `fence`, by compare-and-swap (so
+        that a cordon written meanwhile is kept): `change` gets the record as stored (None if
+        there is none) and returns the new one. The record as written."""
+        key = self.cluster_key(name)
+        for _ in range(16):
+            read = _Txn()
+            read.get(key)
+            kvs = (await self._txn(read)).responses[0].response_range.kvs
+            blob = change(kvs[0].value if kvs else None)
+            txn = _Txn()
+            txn.fenced(fence)
+            if kvs:
+                txn.modified_at(key, int(kvs[0].mod_revision))
+            else:
+                txn.created_never(key)
+            txn.put(key, blob)
+            response = await self._txn(txn)
+            if response.succeeded:
+                return blob
+            check_fence(response, fence)
+        raise ClientError(f"the record of cluster {name} kept changing")
+
+
+class AliveKey(NamedTuple):
+    """A cluster's alive key as etcd holds it, or its deletion."""
+
+    name: str
+    # The lease the key is bound to; 0: the key was deleted (its lease expired, or was revoked).
+    lease: int
+    # The put's mod revision, or the delete's revision.
+    revision: int
+    value: bytes
+
+
+class LeaseGrant(NamedTuple):
+    """A new lease for a cluster's alive key: `ttl` seconds, the key holding `value`."""
+
+    name: str
+    ttl: int
+    value: bytes
+    # The lease the key must be bound to now (it moves to the new one); 0: the key must be absent.
+    replace: int = 0
+
+
+class LeaseKeepAlives:
+    """Renews many leases on one long-lived, bidirectional LeaseKeepAlive stream.
+
+    etcd answers a stream's requests in order, one response each (with the lease's TTL, or 0
+    when the lease is gone), so a round that renews a thousand leases is a thousand small
+    messages written back to back and one wait for their answers: one round trip on one stream,
+    not a thousand calls. A reader task takes the answers as they come, so that neither side's
+    flow-control window stalls the other. The stream is opened on first use, and again after it
+    fails. Keepalives cannot be fenced (they are not transactions): only the leader should hold
+    one, and close it when it stops leading.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # How many streams were opened, and keepalives sent (for tests and benchmarks).
+        self.streams = 0
+        self.sent = 0
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        # Requests sent and not yet answered, in order: (lease, its round's answers, the round).
+        self._waiting: collections.deque[tuple[int, dict[int, int], asyncio.Future[None]]] = (
+            collections.deque()
+        )
+
+    async def renew(self, leases: Sequence[int]) -> dict[int, int]:
+        """Renew every lease; each one's TTL as etcd now has it (0: the lease is gone)."""
+        if not leases:
+            return {}
+        call = await self._open()
+        answers: dict[int, int] = {}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting
+        for lease in leases:
+            waiting.append((lease, answers, done))
+        try:
+            with _etcd_errors():
+                for lease in leases:
+                    await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            self.sent += len(leases)
+            await asyncio.wait_for(done, self.store.rpc_timeout)
+        except BaseException:
+            await self.close()
+            raise
+        return answers
+
+    async def _open(self) -> Any:
+        if self._reader is not None and self._reader.done():
+            await self.close()  # the stream failed since the last round
+        if self._call is None:
+            client = self.store.client
+            self._call = rpc.LeaseStub(client.channel).LeaseKeepAlive(metadata=client.metadata)
+            self._reader = asyncio.create_task(self._read(self._call), name="etcd-lease-keepalive")
+            self.streams += 1
+        return self._call
+
+    async def _read(self, call: Any) -> None:
+        waiting = self._waiting
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc_aio.EOF:
+                    raise ClientError("etcd closed the lease keepalive stream")
+                if not waiting:
+                    continue
+                lease, answers, done = waiting.popleft()
+                if int(response.ID) != lease:
+                    raise ClientError(f"keepalive answer for lease {response.ID:x}, expected {lease:x}")
+                answers[lease] = int(response.TTL)
+                if (not waiting or waiting[0][2] is not done) and not done.done():
+                    done.set_result(None)  # the round's last answer
+        except Exception as exc:
+            # Every round still waiting fails with it (a round waits while requests are queued).
+            failure = _as_client_error(exc)
+            rounds = {id(done): done for _, _, done in waiting}
+            waiting.clear()
+            for done in rounds.values():
+                if not done.done():
+                    done.set_exception(failure)
+
+    async def close(self) -> None:
+        call, reader = self._call, self._reader
+        self._call = self._reader = None
+        for _, _, done in self._waiting:
+            done.cancel()
+        self._waiting.clear()
+        if call is not None:
+            call.cancel()
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+def _as_client_error(exc: Exception) -> Exception:
+    """A gRPC failure as aetcd's exception for it (as _etcd_errors raises it)."""
+    failure = exc
+    if isinstance(exc, rpc.AioRpcError):
+        try:
+            etcd_errors._handle_exception(exc)
+        except Exception as converted:
+            failure = converted
+    return failure

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
 from fedplane.core.pending import PendingQueue
 from fedplane.hub import convert
-from fedplane.hub.store import NO_FENCE, Fence, JobStore, StoredJob
+from fedplane.hub.store import NO_FENCE, Fence, FenceLost, JobStore, StoredJob
 from fedplane.v1 import types_pb2 as pb
 
 S = sm.S
+# The fence of a replica that does not lead: the table refuses fenced writes under it.
+NOT_LEADING = Fence(b"", -1)
+
+
+def _nothing() -> None:
+    pass
+
+
 # States in which a job holds (or is about to hold) capacity in its cluster.
 _HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
 
@@ -155,12 +163,15 @@ class JobTable:
     """The jobs, counted per (queue, state) and per cluster, with the pending queue.
 
     Every status write goes through `write`, under `fence`: the hub's authority to write,
-    NO_FENCE until hub HA sets it to the leader lease it holds.
+    the leader key's revision while this replica leads and NOT_LEADING while it follows
+    (NO_FENCE in single-hub tests). A write that finds its fence gone raises FenceLost,
+    after calling `fence_lost` (the leadership steps down at once).
     """
 
     def __init__(self, store: JobStore, fence: Fence = NO_FENCE) -> None:
         self.store = store
         self.fence = fence
+        self.fence_lost: Callable[[], None] = _nothing
         self.jobs: dict[str, JobRecord] = {}
         # Jobs waiting for a cluster, by shape: what each placement round works on.
         self.queue = PendingQueue()
@@ -199,7 +210,11 @@ class JobTable:
     def merge(
         self, job_id: str, status: pb.JobStatus, revision: int, blob: bytes | None = None
     ) -> JobRecord | None:
-        """Apply a status at `revision` unless the table already holds a newer one."""
+        """Apply a status at `revision` unless the table already holds a newer one.
+
+        A job that leaves PENDING leaves the pending queue; one that enters it again (requeued
+        from a lost cluster, by this replica or another) joins it, and placement is woken.
+        """
         record = self.jobs.get(job_id)
         if record is None:
             return None
@@ -210,12 +225,25 @@ class JobTable:
             self._count(record, 1)
             if was_pending and record.state != S.PENDING:
                 self.queue.discard(job_id)
+            elif record.state == S.PENDING and not was_pending:
+                self.queue.add(convert.job_request(record.spec_record, record.seq))
+                self.wake.set()
         return record
 
-    async def write(self, writes: Sequence[StatusWrite]) -> list[JobRecord | None]:
-        """Compare-and-swap statuses under the table's fence; each job's record as written, or
-        None where another writer won (the record then holds what that writer wrote)."""
-        revisions = await self.store.write_statuses(writes, self.fence)
+    async def write(
+        self, writes: Sequence[StatusWrite], fence: Fence | None = None
+    ) -> list[JobRecord | None]:
+        """Compare-and-swap statuses under the table's fence (or `fence`: NO_FENCE for a user's
+        cancel, which any replica may write); each job's record as written, or None where
+        another writer won (the record then holds what that writer wrote)."""
+        fence = self.fence if fence is None else fence
+        if fence is NOT_LEADING:
+            raise FenceLost(fence)
+        try:
+            revisions = await self.store.write_statuses(writes, fence)
+        except FenceLost:
+            self.fence_lost()
+            raise
         out: list[JobRecord | None] = []
         for write, revision in zip(writes, revisions, strict=True):
             if revision is None:
@@ -230,8 +258,15 @@ class JobTable:
 
     async def delete(self, records: Sequence[JobRecord]) -> int:
         """Delete jobs from etcd and the table, each only if unchanged since the table read it."""
+        if self.fence is NOT_LEADING:
+            raise FenceLost(self.fence)
+        try:
+            done = await self.store.delete_jobs(records, self.fence)
+        except FenceLost:
+            self.fence_lost()
+            raise
         deleted = 0
-        for record, ok in zip(records, await self.store.delete_jobs(records, self.fence), strict=True):
+        for record, ok in zip(records, done, strict=True):
             if ok:
                 self.forget(record)
                 deleted += 1

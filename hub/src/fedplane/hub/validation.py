@@ -8,6 +8,7 @@ itself, so it lives at the boundary, not in the core.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -20,6 +21,8 @@ _Bad = Callable[[str, str], None]
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# UNSPECIFIED is allowed: the job then takes its queue's default action.
+_DISCONNECT_ACTIONS = frozenset(pb.DisconnectAction.values())
 _RESOURCE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 
 
@@ -55,6 +58,8 @@ def validate_spec(spec: pb.JobSpec, where: str = "spec") -> list[str]:
             bad(f"{path}.size_bytes", f"must not be negative (got {dataset.size_bytes})")
     if spec.max_run_seconds < 0:
         bad("max_run_seconds", f"must not be negative (got {spec.max_run_seconds})")
+    if spec.HasField("disconnect"):
+        _disconnect(spec.disconnect, bad)
     if spec.workload.manifest_json:
         _manifest(spec.workload.manifest_json, bad)
     if spec.ByteSize() > MAX_SPEC_BYTES:
@@ -102,6 +107,16 @@ def _constraints(constraints: pb.ClusterConstraints, bad: _Bad) -> None:
         if not group.clusters and not group.match_labels:
             bad(f"constraints.preferred_groups[{i}]", "name clusters or match_labels")
         _labels(group.match_labels, f"constraints.preferred_groups[{i}].match_labels", bad)
+
+
+def _disconnect(policy: pb.DisconnectPolicy, bad: _Bad) -> None:
+    if policy.action not in _DISCONNECT_ACTIONS:
+        bad("disconnect.action", f"{policy.action} is not a DisconnectAction (REQUEUE, WAIT or FAIL)")
+    after = policy.requeue_after_seconds
+    if not math.isfinite(after):
+        bad("disconnect.requeue_after_seconds", f"must be a finite number of seconds (got {after})")
+    elif after < 0:
+        bad("disconnect.requeue_after_seconds", f"must not be negative (got {after:g})")
 
 
 def _labels(labels: Mapping[str, str], path: str, bad: _Bad) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from rich.table import Table
 
+from fedplane.core.health import HealthThresholds
 from fedplane.core.model import ClusterView, JobRequest, NodeView, PodSetRequest
 from fedplane.core.placement import place_batch
 from fedplane.hub.clusters import ClusterRegistry, ClusterState
@@ -78,7 +79,7 @@ def inventory(view: ClusterView, accounted: Sequence[str] = ()) -> agent_pb.Inve
 
 def registry_of(views: Sequence[ClusterView], now: float) -> ClusterRegistry:
     """A registry holding the views' clusters as reported inventories, all healthy."""
-    registry = ClusterRegistry(heartbeat_timeout=1e9)
+    registry = ClusterRegistry(HealthThresholds.uniform(1e9))
     for view in views:
         state, _ = registry.get_or_add(view.name)
         state.heartbeat = agent_pb.Heartbeat(cluster=view.name, agent_id="bench", version="bench")
@@ -87,9 +88,9 @@ def registry_of(views: Sequence[ClusterView], now: float) -> ClusterRegistry:
     return registry
 
 
-def _report(state: ClusterState, now: float, timeout: float) -> None:
+def _report(state: ClusterState, now: float, thresholds: HealthThresholds) -> None:
     """The cluster's agent reports: what the hub believes it holds, its reservations accounted for."""
-    state.apply_inventory(inventory(state.view(now, timeout), list(state.reservations)))
+    state.apply_inventory(inventory(state.view(now, thresholds), list(state.reservations)))
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -166,7 +167,7 @@ class _GcPauses:
 
 def _single(registry: ClusterRegistry, requests: Sequence[JobRequest], reports: int) -> dict[str, Any]:
     """One job per cycle: views, place_batch, reserve; then `reports` inventories arrive."""
-    timeout = registry.timeout
+    thresholds = registry.thresholds
     names = sorted(registry.clusters)
 
     latencies: list[float] = []
@@ -190,7 +191,7 @@ def _single(registry: ClusterRegistry, requests: Sequence[JobRequest], reports: 
             reporting.append(names[periodic % len(names)])
             periodic += 1
         for name in reporting:
-            _report(registry.clusters[name], now, timeout)
+            _report(registry.clusters[name], now, thresholds)
         applied += len(reporting)
         last = decision.cluster
     latencies.sort()

@@ -4,13 +4,19 @@ Real etcd and nats-server processes (data in a temporary or given directory), on
 one agent per simulated cluster in this process, the example jobs submitted through the
 gRPC API, a live board of their progress, and at the end where each job ran and why.
 Ctrl-C stops everything; no process is left behind.
+
+With `--edge N`, the last N clusters are an edge site: labelled as edge, their agents connect
+to a leaf nats-server of their own, a leaf node of the hub's nats-server, whose link runs
+through a CutLink that SIGUSR1 cuts and restores, to watch the site work on while cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ from fedplane.client.sdk import FedplaneClient
 from fedplane.client.spec import load_file
 from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
+from fedplane.local.link import CutLink
 from fedplane.runtime import logs, tasks, telemetry
 from fedplane.runtime.config import AgentConfig, HubConfig, from_mapping
 from fedplane.v1 import types_pb2 as pb
@@ -83,7 +90,15 @@ CLUSTERS: list[dict[str, Any]] = [
 ]
 
 
-def cluster_configs(count: int, nats_url: str, state_root: Path) -> list[AgentConfig]:
+def cluster_configs(
+    count: int,
+    nats_url: str,
+    state_root: Path,
+    edge: int = 0,
+    leaf_url: str = "",
+    edge_label: str = "fedplane.io/edge",
+) -> list[AgentConfig]:
+    """The simulated clusters; the last `edge` of them are edge clusters, on the leaf at `leaf_url`."""
     configs = []
     for i in range(count):
         if i < len(CLUSTERS):
@@ -98,8 +113,11 @@ def cluster_configs(count: int, nats_url: str, state_root: Path) -> list[AgentCo
                     "nodes": [{"name": "c32", "count": 4, "resources": {"cpu": 32, "memory": "128Gi"}}],
                 },
             }
+        at_edge = i >= count - edge
+        if at_edge:
+            raw["labels"] = {**raw["labels"], edge_label: "true"}
         raw.update(
-            nats_url=nats_url,
+            nats_url=leaf_url if at_edge else nats_url,
             heartbeat_interval_seconds=1.0,
             inventory_interval_seconds=10.0,
             state_dir=str(state_root / raw["cluster"]),
@@ -150,9 +168,12 @@ async def run(
     clusters: int,
     console: Console,
     stop: asyncio.Event,
+    edge: int = 0,
 ) -> int:
     etcd = embedded.start_etcd(data_dir / "etcd")
-    nats = embedded.start_nats(data_dir / "nats")
+    nats = embedded.start_nats(data_dir / "nats", leafnode_port=0 if edge else None)
+    link: CutLink | None = None
+    leaf: embedded.ServerProcess | None = None
     hub_server: HubServer | None = None
     agents: list[Agent] = []
     try:
@@ -162,6 +183,8 @@ async def run(
             etcd_endpoint=etcd.address,
             nats_url=f"nats://{nats.address}",
             cluster_unknown_after_seconds=5.0,
+            edge_cluster_unknown_after_seconds=10.0,
+            edge_cluster_lost_after_seconds=60.0,
         )
         hub_server = await HubServer.start(config)
         target = f"127.0.0.1:{hub_server.port}"
@@ -169,7 +192,23 @@ async def run(
         console.print(
             f"  data and logs in {data_dir}; try [cyan]fedplane --hub {target} clusters[/] in another shell"
         )
-        for agent_config in cluster_configs(clusters, config.nats_url, data_dir / "agents"):
+        leaf_url = ""
+        if edge:
+            link = await CutLink("127.0.0.1", nats.leafnode_port).start()
+            leaf = embedded.start_nats_leaf(data_dir / "leaf", link.address, name="fedplane-edge")
+            leaf_url = f"nats://{leaf.address}"
+            _toggle_on_sigusr1(link, console)
+        configs = cluster_configs(
+            clusters, config.nats_url, data_dir / "agents", edge, leaf_url, config.edge_label
+        )
+        if leaf is not None and link is not None:
+            names = ", ".join(c.cluster for c in configs[len(configs) - edge :])
+            console.print(
+                f"  edge site ({names}): leaf NATS {leaf.address}, a leaf node of {nats.leafnode_address}"
+                f" through the link {link.address}; [cyan]kill -USR1 {os.getpid()}[/] cuts the link,"
+                " again restores it"
+            )
+        for agent_config in configs:
             agent = Agent(agent_config, SimulatedBackend(agent_config.simulated()))
             await agent.start()
             agents.append(agent)
@@ -186,12 +225,40 @@ async def run(
                 await stop.wait()
             return status
     finally:
+        if link is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
         if hub_server is not None:
             with contextlib.suppress(Exception):
                 await hub_server.stop(grace=0.5)
+        if leaf is not None:
+            leaf.stop()
+        if link is not None:
+            await link.close()
         nats.stop()
         etcd.stop()
+
+
+def _toggle_on_sigusr1(link: CutLink, console: Console) -> None:
+    """SIGUSR1 cuts the edge link, and the next one restores it."""
+    loop = asyncio.get_running_loop()
+    busy: set[asyncio.Task[None]] = set()
+
+    async def toggle() -> None:
+        if link.is_up:
+            await link.cut()
+            console.print("[yellow]edge link cut[/]: the edge agents work on offline")
+        else:
+            await link.restore()
+            console.print("[green]edge link restored[/]: the edge agents replay what they queued")
+
+    def on_signal() -> None:
+        task = loop.create_task(toggle())
+        busy.add(task)
+        task.add_done_callback(busy.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, on_signal)
 
 
 def _port_free(port: int) -> bool:
@@ -244,7 +311,10 @@ def main(
     data_dir: Path | None = None,
     keep_running: bool = False,
     clusters: int = 3,
+    edge: int = 0,
 ) -> None:
+    if not 0 <= edge <= clusters:
+        raise SystemExit(f"--edge {edge}: must be between 0 and the number of clusters ({clusters})")
     console = Console()
     temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="fedplane-up-")) if data_dir is None else data_dir
@@ -259,7 +329,7 @@ def main(
         specs += [(spec, f"up-{path.stem}-{i}-{time.time_ns()}") for i, spec in enumerate(load_file(path))]
 
     async def main_async() -> int:
-        return await run(specs, jobs_dir, root, keep_running, clusters, console, tasks.stop_event())
+        return await run(specs, jobs_dir, root, keep_running, clusters, console, tasks.stop_event(), edge)
 
     try:
         code = asyncio.run(main_async())

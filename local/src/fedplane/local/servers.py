@@ -10,6 +10,7 @@ outlives a Ctrl-C or a crashed test run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -103,10 +104,16 @@ class ServerProcess:
     port: int
     data_dir: Path
     log_path: Path
+    # nats-server only: where it accepts leaf node connections (0: it does not).
+    leafnode_port: int = 0
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def leafnode_address(self) -> str:
+        return f"{self.host}:{self.leafnode_port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is not None:
@@ -178,20 +185,110 @@ def start_etcd(
     return _spawn("etcd", args, data_dir, host, client_port, timeout)
 
 
+# The JetStream domain of a hub-side nats-server that edge sites connect to as leaf nodes.
+HUB_JS_DOMAIN = "fedplane-hub"
+
+
 def start_nats(
-    data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20.0
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 20.0,
+    *,
+    leafnode_port: int | None = None,
+    jetstream_domain: str = "",
 ) -> ServerProcess:
+    """nats-server with JetStream on loopback.
+
+    With `leafnode_port` (0 picks one) it also accepts leaf node connections from edge sites
+    (`start_nats_leaf`), on the same host. A leaf connection never carries the plain JetStream
+    API (`$JS.API.>`: nats-server denies it across every leaf connection of a normal account),
+    so the hub's JetStream also gets a domain, `jetstream_domain` (default HUB_JS_DOMAIN): its
+    API then answers on `$JS.<domain>.API.>` too, and that does cross.
+    """
     port = port or free_port(host)
-    args = [
-        find_binary("nats-server"),
-        "-a",
-        host,
-        "-p",
-        str(port),
-        "-js",
-        "-sd",
-        str(data_dir / "jetstream"),
-        "--server_name",
-        "fedplane",
+    if leafnode_port is None and not jetstream_domain:
+        args = [
+            find_binary("nats-server"),
+            "-a",
+            host,
+            "-p",
+            str(port),
+            "-js",
+            "-sd",
+            str(data_dir / "jetstream"),
+            "--server_name",
+            "fedplane",
+        ]
+        return _spawn("nats", args, data_dir, host, port, timeout)
+    leaf_port = (leafnode_port or free_port(host)) if leafnode_port is not None else 0
+    store, domain = str(data_dir / "jetstream"), jetstream_domain or HUB_JS_DOMAIN
+    config = [
+        'server_name: "fedplane"',
+        f"listen: {_q(f'{host}:{port}')}",
+        f"jetstream {{ store_dir: {_q(store)}, domain: {_q(domain)} }}",
     ]
-    return _spawn("nats", args, data_dir, host, port, timeout)
+    if leaf_port:
+        # no_advertise: a hub gossips its leaf node address to the leaves, which then dial it
+        # directly; behind a proxy or NAT (or a test's CutLink) they must keep the address given.
+        config.append(f"leafnodes {{ listen: {_q(f'{host}:{leaf_port}')}, no_advertise: true }}")
+    server = _spawn_with_config("nats", config, data_dir, host, port, timeout)
+    server.leafnode_port = leaf_port
+    if leaf_port:
+        _wait_listening(server, leaf_port, timeout)
+    return server
+
+
+def start_nats_leaf(
+    data_dir: Path,
+    hub_leafnode: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 20.0,
+    *,
+    name: str = "fedplane-leaf",
+    hub_domain: str = HUB_JS_DOMAIN,
+) -> ServerProcess:
+    """An edge site's nats-server: a leaf node of the hub's nats-server at `hub_leafnode` (host:port).
+
+    It has no JetStream of its own: the site's agents use the hub's streams through it, and
+    while its link is down their publishes fail (they keep their updates in their outboxes)
+    and no command reaches them (the commands wait in the hub's durable consumers). The leaf
+    maps the JetStream API the agents call (`$JS.API.>`) to the hub's domain, so an agent
+    needs no setting to tell an edge site from a direct connection. It redials the hub every
+    second while the link is down; the link may be down when it starts.
+    """
+    port = port or free_port(host)
+    config = [
+        f"server_name: {_q(name)}",
+        f"listen: {_q(f'{host}:{port}')}",
+        f"mappings {{ {_q('$JS.API.>')}: {_q(f'$JS.{hub_domain}.API.>')} }}",
+        f'leafnodes {{ reconnect: "1s", remotes: [ {{ url: {_q(f"nats-leaf://{hub_leafnode}")} }} ] }}',
+    ]
+    return _spawn_with_config("nats-leaf", config, data_dir, host, port, timeout)
+
+
+def _q(text: str) -> str:
+    """A quoted string in nats-server's configuration syntax (a JSON string is one)."""
+    return json.dumps(text)
+
+
+def _spawn_with_config(
+    name: str, config: list[str], data_dir: Path, host: str, port: int, timeout: float
+) -> ServerProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / f"{name}.conf"
+    path.write_text("\n".join(config) + "\n")
+    return _spawn(name, [find_binary("nats-server"), "-c", str(path)], data_dir, host, port, timeout)
+
+
+def _wait_listening(server: ServerProcess, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((server.host, port), timeout=0.2):
+            return
+        if server.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    server.stop()
+    raise EmbeddedError(f"{server.name} did not listen on {server.host}:{port} (log: {server.log_path})")
