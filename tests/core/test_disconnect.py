@@ -215,3 +215,11 @@ def test_the_agent_stops_before_the_hub_may_act(action: str, after: float, lost_
         assert fence == 0
     else:
         assert 0 < fence < acts
+
+
+@pytest.mark.parametrize(
+    ("lost", "known", "held"),
+    [(0, 10, False), (1, 1, False), (1, 2, False), (2, 3, True), (5, 10, False), (6, 10, True)],
+)
+def test_evictions_are_held_when_most_clusters_are_lost_at_once(lost: int, known: int, held: bool) -> None:
+    assert dc.disrupted(lost, known, 0.55) is held

@@ -329,6 +329,34 @@ async def test_after_a_requeue_only_the_new_generation_changes_the_job_and_it_su
     assert [sm.state_name(h.state) for h in record.status.history].count("SUCCEEDED") == 1
 
 
+# -- a federation-wide disruption -------------------------------------------------------------
+
+
+async def test_no_job_is_evicted_while_most_clusters_are_lost_at_once(
+    running: tuple[LostParts, LostClusterJobs, asyncio.Task[None]],
+) -> None:
+    """Most clusters lost together (the hub's NATS or network, more likely than theirs): held."""
+    parts, _, _ = running
+    ready_cluster(parts.registry, "a", parts.clock.time())
+    (record,) = await parts.running_on("a", job_spec(action=REQUEUE))
+    ready_cluster(parts.registry, "b", parts.clock.time())
+    ready_cluster(parts.registry, "c", parts.clock.time())
+    parts.commands.queued.clear()
+
+    parts.lose("a")
+    parts.lose("b")  # 2 of 3: past the 0.55 threshold
+    await settle()
+    await parts.clock.advance(600)
+    assert (record.state, record.cluster) == (S.RUNNING, "a")
+    assert parts.commands.queued == []
+
+    parts.registry.clusters["b"].lost_since = None  # b is back: 1 of 3 lost
+    ready_cluster(parts.registry, "b", parts.clock.time())
+    await settle()
+    await parts.clock.advance(1)
+    assert (record.state, record.cluster) == (S.PENDING, "")
+
+
 # -- the create's fence ------------------------------------------------------------------------
 
 
@@ -339,7 +367,7 @@ async def test_after_a_requeue_only_the_new_generation_changes_the_job_and_it_su
         (FAIL, 0, False, 60 - 6),
         (WAIT, 30, False, 0),  # never: the job waits for its cluster
         (REQUEUE, 0, True, 900 - 90),  # an edge cluster's longer threshold
-        (None, 0, False, 60 - 6),  # the hub's default: requeue at once
+        (None, 0, False, 60 + 120 - 6),  # the hub's default: requeue 2 minutes after the loss
     ],
 )
 async def test_each_create_says_when_a_cut_off_agent_stops_the_job(

@@ -47,7 +47,7 @@ def make_backend(config: AgentConfig) -> Backend:
     if kind == "simulated":
         from fedplane.agent.simulated import SimulatedBackend
 
-        return SimulatedBackend(config.simulated())
+        return SimulatedBackend(config.simulated(), cluster=config.cluster)
     if kind == "kubernetes":
         from fedplane.agent.kubernetes_backend import KubernetesBackend, KubernetesBackendConfig
 

@@ -177,3 +177,11 @@ def decide(cluster: str, lost_since: float, now: float, jobs: Iterable[LostJob])
 def next_look(outcomes: Iterable[Outcome]) -> float:
     """The earliest time a Wait asked to be looked at again (inf if none did)."""
     return min((o.until for o in outcomes if isinstance(o, Wait) and o.until is not None), default=math.inf)
+
+
+def disrupted(lost: int, known: int, threshold: float) -> bool:
+    """Whether so many clusters are lost at once that the fault is more likely the hub's side
+    (its NATS, its network) than theirs: evictions are then held, as Kubernetes' node lifecycle
+    controller stops evicting when a zone's unhealthy fraction passes its threshold (0.55).
+    A federation of one cluster has nowhere to requeue to anyway."""
+    return known >= 2 and lost >= 1 and lost / known >= threshold

@@ -49,8 +49,10 @@ class DisconnectConfig:
 
     # requeue | wait | fail
     action: str = "requeue"
-    # How long after the cluster is declared lost the action is taken.
-    requeue_after_seconds: float = 0.0
+    # How long after the cluster is declared lost the action is taken. Not 0: a hub-side outage
+    # (NATS, the hub's network) longer than the lost threshold loses every cluster at once, and
+    # agents stop (fence) their requeueable workloads at lost threshold + this delay.
+    requeue_after_seconds: float = 120.0
 
 
 @dataclasses.dataclass
@@ -77,6 +79,9 @@ class HubConfig:
     edge_label: str = "fedplane.io/edge"
     # The default disconnect policy, and per-queue defaults over it (queue name -> policy).
     disconnect: DisconnectConfig = dataclasses.field(default_factory=DisconnectConfig)
+    # When at least this fraction of the clusters is lost at once, no job is evicted from them
+    # (the fault is more likely on the hub's side); Kubernetes' unhealthy-zone threshold.
+    lost_disruption_fraction: float = 0.55
     queue_disconnect: dict[str, DisconnectConfig] = dataclasses.field(default_factory=dict)
     # Events arriving within this window are placed in one batch.
     batch_window_seconds: float = 0.0
@@ -163,6 +168,7 @@ _RANGES: dict[str, tuple[float, bool, float]] = {
     "edge_cluster_unknown_after_seconds": (0, True, math.inf),
     "edge_cluster_lost_after_seconds": (0, True, math.inf),
     "requeue_after_seconds": (0, False, math.inf),
+    "lost_disruption_fraction": (0, True, 1),
     "batch_window_seconds": (0, False, math.inf),
     "max_dispatch_per_cycle": (1, False, math.inf),
     # A job's create is up to 3 operations (spec, status, idempotency key) in one transaction.

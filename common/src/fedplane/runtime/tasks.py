@@ -22,12 +22,17 @@ async def finish_first(task: asyncio.Task[None] | None, grace: float) -> None:
 async def cancel_all(tasks: Iterable[asyncio.Task[None]], grace: float = 5.0) -> None:
     """Cancel tasks and wait for them, but never longer than `grace` seconds: a stuck task is logged
     with its stack instead of keeping the process alive past its termination grace period."""
-    tasks = [t for t in tasks if not t.done()]
-    for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=grace)
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + grace
+    while pending:
+        # Again and again: asyncio.wait_for before Python 3.12 can swallow a cancellation that
+        # arrives as its inner call completes, and the task then runs on.
+        for task in pending:
+            task.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, left))
     for task in pending:
         frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()]
         log.error("task did not stop", task=task.get_name(), frames=frames)

@@ -178,10 +178,15 @@ class Hub:
             if state.inventory is not None:
                 state.apply_inventory(state.inventory)  # drops what the last report already counts
         log.info("leader took over", jobs=len(table.jobs), pending=len(table.queue), resend=resend)
-        stopping = self._is_stopping
+
+        def not_leading() -> bool:
+            return self._stopping or table.fence is not fence
+
         self._leader_tasks = [
             asyncio.create_task(self.scheduler.run(), name="hub-schedule"),
-            asyncio.create_task(self.statuses.run(self.js, stopping), name="hub-status"),
+            # Told to stop by the fence as well as cancelled: the consumer must let go of the
+            # status messages, which the new leader takes, even if a cancellation went astray.
+            asyncio.create_task(self.statuses.run(self.js, not_leading), name="hub-status"),
             asyncio.create_task(self.retention.run(), name="hub-retention"),
             asyncio.create_task(self.liveness.lead(fence, self.leadership.fence_lost), name="hub-leases"),
             asyncio.create_task(self._handle_lost_clusters(), name="hub-lost"),

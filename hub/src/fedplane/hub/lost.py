@@ -117,6 +117,8 @@ class LostClusterJobs:
         self.policies = DisconnectPolicies(config)
         self.weights = Weights(**vars(config.weights))
         self.recheck = recheck_seconds
+        self.disruption_fraction = config.lost_disruption_fraction
+        self._held = False  # evictions held: too many clusters lost at once
         self._wake = asyncio.Event()
         registry.on_lost_change(lambda _name, _since: self._wake.set())
         # Rebuilt from the table whenever in doubt; they only save work between passes.
@@ -168,7 +170,24 @@ class LostClusterJobs:
             self._policy.clear()
             self._said.clear()
             self._room.clear()
+            self._held = False
             return math.inf
+        known = len(self.registry.clusters)
+        if disconnect.disrupted(len(lost), known, self.disruption_fraction):
+            if not self._held:
+                log.warning(
+                    "federation-wide disruption: evictions held",
+                    lost_clusters=len(lost),
+                    clusters=known,
+                    threshold=self.disruption_fraction,
+                )
+                self._held = True
+            return math.inf
+        if self._held:
+            log.info(
+                "disruption over: lost clusters' jobs follow their policies again", lost_clusters=len(lost)
+            )
+            self._held = False
         room = self._room_for(on, lost, now)
         again = math.inf
         writes: list[StatusWrite] = []

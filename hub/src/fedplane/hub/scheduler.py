@@ -18,6 +18,7 @@ from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
 from fedplane.hub.lost import DisconnectPolicies
+from fedplane.hub.store import FenceLost
 from fedplane.hub.table import JobTable, StatusWrite
 from fedplane.runtime import logs, telemetry
 from fedplane.runtime.config import HubConfig
@@ -62,6 +63,9 @@ class Scheduler:
                 await self.place_pending()
             except asyncio.CancelledError:
                 raise
+            except FenceLost:
+                log.warning("placement stopped: this replica no longer leads")
+                return
             except Exception:
                 log.exception("placement cycle failed; retrying")
                 await asyncio.sleep(1)

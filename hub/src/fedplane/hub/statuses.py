@@ -18,6 +18,7 @@ from fedplane.core import dispatch as sm
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.store import FenceLost
 from fedplane.hub.table import JobTable, StatusWrite
 from fedplane.runtime import bus, logs, telemetry
 from fedplane.v1 import agent_pb2 as agent_pb
@@ -45,6 +46,10 @@ class StatusIntake:
                 await self.apply_batch(msgs)
             except asyncio.CancelledError:
                 raise
+            except FenceLost:
+                log.warning("status intake stopped: this replica no longer leads")
+                await bus.ack_or_nak(msgs, set(range(len(msgs))), delay=0)
+                return
             except Exception:
                 log.exception("applying status updates failed; they will be redelivered")
                 await asyncio.sleep(0.5)
