@@ -275,3 +275,31 @@ def test_a_resumed_leader_that_dispatched_or_never_stepped_down_is_caught() -> N
     # Paused with no other replica to take over, it was never deposed: nothing to hold it to.
     alone = {"replica": "hub-0", "taken_over_by": ""}
     assert invariants.deposed_leader_quiet([alone]).counts["pauses"] == 0
+
+
+def test_a_job_cancelled_without_a_users_cancel_is_caught() -> None:
+    deleted = {
+        "j3": [
+            Change(10, "j3", PENDING, "", 0, "Submitted"),
+            Change(11, "j3", DISPATCHED, "a", 1, "Placed"),
+            Change(12, "j3", RUNNING, "a", 1, "Started"),
+            Change(13, "j3", CANCELLED, "a", 1, "Deleted"),
+        ]
+    }
+    result = invariants.cancelled_only_when_asked(deleted)
+    assert not result.holds and result.counts["unasked"] == 1
+
+    asked = {
+        "j4": [
+            Change(10, "j4", PENDING, "", 0, "Submitted"),
+            Change(11, "j4", DISPATCHED, "a", 1, "Placed"),
+            Change(12, "j4", CANCELLING, "a", 1, "CancelRequested"),
+            Change(13, "j4", CANCELLED, "a", 1, "Deleted"),
+        ],
+        "j5": [
+            Change(10, "j5", PENDING, "", 0, "Submitted"),
+            Change(11, "j5", CANCELLED, "", 0, "Cancelled"),
+        ],
+    }
+    result = invariants.cancelled_only_when_asked(asked)
+    assert result.holds and result.counts == {"cancelled": 2, "unasked": 0}

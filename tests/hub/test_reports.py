@@ -94,3 +94,17 @@ async def test_an_orphan_query_names_the_workloads_not_assigned_to_the_cluster()
 
     orphans = agent_pb.OrphanReply.FromString(reply).orphans
     assert sorted(o.job_id for o in orphans) == sorted([moved.id, "forgotten"])
+
+
+async def test_a_replica_whose_table_lags_never_calls_a_running_job_an_orphan() -> None:
+    """Submitted and dispatched through another replica, not yet in this one's table: etcd says."""
+    parts = Parts()
+    (job,) = await parts.submit(spec("elsewhere"))
+    await parts.dispatched(job, "c1")
+    parts.table.forget(job)  # this replica's watch has not brought it yet
+    ahead = agent_pb.WorkloadRef(job_id=job.id, generation=1)
+    query = agent_pb.OrphanQuery(cluster="c1", workloads=[ahead])
+
+    reply = await reports(parts).answer_orphan_query(query.SerializeToString())
+
+    assert list(agent_pb.OrphanReply.FromString(reply).orphans) == []

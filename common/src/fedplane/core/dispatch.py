@@ -365,12 +365,18 @@ def is_terminal(state: int) -> bool:
 def is_orphan(current: DispatchState | None, cluster: str, generation: int) -> bool:
     """Whether a workload found in `cluster` at `generation` is one the hub no longer wants there.
 
-    Unknown jobs (None), jobs now held by another cluster or generation (a requeued job is held
-    by none), and cancelled jobs are orphans; finished jobs are not, so their objects (and
+    Unknown jobs (None: the caller must know the job is gone, not merely not yet seen), jobs
+    now held by another cluster or an older generation's workload (a requeued job is held by
+    none), and cancelled jobs are orphans; a workload of a newer generation than the record is
+    not judged; finished jobs are not, so their objects (and
     logs) stay until cleaned up by TTL.
     """
     if current is None:
         return True
+    if generation > current.generation:
+        # Only a dispatch makes a generation: the record asked about is behind (a replica whose
+        # table lags etcd), and must not judge a workload newer than itself.
+        return False
     if current.cluster != cluster or current.generation != generation:
         return True
     return current.state in (S.CANCELLED, S.PENDING)

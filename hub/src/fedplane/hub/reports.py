@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from fedplane.core import dispatch as sm
 from fedplane.core import health as hl
 from fedplane.core.health import Health
+from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry, ClusterState
 from fedplane.hub.store import JobStore
@@ -48,13 +49,24 @@ class ClusterReports:
 
     async def answer_orphan_query(self, query_bytes: bytes) -> bytes:
         """Answer an agent's garbage-collection question from the dispatch records (a query that
-        fails to parse is logged by the bus and left unanswered: the agent skips that round)."""
+        fails to parse is logged by the bus and left unanswered: the agent skips that round).
+
+        Any replica may answer, and a replica's table may lag etcd (a job just submitted through
+        another replica, a watch resuming after an etcd restart): a job it does not hold is read
+        from etcd before its workload is called an orphan, and a workload newer than the record
+        is never one (`is_orphan`). A wrong "orphan" would delete a running job.
+        """
         query = agent_pb.OrphanQuery.FromString(query_bytes)
         orphans = []
         jobs = self.table.jobs
         for ref in query.workloads:
             record = jobs.get(ref.job_id)
-            if sm.is_orphan(record.dispatch_state if record else None, query.cluster, ref.generation):
+            current = record.dispatch_state if record is not None else None
+            if current is None:
+                stored = await self.store.read_job(ref.job_id)
+                if stored is not None:
+                    current = records.state_of(pb.JobStatus.FromString(stored.status_blob))
+            if sm.is_orphan(current, query.cluster, ref.generation):
                 orphans.append(ref)
         return agent_pb.OrphanReply(orphans=orphans).SerializeToString()
 

@@ -17,8 +17,10 @@ again as a follower, so every round has two replicas.
 running long jobs and a second one with room (cordoned while the jobs are placed, so that they
 all land on the first). The first cluster's agent is killed with SIGKILL (its heartbeats stop,
 its simulated workloads die with it), and GetCluster is polled every 100 ms: from the cluster's
-last heartbeat (the hub's `last_heartbeat`) to UNKNOWN, to LOST, and to its jobs requeued and
-RUNNING on the other cluster (their transition histories).
+last heartbeat (the hub's `last_heartbeat`, its last report of any kind) to UNKNOWN, to LOST,
+and to its jobs requeued and RUNNING on the other cluster (their transition histories). Both
+runs requeue at once (requeue_after 0), so that the move itself is measured; the default
+policy's 120 s wait adds to it, and the report gives the defaults' figures by formula too.
 
 Both check what must never happen, from the hub's records and the simulated clusters' ledgers:
 jobs accepted and then missing, jobs dispatched twice (a generation above one plus the job's
@@ -62,12 +64,12 @@ from fedplane.bench import fleet, loadgen
 from fedplane.bench.federation import (
     BenchError,
     Child,
-    _spawn,
-    _stop_children,
-    _wait_listening,
-    _wait_ready,
     machine,
+    spawn,
+    stop_children,
     versions,
+    wait_listening,
+    wait_ready,
 )
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.local import servers as embedded
@@ -103,10 +105,11 @@ PENDING_WINDOW = 10.0
 # Beyond the figure it waits for, how long any wait may take before the run is called failed.
 WAIT_SLACK = 30.0
 STARTUP = 60.0
+# Each simulated cluster: 4 nodes of 32 cpus; every job is one pod of 1 cpu.
 NODES = 4
+NODE_CPU = 32
 # etcd's lessor looks for expired leases every 500 ms.
 ETCD_EXPIRY_CHECK = 0.5
-NODE_CPU = 32
 Progress = Callable[[str], None]
 T = TypeVar("T")
 
@@ -227,9 +230,7 @@ def integrity(
     missing = sorted(wanted - set(jobs))
     twice = sorted(i for i in wanted & set(jobs) if dispatched_twice(jobs[i]))
     ran_twice = sorted(i for i in wanted & set(jobs) if len(started.get(i, ())) > 1 + requeues(jobs[i]))
-    unfinished = sorted(
-        i for i in wanted & set(jobs) if jobs[i].status.state in (pb.PENDING, pb.DISPATCHED, pb.CANCELLING)
-    )
+    unfinished = sorted(i for i in wanted & set(jobs) if jobs[i].status.state in (pb.PENDING, pb.DISPATCHED))
     return {
         "accepted": len(wanted),
         "found": len(wanted & set(jobs)),
@@ -350,10 +351,10 @@ class Federation:
     async def start_hub(self, name: str) -> None:
         """Start (or start again) a replica, as an operator runs it, and wait until it serves."""
         config = self.root / f"{name}.yaml"
-        child = _spawn(name, [sys.executable, "-m", "fedplane.hub", "--config", str(config)], self.root)
+        child = spawn(name, [sys.executable, "-m", "fedplane.hub", "--config", str(config)], self.root)
         self.children.append(child)
         self.hubs[name] = child
-        await _wait_listening(child, HOST, self.hub_ports[name])
+        await wait_listening(child, HOST, self.hub_ports[name])
 
     def start_agents(self, count: int, heartbeat: float) -> list[str]:
         """One agent process per simulated cluster (sim-000, ...), each with its ledger."""
@@ -365,7 +366,7 @@ class Federation:
             settings["telemetry"] = {"exporter": "none", "log_level": "info", "log_format": "json"}
             path = self.root / f"{config.cluster}.yaml"
             path.write_text(yaml.safe_dump(settings))
-            child = _spawn(
+            child = spawn(
                 config.cluster, [sys.executable, "-m", "fedplane.agent", "--config", str(path)], self.root
             )
             self.children.append(child)
@@ -379,7 +380,7 @@ class Federation:
             (self.hubs.get(name) or self.agents[name]).check()
 
     def stop(self) -> None:
-        _stop_children(self.children)
+        stop_children(self.children)
         for server in reversed(self.servers):
             server.stop()
 
@@ -614,7 +615,7 @@ async def failover(params: FailoverParams, lease: float, root: Path, say: Progre
         async with FedplaneClient(
             fed.target, interceptors=[], timeout=CALL_TIMEOUT, retry_attempts=1
         ) as client:
-            await _wait_ready(client, clusters, NODES, list(fed.children))
+            await wait_ready(client, clusters, NODES, list(fed.children))
             stream = Stream(client, run_id, params.rate, params.job_seconds)
             submitting = asyncio.create_task(stream.run(), name="failover-stream")
             rounds: list[dict[str, Any]] = []
@@ -704,7 +705,7 @@ async def cluster_lost(
         victim, spare, *_ = fed.start_agents(2, heartbeat)
         run_id = f"lost-{label}-{int(time.time() * 1000):x}"
         async with FedplaneClient(fed.address("hub-a"), interceptors=[], timeout=CALL_TIMEOUT) as client:
-            await _wait_ready(client, [victim, spare], NODES, list(fed.children))
+            await wait_ready(client, [victim, spare], NODES, list(fed.children))
             # Cordoned while the jobs are placed, so that all of them run on the victim.
             await client.cordon(spare, "fedplane.bench.failover: jobs go to the cluster to lose")
             spec = loadgen.job_spec(run_id, 1, params.lost_job_seconds, QUEUE)
@@ -1044,7 +1045,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(130)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
-    Console().print(render(result))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a file or a pipe: whole tables, not 80 columns
+    console.print(render(result))
     if not result["ok"]:
         sys.exit(1)
 

@@ -194,7 +194,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _spawn(name: str, args: Sequence[str], root: Path) -> Child:
+def spawn(name: str, args: Sequence[str], root: Path) -> Child:
     log_path = root / f"{name}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -208,7 +208,7 @@ def _spawn(name: str, args: Sequence[str], root: Path) -> Child:
     return Child(name, process, log_path)
 
 
-def _stop_children(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
+def stop_children(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
     """SIGTERM every child at once, then SIGKILL whatever is still running after `grace` seconds."""
     running = [c for c in children if c.process.poll() is None]
     for child in running:
@@ -338,7 +338,7 @@ async def run_async(params: BenchParams, progress: Progress | None = None) -> di
         raise BenchError(f"cannot run the benchmark: {exc}") from None
     finally:
         say("stopping the federation")
-        _stop_children(children)
+        stop_children(children)
         for server in reversed(servers):
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -379,11 +379,11 @@ async def _bench(
         )
     )
     say(f"starting the hub on {hub_address}")
-    hub = _spawn("hub", [sys.executable, "-m", "fedplane.client", "hub", "--config", str(config)], root)
+    hub = spawn("hub", [sys.executable, "-m", "fedplane.client", "hub", "--config", str(config)], root)
     children.append(hub)
-    await _wait_listening(hub, "127.0.0.1", port)
+    await wait_listening(hub, "127.0.0.1", port)
     say(f"starting {params.clusters} simulated clusters x {params.nodes} nodes")
-    fleet = _spawn("fleet", _fleet_args(params, f"nats://{nats.address}"), root)
+    fleet = spawn("fleet", _fleet_args(params, f"nats://{nats.address}"), root)
     children.append(fleet)
     sampler = Sampler(
         {"hub": hub.pid, "fleet": fleet.pid, "etcd": etcd.process.pid, "nats": nats.process.pid}
@@ -392,7 +392,7 @@ async def _bench(
     try:
         async with FedplaneClient(hub_address, interceptors=[], timeout=60.0) as client:
             names = [cluster_name(i) for i in range(params.clusters)]
-            await _wait_ready(client, names, params.nodes, (hub, fleet))
+            await wait_ready(client, names, params.nodes, (hub, fleet))
             say(f"{params.clusters} clusters ready")
             backlog = None
             if params.queued:
@@ -445,7 +445,7 @@ def _fleet_args(params: BenchParams, nats_url: str) -> list[str]:
     ]
 
 
-async def _wait_listening(child: Child, host: str, port: int) -> None:
+async def wait_listening(child: Child, host: str, port: int) -> None:
     """Until the hub accepts connections: it binds its port only once recovered and serving."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -456,7 +456,7 @@ async def _wait_listening(child: Child, host: str, port: int) -> None:
     raise BenchError(f"the {child.name} did not listen on {host}:{port} within {STARTUP_TIMEOUT:.0f}s")
 
 
-async def _wait_ready(
+async def wait_ready(
     client: FedplaneClient, names: Sequence[str], nodes: int, watch: Sequence[Child]
 ) -> None:
     """Until every simulated cluster is READY and has reported all its nodes."""
@@ -506,7 +506,7 @@ async def _load(
         f"--timeout={load.timeout}",
         f"--out={out}",
     ]
-    generator = _spawn("load generator", args, root)
+    generator = spawn("load generator", args, root)
     children.append(generator)
     sampler.pids["loadgen"] = generator.pid
     deadline = time.monotonic() + load.timeout + FINISH_ALLOWANCE

@@ -335,6 +335,27 @@ def one_terminal(history: Mapping[str, Sequence[Change]]) -> Result:
     return result
 
 
+# -- nothing cancelled unless a user asked -------------------------------------------------------
+
+# The reasons the hub writes when a user cancels: a job on a cluster (then CANCELLING), or a
+# job that waits (then CANCELLED at once).
+_USER_CANCEL = frozenset({"CancelRequested", "Cancelled"})
+
+
+def cancelled_only_when_asked(history: Mapping[str, Sequence[Change]]) -> Result:
+    """A job ends CANCELLED only after a user's cancel: one the system cancelled by itself (a
+    workload deleted as an orphan while it ran, say) is a job lost to its user."""
+    result = Result("nothing cancelled unless a user asked", {"cancelled": 0, "unasked": 0}, ("unasked",))
+    for job_id, status in sorted(_last_puts(history).items()):
+        if status.state != CANCELLED:
+            continue
+        result.counts["cancelled"] += 1
+        if not any(c.reason in _USER_CANCEL for c in history[job_id] if c.state):
+            result.counts["unasked"] += 1
+            _example(result, f"{job_id}: {_show(status)}: {status.reason or 'no reason given'}, never asked")
+    return result
+
+
 # -- every reported success happened ---------------------------------------------------------------
 
 
@@ -455,6 +476,7 @@ def check_all(
         no_double_run(ledger),
         no_backwards(history),
         one_terminal(history),
+        cancelled_only_when_asked(history),
         successes_happened(history, ledger),
         no_orphans(history, ledger),
     ]
