@@ -135,4 +135,7 @@ class Scheduler:
                 cluster=decision.cluster,
                 generation=write.status.generation,
                 score=verdict.score.total,
+                # The write's etcd revision: it tells a dispatch made before a takeover (below
+                # the new leader's fencing revision) from one after.
+                revision=written.revision,
             )

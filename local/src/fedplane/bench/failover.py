@@ -64,6 +64,7 @@ from fedplane.bench import fleet, loadgen
 from fedplane.bench.federation import (
     BenchError,
     Child,
+    bounded,
     machine,
     spawn,
     stop_children,
@@ -71,6 +72,7 @@ from fedplane.bench.federation import (
     wait_listening,
     wait_ready,
 )
+from fedplane.bench.pace import Pacer
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.local import servers as embedded
 from fedplane.runtime.config import AgentConfig, DisconnectConfig, HubConfig
@@ -445,54 +447,36 @@ class Stream:
     def __init__(self, client: FedplaneClient, run_id: str, rate: float, job_seconds: float) -> None:
         self.client = client
         self.run_id = run_id
-        self.rate = rate
         self.spec = loadgen.job_spec(run_id, 1, job_seconds, QUEUE)
         self.submissions: list[Submission] = []
-        self._stopped = asyncio.Event()
-        self._limit = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pacer = Pacer(self._submit, rate, MAX_IN_FLIGHT, "failover-submit")
 
     async def run(self) -> None:
         """Submit on a fixed timetable until `stop`."""
-        interval = 1.0 / self.rate
-        next_at = time.monotonic()
-        n = 0
-        while not self._stopped.is_set():
-            await self._limit.acquire()
-            task = asyncio.create_task(self._submit(n), name=f"failover-submit-{n}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            n += 1
-            next_at += interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), max(0.0, next_at - time.monotonic()))
+        await self._pacer.run()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._pacer.stop()
 
     async def drain(self) -> None:
         """Wait for the submissions in flight; each gives up on its own after GIVE_UP_AFTER."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._pacer.drain()
 
     async def _submit(self, n: int) -> None:
         sub = Submission(f"{self.run_id}-{n}", time.time())
         self.submissions.append(sub)
-        try:
-            while True:
-                sub.attempts += 1
-                try:
-                    job, _ = await self.client.submit(self.spec, sub.key)
-                except FedplaneError as exc:
-                    sub.error = exc.code.name
-                    if exc.code not in RETRYABLE or time.time() - sub.first_try > GIVE_UP_AFTER:
-                        return
-                    await asyncio.sleep(0.1)
-                    continue
-                sub.job_id, sub.accepted_at = job.id, time.time()
-                return
-        finally:
-            self._limit.release()
+        while True:
+            sub.attempts += 1
+            try:
+                job, _ = await self.client.submit(self.spec, sub.key)
+            except FedplaneError as exc:
+                sub.error = exc.code.name
+                if exc.code not in RETRYABLE or time.time() - sub.first_try > GIVE_UP_AFTER:
+                    return
+                await asyncio.sleep(0.1)
+                continue
+            sub.job_id, sub.accepted_at = job.id, time.time()
+            return
 
     def accepted(self) -> list[Submission]:
         return [s for s in self.submissions if s.job_id]
@@ -814,7 +798,7 @@ async def run_async(params: FailoverParams, progress: Progress | None = None) ->
     started = time.time()
     limit = _limit(params)
     try:
-        async with asyncio.timeout(limit):
+        async with bounded(limit, hub="a hub"):
             failovers = [
                 await failover(params, lease, root / f"failover-{lease:g}s", say) for lease in params.leases
             ]
@@ -842,14 +826,6 @@ async def run_async(params: FailoverParams, progress: Progress | None = None) ->
                         say=say,
                     )
                 )
-    except TimeoutError:
-        raise BenchError(f"the benchmark did not finish within {limit:.0f}s and was stopped") from None
-    except embedded.EmbeddedError as exc:
-        raise BenchError(str(exc).splitlines()[0]) from None
-    except FedplaneError as exc:
-        raise BenchError(f"a hub refused a benchmark call: {exc}") from None
-    except OSError as exc:
-        raise BenchError(f"cannot run the benchmark: {exc}") from None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     checks = [f["integrity"] for f in failovers] + [c["integrity"] for c in losses]

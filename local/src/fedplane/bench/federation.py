@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from fedplane.local import servers as embedded
 from fedplane.runtime.version import __version__
 from fedplane.v1 import types_pb2 as pb
 
-__all__ = ["BenchError", "BenchParams", "run", "run_async"]
+__all__ = ["BenchError", "BenchParams", "bounded", "run", "run_async"]
 
 # Big transactions and a big database: the benchmark must not measure etcd's default limits.
 ETCD_ARGS = ("--quota-backend-bytes=8589934592", "--max-txn-ops=1024")
@@ -196,16 +196,7 @@ def _child_env() -> dict[str, str]:
 
 def spawn(name: str, args: Sequence[str], root: Path) -> Child:
     log_path = root / f"{name}.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [*embedded._die_with_parent(), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=_child_env(),
-        )
-    return Child(name, process, log_path)
+    return Child(name, embedded.spawn_logged(args, log_path, _child_env()), log_path)
 
 
 def stop_children(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
@@ -306,6 +297,24 @@ class Sampler:
 # -- the run --------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def bounded(limit: float, hub: str = "the hub") -> AsyncIterator[None]:
+    """Bound a run to `limit` seconds and raise what can end it (the deadline, a server that does
+    not start, a refused call, the OS) as one BenchError: the CLI prints a line, not a traceback.
+    `hub` names, in that line, who refused a call."""
+    try:
+        async with asyncio.timeout(limit):
+            yield
+    except TimeoutError:
+        raise BenchError(f"the benchmark did not finish within {limit:.0f}s and was stopped") from None
+    except embedded.EmbeddedError as exc:
+        raise BenchError(str(exc).splitlines()[0]) from None
+    except FedplaneError as exc:
+        raise BenchError(f"{hub} refused a benchmark call: {exc}") from None
+    except OSError as exc:
+        raise BenchError(f"cannot run the benchmark: {exc}") from None
+
+
 def run(params: BenchParams, progress: Progress | None = None) -> dict[str, Any]:
     """Run one benchmark and return its result (see docs/performance.md for every figure).
 
@@ -326,16 +335,8 @@ async def run_async(params: BenchParams, progress: Progress | None = None) -> di
     limit = STARTUP_TIMEOUT + params.timeout * (2 if params.queued else 1) + FINISH_ALLOWANCE
     started = time.time()
     try:
-        async with asyncio.timeout(limit):
+        async with bounded(limit):
             result = await _bench(params, root, children, servers, say)
-    except TimeoutError:
-        raise BenchError(f"the benchmark did not finish within {limit:.0f}s and was stopped") from None
-    except embedded.EmbeddedError as exc:
-        raise BenchError(str(exc).splitlines()[0]) from None
-    except FedplaneError as exc:
-        raise BenchError(f"the hub refused a benchmark call: {exc}") from None
-    except OSError as exc:
-        raise BenchError(f"cannot run the benchmark: {exc}") from None
     finally:
         say("stopping the federation")
         stop_children(children)

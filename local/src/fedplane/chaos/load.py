@@ -11,7 +11,6 @@ federation to; a key never confirmed is looked up in etcd afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from fedplane.bench.pace import Pacer
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.v1 import types_pb2 as pb
 
@@ -96,13 +96,11 @@ class LoadGenerator:
     params: LoadParams = field(default_factory=LoadParams)
     run_id: str = "chaos"
     submissions: list[Submission] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _clients: dict[str, FedplaneClient] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.params.seed)
-        self._limit = asyncio.Semaphore(self.params.max_in_flight)
+        self._pacer = Pacer(self._submit, self.params.rate, self.params.max_in_flight, "chaos-submit")
 
     def _client(self, name: str) -> FedplaneClient:
         client = self._clients.get(name)
@@ -115,65 +113,47 @@ class LoadGenerator:
 
     async def run(self) -> None:
         """Submit until `stop` is called."""
-        interval = 1.0 / self.params.rate
-        next_at = time.monotonic()
-        n = 0
-        while not self._stopped.is_set():
-            await self._limit.acquire()
-            if self._stopped.is_set():
-                self._limit.release()
-                break
-            task = asyncio.create_task(self._submit(n), name=f"chaos-submit-{n}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            n += 1
-            next_at += interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), max(0.0, next_at - time.monotonic()))
+        await self._pacer.run()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._pacer.stop()
 
     async def drain(self) -> None:
         """Wait for the submissions in flight (each gives up on its own), then close the clients."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._pacer.drain()
         await asyncio.gather(*(c.close() for c in self._clients.values()), return_exceptions=True)
         self._clients.clear()
 
     async def _submit(self, n: int) -> None:
-        try:
-            p = self.params
-            duration = self.random.uniform(*p.durations)
-            prefer_edge = self.random.random() < p.edge_share
-            name = f"chaos-{n}"
-            spec = job_spec(name, duration, prefer_edge=prefer_edge, queue=p.queue)
-            sub = Submission(f"{self.run_id}-{n}", time.monotonic())
-            self.submissions.append(sub)
-            replicas = list(self.addresses)
-            delay = 0.05
-            while True:
-                target = replicas[(n + sub.attempts) % len(replicas)]
-                sub.attempts += 1
-                try:
-                    job, created = await self._client(target).submit(spec, sub.key)
-                except FedplaneError as exc:
-                    sub.error = str(exc)
-                    if exc.code not in RETRYABLE:
-                        sub.outcome = "rejected"
-                        return
-                else:
-                    sub.job_id, sub.created, sub.accepted_by = job.id, created, target
-                    sub.accepted_at = time.monotonic()
-                    sub.outcome = "accepted"
+        p = self.params
+        duration = self.random.uniform(*p.durations)
+        prefer_edge = self.random.random() < p.edge_share
+        name = f"chaos-{n}"
+        spec = job_spec(name, duration, prefer_edge=prefer_edge, queue=p.queue)
+        sub = Submission(f"{self.run_id}-{n}", time.monotonic())
+        self.submissions.append(sub)
+        replicas = list(self.addresses)
+        delay = 0.05
+        while True:
+            target = replicas[(n + sub.attempts) % len(replicas)]
+            sub.attempts += 1
+            try:
+                job, created = await self._client(target).submit(spec, sub.key)
+            except FedplaneError as exc:
+                sub.error = str(exc)
+                if exc.code not in RETRYABLE:
+                    sub.outcome = "rejected"
                     return
-                if time.monotonic() - sub.first_try > p.give_up_after:
-                    sub.outcome = "unconfirmed"
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        finally:
-            self._limit.release()
+            else:
+                sub.job_id, sub.created, sub.accepted_by = job.id, created, target
+                sub.accepted_at = time.monotonic()
+                sub.outcome = "accepted"
+                return
+            if time.monotonic() - sub.first_try > p.give_up_after:
+                sub.outcome = "unconfirmed"
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     # -- results ----------------------------------------------------------------------------------
 

@@ -85,22 +85,11 @@ class Daemon:
     starts: int = 0
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    *embedded._die_with_parent(),
-                    sys.executable,
-                    "-m",
-                    f"fedplane.{self.kind}",
-                    "--config",
-                    str(self.config_path),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=_child_env(),
-            )
+        self.process = embedded.spawn_logged(
+            [sys.executable, "-m", f"fedplane.{self.kind}", "--config", str(self.config_path)],
+            self.log_path,
+            _child_env(),
+        )
         self.held_down = False
         self.paused = False
         self.starts += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import tempfile
 import time
@@ -87,18 +88,33 @@ async def pause_leader(h: Harness, obs: Observations, paused_for: float) -> None
     if not took_over:
         return
     deadline = time.monotonic() + 10
+    fencing = 0
     while time.monotonic() < deadline:
         status = await h.hub_status(leader)
         if status is not None and status.leader != leader:
             pause["leader_after_resume"] = status.leader
+            fencing = status.fencing_revision
             break
         await asyncio.sleep(0.1)
     logged = h.hubs[leader].log_lines()[resumed_at_line:]
-    # Until it leads again (if it ever does), it must not write: the hub logs a dispatch only
-    # once its write is in etcd.
+    # Until it leads again (if it ever does), it must not write. The hub logs a dispatch once
+    # its write is in etcd, with the write's revision: a line logged after the resume for a
+    # write made before the takeover (its reply read only once the process ran again) is below
+    # the new leader's fencing revision, and is no write of a deposed leader.
     deposed = list(itertools.takewhile(lambda line: '"event":"leading"' not in line, logged))
     pause["logged_stopped_leading"] = any('"stopped leading"' in line for line in deposed)
-    pause["dispatched_while_deposed"] = sum('"job dispatched"' in line for line in deposed)
+    pause["dispatched_while_deposed"] = sum(
+        1 for line in deposed if '"job dispatched"' in line and _revision_of(line) >= fencing
+    )
+
+
+def _revision_of(line: str) -> int:
+    """The etcd revision a hub log line names (none named: counted as a write after any takeover)."""
+    try:
+        found = json.loads(line).get("revision")
+    except (ValueError, AttributeError):
+        return 1 << 62
+    return int(found) if isinstance(found, int) else 1 << 62
 
 
 async def cut_edge(h: Harness, obs: Observations, name: str, cut_for: float) -> None:

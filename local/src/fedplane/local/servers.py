@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,22 @@ def _die_with_parent() -> list[str]:
     """
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
+def spawn_logged(
+    args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `args` as every local daemon is started: in a session of its own (so it is stopped
+    as a process group), with SIGTERM when this process dies, its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [*_die_with_parent(), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
 
 
 # The etcd release tools/build_etcd.sh builds (keep the two in step).
@@ -137,15 +153,7 @@ class ServerProcess:
 def _spawn(name: str, args: list[str], data_dir: Path, host: str, port: int, timeout: float) -> ServerProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"{name}.log"
-    log = log_path.open("ab")
-    process = subprocess.Popen(
-        [*_die_with_parent(), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    log.close()
+    process = spawn_logged(args, log_path)
     server = ServerProcess(name, process, host, port, data_dir, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
