@@ -69,6 +69,17 @@ async def test_a_heartbeat_stamped_ahead_of_the_hubs_clock_counts_from_the_hubs_
     assert parts.registry.clusters["c1"].last_seen == parts.clock.time()
 
 
+async def test_a_report_under_a_name_no_agent_may_have_registers_nothing() -> None:
+    parts = Parts()
+    driver = reports(parts)
+    for name in ("Upper", "under_score", "-dash", "x" * 64):
+        await driver.on_report(heartbeat(parts, name))
+    assert parts.registry.clusters == {}
+    assert parts.store.clusters == {}
+    await driver.on_report(heartbeat(parts, "ok-1"))
+    assert list(parts.registry.clusters) == ["ok-1"]
+
+
 async def test_a_heartbeat_counts_from_when_the_server_stored_it() -> None:
     parts = Parts()
     driver = reports(parts)

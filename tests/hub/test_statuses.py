@@ -170,3 +170,19 @@ async def test_a_workload_fenced_off_by_its_agent_is_requeued_with_its_capacity_
     assert (record.state, record.cluster, record.generation) == (S.PENDING, "", 1)
     assert parts.registry.clusters["c1"].reservations == {}
     assert record.id in parts.table.queue  # placed again by the next round
+
+
+async def test_an_update_naming_another_cluster_than_its_subject_changes_nothing() -> None:
+    """c2 publishing on its own subject cannot speak for c1's job, even at c1's generation."""
+    parts = Parts()
+    (record,) = await parts.submit(spec())
+    record = await parts.dispatched(record, "c1")
+    before = parts.store.revision
+    forged = status_msg(update(record.id, S.SUCCEEDED, cluster="c1"))
+    forged.subject = "fedplane.v1.status.c2"
+
+    await intake(parts).apply_batch([forged])
+
+    assert forged.acked and not forged.naked  # dropped for good, not redelivered
+    assert record.state == S.DISPATCHED
+    assert parts.store.revision == before

@@ -74,6 +74,10 @@ class ClusterReports:
         try:
             kind = bus.kind_of(msg.subject)
             cluster = bus.cluster_of(msg.subject)
+            if not bus.valid_cluster_name(cluster):
+                # Never registered, never stored: a name no agent may have (a DNS label).
+                log.warning("report dropped: not a valid cluster name", cluster=cluster[:80])
+                return
             state, added = self.registry.get_or_add(cluster)
             if added and await self.store.create_cluster(cluster, state.admin.SerializeToString()):
                 log.info("cluster registered", cluster=cluster)

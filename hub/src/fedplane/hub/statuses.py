@@ -33,6 +33,9 @@ _Pending = tuple[sm.DispatchState, pb.JobStatus, int]
 class StatusMessage(bus.Incoming, bus.Ackable, Protocol):
     """What the intake reads and settles of a status message: nats-py's Msg, or a fake in tests."""
 
+    @property
+    def subject(self) -> str: ...
+
 
 class StatusIntake:
     def __init__(self, table: JobTable, registry: ClusterRegistry, clock: Clock) -> None:
@@ -99,7 +102,17 @@ class StatusIntake:
         # Without a span to make or a debug line to write, no per-update trace context is set up.
         traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
+            sender = msg.subject.rpartition(".")[2]
             for update in bus.status_updates_in(msg):
+                if update.cluster != sender:
+                    # A cluster may speak only for itself: what it says of another is dropped.
+                    log.warning(
+                        "status update dropped: it names another cluster than its subject",
+                        subject_cluster=sender,
+                        claimed_cluster=update.cluster,
+                        job_id=update.job_id,
+                    )
+                    continue
                 with (
                     telemetry.child_span(
                         "hub.status",
