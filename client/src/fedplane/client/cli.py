@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from fedplane.client import display
-from fedplane.client.sdk import FedplaneClient, FedplaneError
+from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
 from fedplane.client.spec import SpecError, load_file
 from fedplane.runtime import entry
 from fedplane.v1 import hub_pb2
@@ -62,6 +62,7 @@ class Output(StrEnum):
 @dataclass
 class _Options:
     hub: str
+    tls: Tls | None = None
 
 
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
@@ -73,8 +74,22 @@ def _root(
     hub: Annotated[
         str, typer.Option("--hub", envvar="FEDPLANE_HUB", help="Hub gRPC address (host:port).")
     ] = DEFAULT_HUB,
+    ca: Annotated[
+        str,
+        typer.Option("--ca", envvar="FEDPLANE_CA", help="Use TLS, trusting this CA (PEM) for the hub."),
+    ] = "",
+    cert: Annotated[
+        str, typer.Option("--cert", envvar="FEDPLANE_CERT", help="Client certificate (PEM), for mutual TLS.")
+    ] = "",
+    key: Annotated[str, typer.Option("--key", envvar="FEDPLANE_KEY", help="Client key (PEM).")] = "",
+    tls: Annotated[
+        bool, typer.Option("--tls", envvar="FEDPLANE_TLS", help="Use TLS with the system's CAs.")
+    ] = False,
 ) -> None:
-    ctx.obj = _Options(hub=hub)
+    if bool(cert) != bool(key):
+        _fail("--cert and --key go together")
+    secure = tls or bool(ca or cert)
+    ctx.obj = _Options(hub=hub, tls=Tls(ca, cert, key) if secure else None)
 
 
 # -- plumbing -----------------------------------------------------------------------------------
@@ -90,12 +105,17 @@ def _hub(ctx: typer.Context) -> str:
     return options.hub if options is not None else DEFAULT_HUB
 
 
+def _tls(ctx: typer.Context) -> Tls | None:
+    options = ctx.find_object(_Options)
+    return options.tls if options is not None else None
+
+
 def _run(ctx: typer.Context, action: Callable[[FedplaneClient], Coroutine[Any, Any, T]]) -> T:
     """Run one async action against the hub, turning expected failures into one stderr line."""
     hub = _hub(ctx)
 
     async def go() -> T:
-        async with FedplaneClient(hub) as client:
+        async with FedplaneClient(hub, tls=_tls(ctx)) as client:
             return await action(client)
 
     try:

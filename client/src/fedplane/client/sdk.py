@@ -13,6 +13,8 @@ import contextlib
 import importlib
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -67,6 +69,22 @@ def _default_interceptors() -> list[Any]:
         return []
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the hub: the CA that signed its certificate (empty: the system's roots), and this
+    client's certificate and key for mutual TLS (empty: none)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
 class FedplaneClient:
     """`async with FedplaneClient("127.0.0.1:50051") as c: job, created = await c.submit(spec)`."""
 
@@ -79,8 +97,10 @@ class FedplaneClient:
         retry_attempts: int = 4,
         retry_max_wait: float = 2.0,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        tls: Tls | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self._interceptors = list(interceptors) if interceptors is not None else None
         self._timeout = timeout
         self._retry_attempts = max(1, retry_attempts)
@@ -115,7 +135,12 @@ class FedplaneClient:
         # Created lazily so the channel binds to the event loop that uses it.
         if self._channel is None:
             interceptors = self._interceptors if self._interceptors is not None else _default_interceptors()
-            self._channel = grpc.aio.insecure_channel(self.target, interceptors=interceptors or None)
+            if self.tls is None:
+                self._channel = grpc.aio.insecure_channel(self.target, interceptors=interceptors or None)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self.tls.credentials(), interceptors=interceptors or None
+                )
             # The generated stubs type the aio flavour by overload, which untyped grpc defeats.
             self._jobs = cast("hub_pb2_grpc.JobServiceAsyncStub", hub_pb2_grpc.JobServiceStub(self._channel))
             self._clusters = cast(

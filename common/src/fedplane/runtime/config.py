@@ -44,6 +44,19 @@ class WeightsConfig:
 
 
 @dataclasses.dataclass
+class TlsConfig:
+    """TLS on the hub's gRPC port: off while `cert_file` is empty."""
+
+    # PEM certificate chain and private key the hub presents.
+    cert_file: str = ""
+    key_file: str = ""
+    # PEM CA bundle that client certificates are checked against (mutual TLS).
+    client_ca_file: str = ""
+    # Refuse clients without a certificate signed by client_ca_file.
+    require_client_cert: bool = False
+
+
+@dataclasses.dataclass
 class DisconnectConfig:
     """What happens to a job whose cluster is lost (a job's own `disconnect` overrides it)."""
 
@@ -98,6 +111,7 @@ class HubConfig:
     # Finished jobs (and their idempotency keys) are deleted this long after finishing; 0 = never.
     finished_job_retention_seconds: float = 7 * 24 * 3600
     weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
 
 
@@ -328,6 +342,13 @@ def check_hub(config: HubConfig) -> HubConfig:
             problems.append(
                 f"{where}.action: {policy.action!r} is not one of {', '.join(DISCONNECT_ACTIONS)}"
             )
+    tls = config.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.append("tls: cert_file and key_file go together")
+    if (tls.client_ca_file or tls.require_client_cert) and not tls.cert_file:
+        problems.append("tls: client certificates need TLS itself (cert_file and key_file)")
+    if tls.require_client_cert and not tls.client_ca_file:
+        problems.append("tls.require_client_cert: needs client_ca_file to check them against")
     if problems:
         raise ConfigError("; ".join(problems))
     return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from fedplane.hub.hub import Hub
 from fedplane.hub.service import ClusterService, HubService, JobService
 from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
-from fedplane.runtime.config import HubConfig, StartupError, load_hub
+from fedplane.runtime.config import HubConfig, StartupError, TlsConfig, load_hub
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 
 log = logs.get("fedplane.hub")
@@ -21,6 +22,18 @@ SERVICE_NAMES = [
     hub_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
     hub_pb2.DESCRIPTOR.services_by_name["HubService"].full_name,
 ]
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
+    """The gRPC port's TLS credentials (None: plaintext), read from the configured PEM files."""
+    if not tls.cert_file:
+        return None
+    key = Path(tls.key_file).read_bytes()
+    chain = Path(tls.cert_file).read_bytes()
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=tls.require_client_cert
+    )
 
 
 class HubServer:
@@ -34,6 +47,10 @@ class HubServer:
 
     @classmethod
     async def start(cls, config: HubConfig) -> HubServer:
+        try:  # before connecting anywhere: a missing file is a one-line refusal
+            credentials = server_credentials(config.tls)
+        except OSError as exc:
+            raise StartupError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
         hub = await Hub.start(config)
         # No SO_REUSEPORT (gRPC turns it on by default): a second hub on the same port must fail
         # to start, not silently share the port and half the calls.
@@ -49,7 +66,10 @@ class HubServer:
             [*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
         )
         try:
-            port = server.add_insecure_port(config.listen)
+            if credentials is None:
+                port = server.add_insecure_port(config.listen)
+            else:
+                port = server.add_secure_port(config.listen, credentials)
         except RuntimeError as exc:
             port = 0
             why = str(exc)
@@ -61,7 +81,13 @@ class HubServer:
         await server.start()
         for name in ["", *SERVICE_NAMES]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("hub serving", listen=config.listen, port=port, hub_id=config.hub_id)
+        log.info(
+            "hub serving",
+            listen=config.listen,
+            port=port,
+            hub_id=config.hub_id,
+            tls="mutual" if config.tls.require_client_cert else "on" if credentials else "off",
+        )
         return cls(hub, server, port, health)
 
     async def stop(self, grace: float = 2.0) -> None:
