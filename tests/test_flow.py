@@ -246,6 +246,19 @@ async def test_cordoned_cluster_gets_no_new_jobs(federation: Federation) -> None
     assert done.status.cluster == "cpu-a"
 
 
+@pytest.mark.parametrize("name", ["Upper", "under_score", "-lead", "x" * 64, "a.b"])
+async def test_a_cluster_call_with_a_name_no_cluster_may_have_is_refused(
+    federation: Federation, name: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await federation.clusters.CordonCluster(hub_pb2.CordonClusterRequest(name=name))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a cluster name (a DNS label" in str(raised.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await federation.clusters.GetCluster(hub_pb2.GetClusterRequest(name=name))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_watch_delivers_every_job_changed_in_one_batch(federation: Federation) -> None:
     # Placement writes a whole batch of dispatches in one etcd transaction: one revision, many jobs.
     listed = await federation.jobs.ListJobs(hub_pb2.ListJobsRequest())

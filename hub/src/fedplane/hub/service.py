@@ -12,6 +12,7 @@ from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 from fedplane.hub.api import JobFilter
 from fedplane.hub.errors import HubError
 from fedplane.hub.hub import Hub
+from fedplane.runtime import bus
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
@@ -34,6 +35,16 @@ async def _call(context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Aw
 def _need(value: str, field: str) -> None:
     if not value:
         raise HubError("INVALID_ARGUMENT", f"{field}: required")
+
+
+def _cluster_name(name: str) -> None:
+    _need(name, "name")
+    if not bus.valid_cluster_name(name):
+        raise HubError(
+            "INVALID_ARGUMENT",
+            f"name: {name[:80]!r} is not a cluster name (a DNS label: at most 63 lowercase"
+            " letters, digits and '-', starting and ending with a letter or digit)",
+        )
 
 
 class JobService(hub_pb2_grpc.JobServiceServicer):
@@ -124,14 +135,14 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
 
     async def GetCluster(self, request: hub_pb.GetClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
-            _need(request.name, "name")
+            _cluster_name(request.name)
             return self.hub.api.cluster(request.name)
 
         return await _call(context, run)
 
     async def CordonCluster(self, request: hub_pb.CordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
-            _need(request.name, "name")
+            _cluster_name(request.name)
             return await self.hub.api.set_cordon(
                 request.name, True, request.reason or "cordoned by an operator"
             )
@@ -140,7 +151,7 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
 
     async def UncordonCluster(self, request: hub_pb.UncordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
-            _need(request.name, "name")
+            _cluster_name(request.name)
             return await self.hub.api.set_cordon(request.name, False, "")
 
         return await _call(context, run)
