@@ -49,3 +49,34 @@ def test_generations_written_by_earlier_agents_are_read(tmp_path: Path) -> None:
     state = AgentState(tmp_path)
     assert state.generations == {"j-1": 2}
     assert state.limits == {} and state.last_contact is None
+
+
+def test_each_change_appends_one_line_and_the_journal_is_compacted_when_mostly_dead(tmp_path: Path) -> None:
+    state = AgentState(tmp_path)
+    journal = tmp_path / "state.log"
+    state.hold("j-0", 1)
+    before = len(journal.read_text().splitlines())
+    state.hold("j-1", 1)
+    state.set_limits(("j-1", 1), Limits(fence_after_seconds=10))
+    assert len(journal.read_text().splitlines()) == before + 2  # appended, not rewritten
+
+    for i in range(3000):  # workloads come and go; only their ends' records stay
+        state.set_limits((f"w-{i}", 1), Limits(max_run_seconds=5))
+        state.forget([(f"w-{i}", 1)])
+    lines = len(journal.read_text().splitlines())
+    assert lines <= 4 * 3 + 1024 + 1
+    again = AgentState(tmp_path)
+    assert again.generations == {"j-0": 1, "j-1": 1}
+    assert again.limits == {("j-1", 1): Limits(fence_after_seconds=10)}
+
+
+def test_a_line_torn_by_a_crash_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:
+    state = AgentState(tmp_path)
+    state.hold("j-1", 2)
+    state.contact(7.0)
+    with (tmp_path / "state.log").open("a") as journal:
+        journal.write('{"hold":["j-2",')  # killed mid-write
+    again = AgentState(tmp_path)
+    assert again.generations == {"j-1": 2} and again.last_contact == 7.0
+    # The earlier agents' files are folded in once, then gone.
+    assert not (tmp_path / "generations.json").exists()
