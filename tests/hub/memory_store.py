@@ -73,9 +73,26 @@ class MemoryStore:
 
     def _put_status(self, job_id: str, blob: bytes, revision: int) -> None:
         self.statuses[job_id] = (blob, revision)
-        self.history.append((revision, job_id, blob))
+        self._record(self.history, (revision, job_id, blob))
+
+    def _record(self, history: list[tuple[int, str, bytes]], change: tuple[int, str, bytes]) -> None:
+        """Append a change to a watched history and wake its watchers."""
+        history.append(change)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    async def _follow(
+        self, history: list[tuple[int, str, bytes]], from_revision: int
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
+        """A history's changes after `from_revision`, then each as it comes, as a watch gives them."""
+        seen = 0
+        while True:
+            while seen < len(history):
+                change = history[seen]
+                seen += 1
+                if change[0] > from_revision:
+                    yield change
+            await self._changed.wait()
 
     def put_status(self, job_id: str, blob: bytes) -> int:
         """Another writer's status put, behind the hub's back; its revision."""
@@ -146,8 +163,7 @@ class MemoryStore:
 
     def _check(self, fence: Fence) -> None:
         self.fences.append(fence)
-        if fence.key and self.leader is not None and fence != self.leader:
-            raise FenceLost(fence)
+        self._require_fence(fence)
 
     async def write_statuses(self, writes: Sequence[StatusToWrite], fence: Fence) -> list[int | None]:
         self._check(fence)
@@ -179,7 +195,7 @@ class MemoryStore:
             revision = self._next()
             self.specs.pop(job.id, None)
             self.statuses.pop(job.id, None)
-            self.history.append((revision, job.id, b""))
+            self._record(self.history, (revision, job.id, b""))
             if job.idempotency_key:
                 self.idem.pop(job.idempotency_key, None)
             out.append(True)
@@ -190,23 +206,16 @@ class MemoryStore:
     ) -> AsyncIterator[tuple[int, str, bytes]]:
         if self.compacted and from_revision + 1 < self.compacted:
             raise RevisionCompacted(self.compacted)
-        seen = 0
-        while True:
-            while seen < len(self.history):
-                revision, job_id, blob = self.history[seen]
-                seen += 1
-                if revision > from_revision and (blob or deletes):
-                    yield revision, job_id, blob
-            await self._changed.wait()
+        async for revision, job_id, blob in self._follow(self.history, from_revision):
+            if blob or deletes:
+                yield revision, job_id, blob
 
     async def load_clusters(self) -> dict[str, bytes]:
         return dict(self.clusters)
 
     async def put_cluster(self, name: str, blob: bytes) -> None:
-        self.cluster_history.append((self._next(), name, blob))
         self.clusters[name] = blob
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._record(self.cluster_history, (self._next(), name, blob))
 
     async def create_cluster(self, name: str, blob: bytes) -> bool:
         if name in self.clusters:
@@ -218,14 +227,8 @@ class MemoryStore:
         return dict(self.clusters), self.revision
 
     async def watch_clusters(self, from_revision: int) -> AsyncIterator[tuple[int, str, bytes]]:
-        seen = 0
-        while True:
-            while seen < len(self.cluster_history):
-                revision, name, blob = self.cluster_history[seen]
-                seen += 1
-                if revision > from_revision:
-                    yield revision, name, blob
-            await self._changed.wait()
+        async for change in self._follow(self.cluster_history, from_revision):
+            yield change
 
     async def close(self) -> None:
         self.closed = True
@@ -235,7 +238,7 @@ class MemoryStore:
     def _lease_now(self) -> float:
         return self.clock.time() if self.clock is not None else time.time()
 
-    def _lease_fence(self, fence: Fence) -> None:
+    def _require_fence(self, fence: Fence) -> None:
         if fence.key and self.leader is not None and fence != self.leader:
             raise FenceLost(fence)
 
@@ -287,7 +290,7 @@ class MemoryStore:
                     waiting.cancel()
 
     async def grant_cluster_leases(self, grants: Sequence[LeaseGrant], fence: Fence) -> list[AliveKey | None]:
-        self._lease_fence(fence)
+        self._require_fence(fence)
         self.expire_leases()
         out: list[AliveKey | None] = []
         for grant in grants:
@@ -304,7 +307,7 @@ class MemoryStore:
         return out
 
     async def rewrite_alive(self, keys: Sequence[AliveKey], fence: Fence) -> list[AliveKey | None]:
-        self._lease_fence(fence)
+        self._require_fence(fence)
         self.expire_leases()
         out: list[AliveKey | None] = []
         for key in keys:
@@ -323,7 +326,7 @@ class MemoryStore:
         yield MemoryRenewals(self)
 
     async def update_cluster(self, name: str, change: Callable[[bytes | None], bytes], fence: Fence) -> bytes:
-        self._lease_fence(fence)
+        self._require_fence(fence)
         blob = change(self.clusters.get(name))
         self._next()
         self.clusters[name] = blob

@@ -101,7 +101,8 @@ def subject(kind: str, cluster: str) -> str:
 
 
 def cluster_of(subject_name: str) -> str:
-    return subject_name.rsplit(".", 1)[1]
+    """The cluster token of `<prefix>.<kind>.<cluster>` ("" for a subject without one)."""
+    return subject_name.rpartition(".")[2]
 
 
 def kind_of(subject_name: str) -> str:

@@ -43,6 +43,15 @@ FOLLOWER = "follower"
 STOPPING = "stopping"
 
 
+def leader_key(prefix: str) -> bytes:
+    return f"{prefix}/leader".encode()
+
+
+def replicas_prefix(prefix: str) -> bytes:
+    """Each replica's record is this and its id."""
+    return f"{prefix}/hubs/".encode()
+
+
 def default_replica_id(listen: str) -> str:
     """Host name and listen port: unique among the replicas running on one network, and the
     same for a replica restarted in place. A replica on an ephemeral port (0) is named by its
@@ -115,10 +124,10 @@ class Leadership:
 
     @property
     def leader_key(self) -> bytes:
-        return f"{self.store.prefix}/leader".encode()
+        return leader_key(self.store.prefix)
 
     def replica_key(self, replica_id: str) -> bytes:
-        return f"{self.store.prefix}/hubs/{replica_id}".encode()
+        return replicas_prefix(self.store.prefix) + replica_id.encode()
 
     @property
     def leading(self) -> bool:
@@ -241,7 +250,7 @@ class Leadership:
 async def hub_status(store: Store, answered_by: str, ttl: float) -> hub_pb2.HubStatus:
     """Who leads and every live replica, read from etcd (any replica answers the same)."""
     status = hub_pb2.HubStatus(answered_by=answered_by, lease_seconds=max(1, math.ceil(ttl)))
-    found = await store.client.get(f"{store.prefix}/leader".encode())
+    found = await store.client.get(leader_key(store.prefix))
     if found is not None:
         try:
             data: dict[str, Any] = json.loads(found.value)
@@ -250,8 +259,7 @@ async def hub_status(store: Store, answered_by: str, ttl: float) -> hub_pb2.HubS
         except (ValueError, KeyError, TypeError):
             status.leader = found.value.decode(errors="replace")
         status.fencing_revision = int(found.create_revision)
-    prefix = f"{store.prefix}/hubs/"
-    for kv in await store.client.get_prefix(prefix.encode()):
+    for kv in await store.client.get_prefix(replicas_prefix(store.prefix)):
         replica = Replica.parse(kv.value)
         if replica is not None:
             status.replicas.append(replica.to_pb())

@@ -102,7 +102,7 @@ class StatusIntake:
         # Without a span to make or a debug line to write, no per-update trace context is set up.
         traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
-            sender = msg.subject.rpartition(".")[2]
+            sender = bus.cluster_of(msg.subject)
             for update in bus.status_updates_in(msg):
                 if update.cluster != sender:
                     # A cluster may speak only for itself: what it says of another is dropped.

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
@@ -22,6 +23,7 @@ from fedplane.hub.store import NO_FENCE, Fence, FenceLost, JobStore, StoredJob
 from fedplane.v1 import types_pb2 as pb
 
 S = sm.S
+T = TypeVar("T")
 # The fence of a replica that does not lead: the table refuses fenced writes under it.
 NOT_LEADING = Fence(b"", -1)
 
@@ -236,14 +238,9 @@ class JobTable:
         """Compare-and-swap statuses under the table's fence (or `fence`: NO_FENCE for a user's
         cancel, which any replica may write); each job's record as written, or None where
         another writer won (the record then holds what that writer wrote)."""
-        fence = self.fence if fence is None else fence
-        if fence is NOT_LEADING:
-            raise FenceLost(fence)
-        try:
-            revisions = await self.store.write_statuses(writes, fence)
-        except FenceLost:
-            self.fence_lost()
-            raise
+        revisions = await self._fenced(
+            self.fence if fence is None else fence, lambda f: self.store.write_statuses(writes, f)
+        )
         out: list[JobRecord | None] = []
         for write, revision in zip(writes, revisions, strict=True):
             if revision is None:
@@ -258,19 +255,24 @@ class JobTable:
 
     async def delete(self, records: Sequence[JobRecord]) -> int:
         """Delete jobs from etcd and the table, each only if unchanged since the table read it."""
-        if self.fence is NOT_LEADING:
-            raise FenceLost(self.fence)
-        try:
-            done = await self.store.delete_jobs(records, self.fence)
-        except FenceLost:
-            self.fence_lost()
-            raise
+        done = await self._fenced(self.fence, lambda f: self.store.delete_jobs(records, f))
         deleted = 0
         for record, ok in zip(records, done, strict=True):
             if ok:
                 self.forget(record)
                 deleted += 1
         return deleted
+
+    async def _fenced(self, fence: Fence, call: Callable[[Fence], Awaitable[T]]) -> T:
+        """Run a store call under `fence`: refused here while not leading, and the leadership
+        told at once when etcd finds the fence gone."""
+        if fence is NOT_LEADING:
+            raise FenceLost(fence)
+        try:
+            return await call(fence)
+        except FenceLost:
+            self.fence_lost()
+            raise
 
     def requeue(self, request: JobRequest) -> None:
         """A job placed but not dispatched (its write lost a race) waits again."""
