@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -7,11 +9,15 @@ from typing import Any
 import pytest
 
 from fedplane.local import servers as embedded
+from fedplane.local.natsauth import NatsIdentities
 from fedplane.runtime import logs
 from fedplane.runtime.config import HubConfig
 from tests.federation import Federation
 
 logs.configure("warning", "console")
+# The CLI reads a context file from the user's configuration directory, and `fedplane up` writes
+# one there: the tests use a directory of their own, never the user's.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="fedplane-tests-config-")
 
 
 @pytest.fixture
@@ -19,7 +25,8 @@ def servers(tmp_path: Path) -> Iterator[tuple[embedded.ServerProcess, embedded.S
     """Real etcd and nats-server on free loopback ports, data under the test's tmp dir."""
     etcd = embedded.start_etcd(tmp_path / "etcd")
     try:
-        nats = embedded.start_nats(tmp_path / "nats")
+        # Secure as production runs: the hub's auth callout admits the agents by key.
+        nats = embedded.start_nats(tmp_path / "nats", auth=NatsIdentities.create(tmp_path / "identities"))
     except Exception:
         etcd.stop()
         raise
@@ -35,12 +42,15 @@ async def federation(
     servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path
 ) -> AsyncIterator[Federation]:
     etcd, nats = servers
-    config = HubConfig(
-        listen="127.0.0.1:0",
-        etcd_endpoint=etcd.address,
-        nats_url=f"nats://{nats.address}",
-        cluster_unknown_after_seconds=3.0,
-        batch_window_seconds=0.01,
+    assert nats.identities is not None
+    config = nats.identities.hub_config(
+        HubConfig(
+            listen="127.0.0.1:0",
+            etcd_endpoint=etcd.address,
+            nats_url=f"nats://{nats.address}",
+            cluster_unknown_after_seconds=3.0,
+            batch_window_seconds=0.01,
+        )
     )
     fed = Federation(etcd, nats, tmp_path, config)
     await fed.start_hub()

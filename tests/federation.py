@@ -101,7 +101,18 @@ class Federation:
             await self.hub.stop(grace=0.1)
             self.hub = None
 
+    def admissible(self, config: AgentConfig) -> AgentConfig:
+        """`config` presenting the bootstrap token with a key of its own, as an agent joining
+        this federation's NATS (with auth callout) must."""
+        identities = self.nats.identities
+        if identities is not None and not config.insecure:
+            identities.agent_config(config)
+            if not config.state_dir and not config.nats_seed_file:
+                config.nats_seed_file = str(self.tmp / "agent-keys" / f"{config.cluster}.nk")
+        return config
+
     async def start_agent(self, config: AgentConfig) -> Agent:
+        self.admissible(config)
         agent = Agent(config, SimulatedBackend(config.simulated()))
         await agent.start()
         self.agents[config.cluster] = agent

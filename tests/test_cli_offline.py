@@ -436,6 +436,15 @@ class FakeHub(hub_pb2_grpc.JobServiceServicer, hub_pb2_grpc.ClusterServiceServic
     def UncordonCluster(self, request: Any, context: Any) -> Any:
         return self._cluster(request.name)
 
+    def ApproveCluster(self, request: Any, context: Any) -> Any:
+        cluster = self._cluster(request.name)
+        cluster.admission = pb.ADMISSION_APPROVED
+        cluster.public_key = request.public_key or "UREQUESTED"
+        return cluster
+
+    def RemoveCluster(self, request: Any, context: Any) -> Any:
+        return hub_pb2.RemoveClusterResponse(cluster=self._cluster(request.name), jobs_affected=3)
+
 
 @pytest.fixture
 def fake_hub() -> Iterator[tuple[FakeHub, str]]:
@@ -517,6 +526,10 @@ def test_cluster_commands(fake_hub: tuple[FakeHub, str]) -> None:
     cordoned = invoke("--hub", target, "cordon", "gpu-eu", "--reason", "maintenance")
     assert cordoned.stdout.strip() == "cluster gpu-eu cordoned (maintenance)"
     assert invoke("--hub", target, "uncordon", "gpu-eu").stdout.strip() == "cluster gpu-eu uncordoned"
+    approved = invoke("--hub", target, "clusters", "approve", "gpu-eu", "--key", "UKEY")
+    assert approved.stdout.strip() == "cluster gpu-eu approved (key UKEY)"
+    removed = invoke("--hub", target, "clusters", "remove", "gpu-eu", "--reason", "gone")
+    assert removed.stdout.strip() == "cluster gpu-eu removed; 3 job(s) on it follow their disconnect policy"
 
 
 def test_explain_job_and_file(fake_hub: tuple[FakeHub, str]) -> None:

@@ -64,16 +64,13 @@ async def alive_in_etcd(store: Store) -> dict[str, tuple[int, bytes]]:
 
 async def lease_ttls(store: Store, leases: list[int]) -> list[tuple[int, int]]:
     """(remaining TTL, granted TTL) of each lease, from etcd's LeaseTimeToLive."""
-    infos = await asyncio.gather(*(store.client.get_lease_info(lease, keys=False) for lease in leases))
+    infos = await asyncio.gather(*(store.client.lease_time_to_live(lease) for lease in leases))
     return [(int(info.TTL), int(info.grantedTTL)) for info in infos]
 
 
 async def all_leases(store: Store) -> set[int]:
     """What `etcdctl lease list` shows."""
-    from aetcd import rpc
-
-    reply = await store.client.leasestub.LeaseLeases(rpc.LeaseLeasesRequest(), metadata=store.client.metadata)
-    return {int(lease.ID) for lease in reply.leases}
+    return set(await store.client.leases())
 
 
 async def stop(*tasks: asyncio.Task[None]) -> None:

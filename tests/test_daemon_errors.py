@@ -42,9 +42,21 @@ def test_a_bad_simulated_backend_setting_is_named(tmp_path: Path) -> None:
 
 def test_a_hub_without_etcd_says_so(tmp_path: Path) -> None:
     port = embedded.free_port()  # nothing listens there
-    (tmp_path / "hub.yaml").write_text(f"etcd_endpoint: 127.0.0.1:{port}\nlisten: 127.0.0.1:0\n")
+    (tmp_path / "hub.yaml").write_text(
+        f"etcd_endpoint: 127.0.0.1:{port}\nlisten: 127.0.0.1:0\ninsecure: true\n"
+    )
     line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
     assert f"cannot reach etcd at 127.0.0.1:{port}" in line
+
+
+def test_a_hub_without_security_refuses_to_start_unless_told_insecure(tmp_path: Path) -> None:
+    port = embedded.free_port()  # nothing listens there: the refusal comes before any connection
+    (tmp_path / "hub.yaml").write_text(f"etcd_endpoint: 127.0.0.1:{port}\nlisten: 127.0.0.1:0\n")
+    line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
+    assert line.startswith("fedplane-hub: not secure:") or "not secure:" in line
+    for missing in ("(tls)", "(auth)", "(nats_auth)", "(etcd_tls)"):
+        assert missing in line
+    assert "insecure: true" in line
 
 
 def test_out_of_range_settings_are_refused_at_start_all_at_once(tmp_path: Path) -> None:
@@ -81,7 +93,10 @@ def test_a_hub_on_a_taken_port_says_so(tmp_path: Path) -> None:
     nats = embedded.start_nats(tmp_path / "nats")
     try:
         port = embedded.free_port()
-        config = f"etcd_endpoint: {etcd.address}\nnats_url: nats://{nats.address}\nlisten: 127.0.0.1:{port}\n"
+        config = (
+            f"etcd_endpoint: {etcd.address}\nnats_url: nats://{nats.address}\nlisten: 127.0.0.1:{port}\n"
+            "insecure: true\n"
+        )
         (tmp_path / "hub.yaml").write_text(config)
         with running_hub(tmp_path, port):
             line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))

@@ -78,6 +78,8 @@ def daemons(
     servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path
 ) -> Iterator[Daemons]:
     etcd, nats = servers
+    assert nats.identities is not None
+    identities = nats.identities
     port = embedded.free_port()
     (tmp_path / "hub.yaml").write_text(
         yaml.safe_dump(
@@ -86,6 +88,9 @@ def daemons(
                 "etcd_endpoint": etcd.address,
                 "nats_url": f"nats://{nats.address}",
                 "cluster_unknown_after_seconds": 5,
+                # NATS is authenticated here (the agents are admitted by key); gRPC and etcd are not.
+                "insecure": True,
+                "nats_auth": identities.hub_settings(),
                 "telemetry": {"exporter": "console"},
             }
         )
@@ -111,6 +116,7 @@ def daemons(
                     "nats_url": f"nats://{nats.address}",
                     "heartbeat_interval_seconds": 0.5,
                     "state_dir": str(tmp_path / "state" / name),
+                    **identities.agent_settings(),
                     "backend": {"type": "simulated", "start_delay_seconds": 0.05, **backend},
                     "telemetry": {"exporter": "console"},
                 }

@@ -57,6 +57,7 @@ def test_a_hub_on_etcd_3_5_1_refuses_in_one_line_unless_allowed(
         port = embedded.free_port()
         config = (
             f"etcd_endpoint: {old_etcd.address}\nnats_url: nats://{nats.address}\nlisten: 127.0.0.1:{port}\n"
+            "insecure: true\n"
         )
         (tmp_path / "hub.yaml").write_text(config)
         line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))

@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aetcd
 import grpc
 import pytest
 
+from fedplane.hub.etcd import EtcdClient
 from fedplane.hub.server import HubServer
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import StatusWrite
@@ -30,13 +30,16 @@ async def replicas(
 ) -> AsyncIterator[tuple[Federation, list[HubServer]]]:
     """Two hub replicas (a and b, a started first), and a federation whose client talks to b."""
     etcd, nats = servers
-    base = HubConfig(
-        listen="127.0.0.1:0",
-        etcd_endpoint=etcd.address,
-        nats_url=f"nats://{nats.address}",
-        cluster_unknown_after_seconds=3.0,
-        batch_window_seconds=0.01,
-        leader_lease_seconds=LEASE,
+    assert nats.identities is not None
+    base = nats.identities.hub_config(
+        HubConfig(
+            listen="127.0.0.1:0",
+            etcd_endpoint=etcd.address,
+            nats_url=f"nats://{nats.address}",
+            cluster_unknown_after_seconds=3.0,
+            batch_window_seconds=0.01,
+            leader_lease_seconds=LEASE,
+        )
     )
     a = await HubServer.start(dataclasses.replace(base, replica_id="a"))
     await eventually(_leads(a), 5, "replica a leading")
@@ -126,8 +129,7 @@ async def test_a_deposed_leaders_writes_are_refused_by_etcd(
 
     # Its lease is revoked behind its back (as when it was paused past the TTL): b takes over
     # while a still believes it leads.
-    host, _, port = servers[0].address.rpartition(":")
-    other = aetcd.Client(host=host, port=int(port))
+    other = EtcdClient(servers[0].address)
     await other.revoke_lease(a.hub.leadership.lease_id)
     await other.close()
     await eventually(_leads(b), LEASE + 3, "replica b leading")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedplane.client.sdk import FedplaneClient
+from fedplane.client import context
+from fedplane.client.sdk import FedplaneClient, Tls
 from fedplane.v1 import types_pb2 as pb
 from tests.test_local_federation import JOB, processes_mentioning
 
@@ -33,8 +34,10 @@ def read_until(proc: subprocess.Popen[bytes], text: str, output: list[str], time
     raise AssertionError(f"no {text!r} in the output:\n" + "".join(output)[-3000:])
 
 
-async def clusters(target: str) -> dict[str, pb.Cluster]:
-    async with FedplaneClient(target) as client:
+async def clusters(target: str, context_file: Path) -> dict[str, pb.Cluster]:
+    """The clusters, asked as `fedplane up`'s administrator (TLS and its token)."""
+    admin = context.load(context_file)
+    async with FedplaneClient(target, tls=Tls(ca_file=admin.ca_file), token=admin.token) as client:
         return {c.name: c for c in await client.clusters()}
 
 
@@ -48,7 +51,8 @@ def test_up_runs_an_edge_cluster_behind_a_leaf_node_and_cuts_its_link_on_sigusr1
         [*command, "--keep-running", "--edge", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "250"},
+        # Its context file goes to a config directory of its own, not the other tests'.
+        env={**os.environ, "COLUMNS": "250", "XDG_CONFIG_HOME": str(tmp_path / "config")},
     )
     output: list[str] = []
     try:
@@ -60,7 +64,7 @@ def test_up_runs_an_edge_cluster_behind_a_leaf_node_and_cuts_its_link_on_sigusr1
         assert target is not None
         assert processes_mentioning(str(data / "leaf")), "the leaf nats-server runs from the data dir"
 
-        found = asyncio.run(clusters(target.group(1)))
+        found = asyncio.run(clusters(target.group(1), data / "security" / "context.yaml"))
         assert found["edge-lab"].labels["fedplane.io/edge"] == "true"
         assert found["edge-lab"].health == pb.READY  # its heartbeats cross the leaf node
         assert "fedplane.io/edge" not in found["gpu-eu"].labels

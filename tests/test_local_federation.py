@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+
+from fedplane.client import context
+from fedplane.client.sdk import FedplaneClient, FedplaneError
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +42,16 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+async def answers_plaintext(hub: str, token: str) -> bool:
+    async with FedplaneClient(hub, token=token, timeout=5, retry_attempts=1) as client:
+        try:
+            await client.clusters()
+        except FedplaneError as exc:
+            assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+    return True
+
+
 def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     jobs.mkdir()
@@ -56,7 +71,8 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200"},
+        # Its context file goes to a config directory of its own, not the other tests'.
+        env={**os.environ, "COLUMNS": "200", "XDG_CONFIG_HOME": str(tmp_path / "config")},
     )
     assert proc.stdout is not None
     output = []
@@ -72,6 +88,23 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert "federation still running" in text, text[-3000:]
     assert "SUCCEEDED" in text and "Where each job ran" in text
     assert processes_mentioning(str(data)), "etcd and nats-server should be running from the data dir"
+
+    # Secure by default, and still no flags: the CLI finds the context `up` wrote.
+    cli = [sys.executable, "-m", "fedplane.client"]
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    listed = subprocess.run(
+        [*cli, "clusters", "-o", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and "gpu-eu" in listed.stdout, listed.stderr
+    admin = context.load(tmp_path / "config" / "fedplane" / "context.yaml")
+    assert admin.ca_file and admin.token
+    tokenless = tmp_path / "tokenless.yaml"
+    context.write(tokenless, admin.hub, ca_file=admin.ca_file)
+    refused = subprocess.run(
+        [*cli, "--context", str(tokenless), "clusters"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert asyncio.run(answers_plaintext(admin.hub, admin.token)) is False
 
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)

@@ -72,7 +72,7 @@ async def test_an_agent_replays_what_happened_while_its_nats_link_was_down(feder
     await asyncio.sleep(2.5)
     agent = federation.agents["edge"]
     assert len(agent.outbox) >= 1, "the finished state waits in the outbox"
-    federation.nats = embedded.start_nats(nats.data_dir, port=nats.port)
+    federation.nats = embedded.start_nats(nats.data_dir, port=nats.port, auth=nats.identities)
 
     done = await federation.wait_state(job.id, {pb.SUCCEEDED}, timeout=30)
     assert [t.state for t in done.status.history][-1] == pb.SUCCEEDED

@@ -377,3 +377,10 @@ def test_examples_cover_the_documented_scenarios() -> None:
     )
     assert any(d.required and d.id == "logs-2026" for s in specs.values() for d in s.datasets)
     assert any(len(load_file(p)) > 2 for p in EXAMPLES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("depth", [500, 5000])
+def test_a_workload_nested_thousands_deep_is_a_spec_error_not_a_crash(depth: int) -> None:
+    text = "name: deep\nworkload: {apiVersion: v1, kind: Job, x: " + "[" * depth + "]" * depth + "}\n"
+    with pytest.raises(SpecError, match=r"^<string>\[0\]: nested too deeply to read"):
+        load_text(text)

@@ -71,8 +71,11 @@ def pki(tmp_path: Path) -> Path:
 
 def _config(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tls: TlsConfig) -> HubConfig:
     etcd, nats = servers
-    return HubConfig(
-        listen="127.0.0.1:0", etcd_endpoint=etcd.address, nats_url=f"nats://{nats.address}", tls=tls
+    assert nats.identities is not None
+    return nats.identities.hub_config(
+        HubConfig(
+            listen="127.0.0.1:0", etcd_endpoint=etcd.address, nats_url=f"nats://{nats.address}", tls=tls
+        )
     )
 
 

@@ -1,6 +1,9 @@
-"""Regenerate the Python stubs in common/src/fedplane/v1 from proto/ (the only way they are made).
+"""Regenerate the Python stubs from proto/ (the only way they are made).
 
-Usage: python tools/genproto.py [OUTPUT_ROOT]   (default: common/src, the shared library)
+Each proto package goes to the distribution that owns it: fedplane/v1 (the wire API) to
+common/src, fedplane/hub/etcdpb (etcd's API, vendored by tools/vendor_etcd_api.py) to hub/src.
+
+Usage: python tools/genproto.py [ROOT]   (default: this checkout; another ROOT gets the same tree)
 """
 
 from __future__ import annotations
@@ -17,11 +20,23 @@ PROTO_ROOT = ROOT / "proto"
 BIN = Path(sys.executable).parent
 
 
-def generate(out_root: Path) -> list[Path]:
-    """Generate messages, gRPC stubs and mypy stubs under out_root/fedplane/v1."""
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+# proto package directory -> the source root of the distribution that ships it.
+PACKAGES = {"fedplane/v1": "common/src", "fedplane/hub/etcdpb": "hub/src"}
+
+
+def generate(root: Path = ROOT) -> list[Path]:
+    """Generate messages, gRPC stubs and mypy stubs of every package under root/<its source root>."""
+    written: list[Path] = []
+    for package, src in PACKAGES.items():
+        written.extend(_generate_package(package, root / src))
+    return written
+
+
+def _generate_package(package: str, out_root: Path) -> list[Path]:
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / package).glob("*.proto"))
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")
-    (out_root / "fedplane" / "v1").mkdir(parents=True, exist_ok=True)
+    out_dir = out_root / package
+    out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
@@ -36,10 +51,11 @@ def generate(out_root: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    init = out_root / "fedplane" / "v1" / "__init__.py"
-    init.write_text('"""Generated protobuf and gRPC stubs (tools/genproto.py); do not edit."""\n')
-    return sorted((out_root / "fedplane" / "v1").iterdir())
+    (out_dir / "__init__.py").write_text(
+        '"""Generated protobuf and gRPC stubs (tools/genproto.py); do not edit."""\n'
+    )
+    return sorted(out_dir.iterdir())
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "common" / "src")
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)

@@ -188,7 +188,7 @@ async def test_each_request_is_answered_by_one_member_of_the_queue_group(nats_ur
     answered: list[str] = []
 
     def server(name: str) -> Any:
-        async def answer(payload: bytes) -> bytes:
+        async def answer(cluster: str, payload: bytes) -> bytes:
             answered.append(name)
             return payload[::-1]
 
@@ -208,7 +208,7 @@ async def test_each_request_is_answered_by_one_member_of_the_queue_group(nats_ur
 async def test_a_request_the_answer_fails_on_times_out(nats_url: str) -> None:
     nc = await bus.connect(nats_url, "test-hub")
 
-    async def broken(payload: bytes) -> bytes:
+    async def broken(cluster: str, payload: bytes) -> bytes:
         raise ValueError("cannot parse")
 
     sub = await bus.serve_requests(nc, "gc", broken)

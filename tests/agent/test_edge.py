@@ -379,7 +379,7 @@ async def test_orphans_are_collected_as_soon_as_the_link_returns(
     orphans: set[str] = set()
     asked: list[set[str]] = []
 
-    async def answer(payload: bytes) -> bytes:
+    async def answer(cluster: str, payload: bytes) -> bytes:
         query = agent_pb.OrphanQuery.FromString(payload)
         asked.append({w.job_id for w in query.workloads})
         return agent_pb.OrphanReply(

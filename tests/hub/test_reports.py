@@ -101,7 +101,7 @@ async def test_an_orphan_query_names_the_workloads_not_assigned_to_the_cluster()
         ],
     )
 
-    reply = await reports(parts).answer_orphan_query(query.SerializeToString())
+    reply = await reports(parts).answer_orphan_query("c1", query.SerializeToString())
 
     orphans = agent_pb.OrphanReply.FromString(reply).orphans
     assert sorted(o.job_id for o in orphans) == sorted([moved.id, "forgotten"])
@@ -116,6 +116,6 @@ async def test_a_replica_whose_table_lags_never_calls_a_running_job_an_orphan() 
     ahead = agent_pb.WorkloadRef(job_id=job.id, generation=1)
     query = agent_pb.OrphanQuery(cluster="c1", workloads=[ahead])
 
-    reply = await reports(parts).answer_orphan_query(query.SerializeToString())
+    reply = await reports(parts).answer_orphan_query("c1", query.SerializeToString())
 
     assert list(agent_pb.OrphanReply.FromString(reply).orphans) == []

@@ -8,9 +8,22 @@ from typing import Any
 
 import pytest
 
-from fedplane.hub.validation import MAX_PODS, MAX_SPEC_BYTES, validate_spec
+from fedplane.hub.validation import (
+    MAX_LABELS,
+    MAX_MANIFEST_DEPTH,
+    MAX_POD_SETS,
+    MAX_PODS,
+    MAX_SPEC_BYTES,
+    validate_spec,
+)
 from fedplane.v1 import types_pb2 as pb
 
+NAME_PART_RULE = (
+    "name part must consist of letters, digits, '-', '_' or '.', and start and end with a letter or digit"
+)
+LABEL_VALUE_RULE = (
+    "must be empty or letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+)
 MANIFEST = json.dumps({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}})
 
 
@@ -204,27 +217,28 @@ INVALID: list[tuple[str, Mutation, str]] = [
     (
         "bad label key",
         lambda s: s.labels.update({"bad key": "x"}),
-        "spec.labels.bad key: not a valid label key",
+        f"spec.labels.bad key: not a valid label key: {NAME_PART_RULE}",
     ),
     (
         "bad label value",
         lambda s: s.labels.update({"team": "computer vision"}),
-        "spec.labels.team: 'computer vision' is not a valid label value",
+        f"spec.labels.team: 'computer vision' is not a valid label value: {LABEL_VALUE_RULE}",
     ),
     (
         "label value too long",
         lambda s: s.labels.update({"team": "v" * 64}),
-        f"spec.labels.team: '{'v' * 64}' is not a valid label value",
+        f"spec.labels.team: '{'v' * 64}' is not a valid label value: must be no more than 63 characters",
     ),
     (
         "bad selector value",
         lambda s: s.constraints.cluster_selector.update({"region": "-eu"}),
-        "spec.constraints.cluster_selector.region: '-eu' is not a valid label value",
+        f"spec.constraints.cluster_selector.region: '-eu' is not a valid label value: {LABEL_VALUE_RULE}",
     ),
     (
         "bad group label key",
         lambda s: s.constraints.preferred_groups[1].match_labels.update({"Tier/x/y": "gold"}),
-        "spec.constraints.preferred_groups[1].match_labels.Tier/x/y: not a valid label key",
+        "spec.constraints.preferred_groups[1].match_labels.Tier/x/y: not a valid label key: a qualified"
+        " name has at most one '/' (an optional DNS subdomain prefix, '/', a name)",
     ),
     (
         "duplicate dataset ids",
@@ -272,6 +286,89 @@ INVALID: list[tuple[str, Mutation, str]] = [
         "manifest without apiVersion",
         _manifest({"kind": "Job"}),
         "spec.workload.manifest_json.apiVersion: required",
+    ),
+    (
+        "label key name part over 63 characters",
+        lambda s: s.labels.update({"example.com/" + "k" * 64: "x"}),
+        f"spec.labels.example.com/{'k' * 64}: not a valid label key: name part must be no more than 63"
+        " characters",
+    ),
+    (
+        "label key prefix over 253 characters",
+        lambda s: s.labels.update({"p" * 254 + "/k": "x"}),
+        f"spec.labels.{'p' * 80}...: not a valid label key: prefix part must be no more than 253 characters",
+    ),
+    (
+        "label key with an empty prefix",
+        lambda s: s.labels.update({"/k": "x"}),
+        "spec.labels./k: not a valid label key: prefix part must not be empty",
+    ),
+    (
+        "label key with an uppercase prefix",
+        lambda s: s.labels.update({"Example.com/k": "x"}),
+        "spec.labels.Example.com/k: not a valid label key: prefix part must be a DNS subdomain (lowercase"
+        " letters, digits, '-' and '.')",
+    ),
+    (
+        "name with a trailing newline",
+        _set("name", "train\n"),
+        "spec.name: 'train\\n' must be at most 63 lowercase letters, digits and '-'",
+    ),
+    (
+        "too many pod sets",
+        lambda s: s.pod_sets.extend(
+            pb.PodSet(name=f"p{i}", count=1, requests=pb.Resources(quantities={"cpu": 1})) for i in range(7)
+        ),
+        f"spec.pod_sets: 9 pod sets; at most {MAX_POD_SETS} allowed",
+    ),
+    (
+        "too many labels",
+        lambda s: s.labels.update({f"l{i}": "x" for i in range(MAX_LABELS)}),
+        f"spec.labels: {MAX_LABELS + 3} labels; at most {MAX_LABELS} allowed",
+    ),
+    (
+        "bad toleration key",
+        _set("constraints.tolerations[1].key", "bad key"),
+        "spec.constraints.tolerations[1].key: 'bad key' is not a valid taint key: name part must consist"
+        " of letters, digits, '-', '_' or '.', and start and end with a letter or digit",
+    ),
+    (
+        "toleration value too long",
+        _set("constraints.tolerations[1].value", "v" * 64),
+        f"spec.constraints.tolerations[1].value: '{'v' * 64}' is not a valid taint value: must be no more"
+        " than 63 characters",
+    ),
+    (
+        "bad cluster name in a group",
+        lambda s: s.constraints.preferred_groups[0].clusters.append("East_1"),
+        "spec.constraints.preferred_groups[0].clusters[1]: 'East_1' is not a cluster name (a DNS label)",
+    ),
+    (
+        "gpu_type not a label value",
+        _set("pod_sets[1].gpu_type", "A100 80GB"),
+        "spec.pod_sets[1].gpu_type: 'A100 80GB' is not a valid label value: must be empty or letters,"
+        " digits, '-', '_' or '.', starting and ending with a letter or digit",
+    ),
+    (
+        "manifest nested thousands deep",
+        _manifest('{"apiVersion": "v1", "kind": "Job", "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+        f"spec.workload.manifest_json: nested more than {MAX_MANIFEST_DEPTH} levels deep",
+    ),
+    (
+        "manifest nested just past the limit",
+        _manifest(
+            '{"apiVersion": "v1", "kind": "Job", "x": '
+            + "[" * MAX_MANIFEST_DEPTH
+            + "]" * MAX_MANIFEST_DEPTH
+            + "}"
+        ),
+        f"spec.workload.manifest_json: nested more than {MAX_MANIFEST_DEPTH} levels deep",
+    ),
+    (
+        "manifest with an integer too long to convert",
+        _manifest('{"apiVersion": "v1", "kind": "Job", "x": ' + "9" * 5000 + "}"),
+        "spec.workload.manifest_json: not valid JSON (Exceeds the limit (4300 digits) for integer string"
+        " conversion: value has 5000 digits; use sys.set_int_max_str_digits() to increase the limit)",
     ),
 ]
 
@@ -347,3 +444,19 @@ def test_the_path_prefix_names_where_the_spec_came_from() -> None:
         {"apiVersion": "v1", "kind": "Job", "data": "x" * MAX_SPEC_BYTES}
     )
     assert validate_spec(spec, "jobs[3].spec")[0].startswith("jobs[3].spec: spec is ")
+
+
+def test_a_manifest_at_the_depth_limit_and_with_many_brackets_is_valid() -> None:
+    spec = valid_spec()
+    depth = MAX_MANIFEST_DEPTH - 1  # the manifest object itself is the first level
+    spec.workload.manifest_json = json.dumps(
+        {"apiVersion": "v1", "kind": "Job", "deep": json.loads("[" * depth + "]" * depth), "wide": [[]] * 500}
+    )
+    assert validate_spec(spec) == []
+
+
+def test_kubernetes_label_keys_at_the_limits_are_valid() -> None:
+    spec = valid_spec()
+    prefix = ".".join(["p" * 63] * 4)[:253].rstrip(".")
+    spec.labels.update({f"{prefix}/{'n' * 63}": "v" * 63, "A_b.c-D": "", "x": "Y_z.1-2"})
+    assert validate_spec(spec) == []

@@ -905,7 +905,7 @@ async def test_agent_daemon_runs_a_hub_job_on_the_cluster(
         inventory_interval_seconds=2.0,
         backend={"type": "kubernetes", "kubeconfig": str(kube.admin_kubeconfig_path), "namespace": namespace},
     )
-    agent = Agent(config, make_agent_backend(config))
+    agent = Agent(federation.admissible(config), make_agent_backend(config))
     await agent.start()
     federation.agents[config.cluster] = agent
     await federation.wait_clusters_ready(["kube-a"])
@@ -948,7 +948,7 @@ async def test_agent_deletes_orphaned_jobs_the_hub_no_longer_assigns_and_nothing
         gc_interval_seconds=0,  # driven by hand below
         backend={"type": "kubernetes", "kubeconfig": str(kube.admin_kubeconfig_path), "namespace": namespace},
     )
-    agent = Agent(config, make_agent_backend(config))
+    agent = Agent(federation.admissible(config), make_agent_backend(config))
     await agent.start()
     federation.agents[config.cluster] = agent
     orphan_id = new_job_id()

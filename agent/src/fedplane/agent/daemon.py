@@ -32,7 +32,7 @@ from fedplane.agent.decisions import CREATE, DELETE, DELETE_AHEAD, DUPLICATE, Wo
 from fedplane.agent.outbox import Outbox
 from fedplane.agent.state import AgentState, Limits
 from fedplane.core.model import Taint
-from fedplane.runtime import bus, entry, gcpolicy, logs, tasks, telemetry, timestamps
+from fedplane.runtime import bus, entry, gcpolicy, logs, natsjwt, tasks, telemetry, timestamps
 from fedplane.runtime.config import AgentConfig, load_agent
 from fedplane.runtime.version import __version__
 from fedplane.v1 import agent_pb2 as agent_pb
@@ -40,6 +40,34 @@ from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.agent")
 ORPHAN_REASON = "orphan: the hub no longer assigns it here"
+# The most workloads asked about in one orphan query (the hub refuses larger ones).
+ORPHAN_QUERY_CHUNK = 2000
+
+
+def nats_credentials(config: AgentConfig) -> bus.Credentials:
+    """The agent's NATS identity: its own NKey (made on first start, kept beside its state),
+    a bootstrap token if it has one, its own inbox prefix, and TLS. An insecure agent connects
+    anonymously."""
+    tls = bus.tls_context(config.nats_tls.ca_file, config.nats_tls.cert_file, config.nats_tls.key_file)
+    if config.insecure:
+        return bus.Credentials(tls=tls)
+    seed_path = config.nats_seed_file or (str(Path(config.state_dir) / "nats.nk") if config.state_dir else "")
+    if seed_path:
+        seed = natsjwt.load_or_create_seed(Path(seed_path))
+    else:
+        log.warning(
+            "the agent's NATS key is not kept (no state_dir or nats_seed_file): after a restart it"
+            " asks to join again with a new key",
+            cluster=config.cluster,
+        )
+        seed = natsjwt.new_seed()
+    token = Path(config.bootstrap_token_file).read_text().strip() if config.bootstrap_token_file else ""
+    return bus.Credentials(
+        seed=seed,
+        token=token,
+        inbox_prefix=bus.agent_inbox_prefix(config.cluster),
+        tls=tls,
+    )
 
 
 def make_backend(config: AgentConfig) -> Backend:
@@ -67,6 +95,11 @@ class Agent:
         self.cluster = config.cluster
         self.backend = backend
         self.agent_id = uuid.uuid4().hex[:12]
+        self.credentials = nats_credentials(config)
+        if not self.credentials.seed:
+            log.warning(
+                "INSECURE: connecting to NATS without an identity (insecure: true)", cluster=self.cluster
+            )
         self.taints = [Taint.parse(t) for t in config.taints]
         state_dir = Path(config.state_dir) if config.state_dir else None
         self.state = AgentState(state_dir)
@@ -111,9 +144,10 @@ class Agent:
         self._tasks = [asyncio.create_task(self._fence_loop(), name="agent-fence")]
         self.nc = await bus.connect(
             self.config.nats_url,
-            f"fedplane-agent-{self.cluster}",
+            bus.agent_connection_name(self.cluster),
             on_disconnect=self._on_disconnect,
             on_reconnect=self._on_reconnect,
+            credentials=self.credentials,
         )
         self.js = bus.jetstream(self.nc)
         self.connected.set()
@@ -126,7 +160,11 @@ class Agent:
         if self.config.gc_interval_seconds > 0:
             self._tasks.append(asyncio.create_task(self._gc_loop(), name="agent-gc"))
         log.info(
-            "agent started", cluster=self.cluster, agent_id=self.agent_id, queued_updates=len(self.outbox)
+            "agent started",
+            cluster=self.cluster,
+            agent_id=self.agent_id,
+            queued_updates=len(self.outbox),
+            nats_key=natsjwt.public_key(self.credentials.seed) if self.credentials.seed else "",
         )
 
     async def stop(self) -> None:
@@ -295,6 +333,11 @@ class Agent:
         """
         by_job: dict[str, list[tuple[int, agent_pb.DispatchCommand]]] = {}
         for index, msg in enumerate(msgs):
+            if not bus.from_command_stream(msg, self.cluster):
+                log.warning(
+                    "command message dropped: not from this cluster's command stream", subject=msg.subject
+                )
+                continue
             for command in bus.dispatch_commands_in(msg):
                 by_job.setdefault(command.job_id, []).append((index, command))
         failed: set[int] = set()
@@ -414,17 +457,20 @@ class Agent:
         workloads = await self.backend.list_workloads()
         if not workloads:
             return []
-        query = agent_pb.OrphanQuery(
-            cluster=self.cluster,
-            workloads=[agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads],
-        )
-        reply = agent_pb.OrphanReply.FromString(
-            await bus.request(self.nc, "gc", self.cluster, query.SerializeToString(), within=10)
-        )
-        for orphan in reply.orphans:
-            log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
-            await self.backend.delete(orphan.job_id, orphan.generation, ORPHAN_REASON)
-        return [o.job_id for o in reply.orphans]
+        refs = [agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads]
+        deleted: list[str] = []
+        for start in range(0, len(refs), ORPHAN_QUERY_CHUNK):
+            query = agent_pb.OrphanQuery(
+                cluster=self.cluster, workloads=refs[start : start + ORPHAN_QUERY_CHUNK]
+            )
+            reply = agent_pb.OrphanReply.FromString(
+                await bus.request(self.nc, "gc", self.cluster, query.SerializeToString(), within=10)
+            )
+            for orphan in reply.orphans:
+                log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
+                await self.backend.delete(orphan.job_id, orphan.generation, ORPHAN_REASON)
+                deleted.append(orphan.job_id)
+        return deleted
 
     # ------------------------------------------------------------------ status
     def _on_workload_event(self, event: WorkloadEvent) -> None:

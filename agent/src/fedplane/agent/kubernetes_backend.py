@@ -511,6 +511,10 @@ def render_workload(request: CreateRequest, config: KubernetesBackendConfig) -> 
         raise BackendError(
             f"workload manifest is not JSON: {exc}", permanent=True, reason="InvalidWorkload"
         ) from exc
+    except RecursionError:  # refused once, not retried for good (the hub refuses it at submit)
+        raise BackendError(
+            "workload manifest nests too deep to parse", permanent=True, reason="InvalidWorkload"
+        ) from None
     if not isinstance(manifest, dict):
         raise BackendError("workload manifest must be an object", permanent=True, reason="InvalidWorkload")
     items = manifest.get("items") if manifest.get("kind") == "List" else [manifest]

@@ -279,7 +279,9 @@ class SimulatedBackend(Backend):
                 text = manifest.get("metadata", {}).get("annotations", {}).get(DURATION_ANNOTATION)
                 if text is not None:
                     return parse_duration(str(text))
-            except (ValueError, AttributeError) as exc:
+            except (ValueError, AttributeError, RecursionError) as exc:
+                # RecursionError: a manifest nested too deep to parse is as invalid as one that is no
+                # JSON, not a passing failure to retry for good.
                 raise BackendError(
                     f"{DURATION_ANNOTATION}: {exc}", permanent=True, reason="InvalidWorkload"
                 ) from exc

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import grpc
 import typer
 import yaml
 from google.protobuf.json_format import MessageToDict
@@ -27,6 +28,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
+from fedplane.client import context as context_file
 from fedplane.client import display
 from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
 from fedplane.client.spec import SpecError, load_file
@@ -61,8 +63,49 @@ class Output(StrEnum):
 
 @dataclass
 class _Options:
-    hub: str
-    tls: Tls | None = None
+    """The connection settings given as flags or environment variables; what they leave out
+    comes from the context file, read only when a command talks to the hub."""
+
+    hub: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    tls: bool = False
+    token: str = ""
+    token_file: str = ""
+    context: str = ""
+
+    def connection(self) -> tuple[str, Tls | None, str]:
+        """(hub address, TLS settings or None, bearer token); a bad context or token file fails."""
+        ctx = self._context()
+        hub = self.hub or ctx.hub or DEFAULT_HUB
+        cert, key = (self.cert, self.key) if self.cert or self.key else (ctx.cert_file, ctx.key_file)
+        ca = self.ca or ctx.ca_file
+        secure = self.tls or ctx.tls or bool(ca or cert)
+        if self.token or self.token_file:
+            token = self.token or _read_token(self.token_file, "--token-file")
+        else:
+            token = ctx.token or (_read_token(ctx.token_file, "token_file") if ctx.token_file else "")
+        return hub, Tls(ca, cert, key) if secure else None, token
+
+    def _context(self) -> context_file.Context:
+        path = Path(self.context) if self.context else context_file.default_path()
+        if not self.context and not path.exists():
+            return context_file.Context()
+        try:
+            return context_file.load(path)
+        except context_file.ContextError as exc:
+            _fail(str(exc))
+
+
+def _read_token(path: str, what: str) -> str:
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        _fail(f"{what} {path}: cannot read it: {exc.strerror}")
+    if not token:
+        _fail(f"{what} {path}: the file is empty")
+    return token
 
 
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
@@ -72,8 +115,11 @@ OutputOption = Annotated[Output, typer.Option("--output", "-o", help="Output for
 def _root(
     ctx: typer.Context,
     hub: Annotated[
-        str, typer.Option("--hub", envvar="FEDPLANE_HUB", help="Hub gRPC address (host:port).")
-    ] = DEFAULT_HUB,
+        str,
+        typer.Option(
+            "--hub", envvar="FEDPLANE_HUB", help=f"Hub gRPC address (host:port; default {DEFAULT_HUB})."
+        ),
+    ] = "",
     ca: Annotated[
         str,
         typer.Option("--ca", envvar="FEDPLANE_CA", help="Use TLS, trusting this CA (PEM) for the hub."),
@@ -85,11 +131,28 @@ def _root(
     tls: Annotated[
         bool, typer.Option("--tls", envvar="FEDPLANE_TLS", help="Use TLS with the system's CAs.")
     ] = False,
+    token: Annotated[
+        str, typer.Option("--token", envvar="FEDPLANE_TOKEN", help="Bearer token (static token or OIDC JWT).")
+    ] = "",
+    token_file: Annotated[
+        str,
+        typer.Option("--token-file", envvar="FEDPLANE_TOKEN_FILE", help="Read the bearer token from a file."),
+    ] = "",
+    context: Annotated[
+        str,
+        typer.Option(
+            "--context",
+            envvar="FEDPLANE_CONTEXT",
+            help="Context file (hub, CA, certificate, token) used for what no flag gives;"
+            " default ~/.config/fedplane/context.yaml if it exists.",
+        ),
+    ] = "",
 ) -> None:
     if bool(cert) != bool(key):
         _fail("--cert and --key go together")
-    secure = tls or bool(ca or cert)
-    ctx.obj = _Options(hub=hub, tls=Tls(ca, cert, key) if secure else None)
+    if token and token_file:
+        _fail("give --token or --token-file, not both")
+    ctx.obj = _Options(hub, ca, cert, key, tls, token, token_file, context)
 
 
 # -- plumbing -----------------------------------------------------------------------------------
@@ -100,22 +163,17 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _hub(ctx: typer.Context) -> str:
-    options = ctx.find_object(_Options)
-    return options.hub if options is not None else DEFAULT_HUB
-
-
-def _tls(ctx: typer.Context) -> Tls | None:
-    options = ctx.find_object(_Options)
-    return options.tls if options is not None else None
+def _connection(ctx: typer.Context) -> tuple[str, Tls | None, str]:
+    options = ctx.find_object(_Options) or _Options()
+    return options.connection()
 
 
 def _run(ctx: typer.Context, action: Callable[[FedplaneClient], Coroutine[Any, Any, T]]) -> T:
     """Run one async action against the hub, turning expected failures into one stderr line."""
-    hub = _hub(ctx)
+    hub, tls, token = _connection(ctx)
 
     async def go() -> T:
-        async with FedplaneClient(hub, tls=_tls(ctx)) as client:
+        async with FedplaneClient(hub, tls=tls, token=token) as client:
             return await action(client)
 
     try:
@@ -123,6 +181,8 @@ def _run(ctx: typer.Context, action: Callable[[FedplaneClient], Coroutine[Any, A
     except FedplaneError as exc:
         if exc.unavailable:
             _fail(f"cannot reach the hub at {hub}: {exc.message}")
+        if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+            _fail(f"{exc} (give --token, --token-file or a context file: docs/cli.md)")
         _fail(str(exc))
     except SpecError as exc:
         _fail(str(exc))
@@ -406,11 +466,49 @@ def stats(
 # -- clusters -----------------------------------------------------------------------------------
 
 
-@app.command()
+clusters_app = typer.Typer(
+    help="Member clusters: list them (no subcommand), approve one that asks to join, remove one.",
+    no_args_is_help=False,
+)
+app.add_typer(clusters_app, name="clusters")
+
+
+@clusters_app.callback(invoke_without_command=True)
 def clusters(ctx: typer.Context, output: OutputOption = Output.table) -> None:
-    """List member clusters with health, free capacity, datasets and active jobs."""
+    """List member clusters with admission, health, free capacity, datasets and active jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
     result = _run(ctx, lambda c: c.clusters())
     _emit(result, output, lambda: display.cluster_table(result))
+
+
+@clusters_app.command("approve")
+def approve_cluster(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            help="Approve only this public key (U...): the one the site's operator read from its agent's log."
+            " For a cluster that has not asked yet, pre-approve this key.",
+        ),
+    ] = "",
+) -> None:
+    """Admit a cluster whose agent asked to join: its key becomes its credential."""
+    result = _run(ctx, lambda c: c.approve_cluster(name, key))
+    typer.echo(f"cluster {result.name} approved (key {result.public_key})")
+
+
+@clusters_app.command("remove")
+def remove_cluster(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Recorded in the audit log.")] = "",
+) -> None:
+    """Remove a cluster: revoke its credential and handle its jobs as a lost cluster's."""
+    removed, affected = _run(ctx, lambda c: c.remove_cluster(name, reason))
+    typer.echo(f"cluster {removed.name} removed; {affected} job(s) on it follow their disconnect policy")
 
 
 @app.command()
@@ -580,6 +678,13 @@ def bench(
     ] = 600.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result JSON here.")] = None,
     output: Annotated[BenchOutput, typer.Option("--output", "-o", help="Output format.")] = BenchOutput.table,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Run as production must: gRPC TLS and a token, etcd TLS and RBAC, NATS admission by key.",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark a local federation on real etcd and NATS: throughput, latency, hub CPU and memory."""
     # Imported here: the benchmark pulls in the agent and the servers, which other commands never need.
@@ -602,6 +707,7 @@ def bench(
         queued=queued,
         drain_seconds=drain_seconds,
         timeout=timeout,
+        secure=secure,
     )
     problems = params.problems()
     if problems:

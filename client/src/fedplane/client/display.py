@@ -268,7 +268,7 @@ def cluster_table(clusters: Iterable[pb.Cluster]) -> Table:
         ready = sum(1 for n in c.nodes if n.ready and not n.unschedulable)
         table.add_row(
             c.name + (" (edge)" if c.edge else ""),
-            _health_text(c.health),
+            _admission_text(c) or _health_text(c.health),
             heartbeat_age(c),
             Text("yes", style="yellow") if c.cordoned else "no",
             f"{ready}/{len(c.nodes)}",
@@ -287,6 +287,15 @@ _HEALTH_STYLES: dict[int, str] = {
     pb.UNKNOWN: "bold yellow",
     pb.LOST: "bold red",
 }
+
+
+def _admission_text(cluster: pb.Cluster) -> Text | None:
+    """A cluster that is not admitted shows that instead of its health (it has none)."""
+    if cluster.admission == pb.ADMISSION_PENDING:
+        return Text("PENDING APPROVAL", style="bold yellow")
+    if cluster.admission == pb.ADMISSION_REMOVED:
+        return Text("REMOVED", style="dim")
+    return None
 
 
 def _health_text(health: int) -> Text:
@@ -322,6 +331,15 @@ def cluster_detail(cluster: pb.Cluster) -> RenderableType:
     if cluster.health_reason:
         health.append(f" ({cluster.health_reason})")
     info.add_row("Health", health)
+    admission = {pb.ADMISSION_PENDING: "waiting for approval", pb.ADMISSION_REMOVED: "removed"}.get(
+        cluster.admission, "approved" + (f" by {cluster.approved_by}" if cluster.approved_by else "")
+    )
+    info.add_row("Admission", admission)
+    if cluster.public_key:
+        info.add_row("Key", cluster.public_key)
+    if cluster.requested_key:
+        asked = format_time(cluster.requested_time)
+        info.add_row("Requested key", f"{cluster.requested_key} (asked {asked}; fedplane clusters approve)")
     last = format_time(cluster.last_heartbeat)
     info.add_row("Last heartbeat", last if last == "-" else f"{last} ({heartbeat_age(cluster)} ago)")
     if _is_set(cluster.lost_time):

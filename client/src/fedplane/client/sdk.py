@@ -98,9 +98,14 @@ class FedplaneClient:
         retry_max_wait: float = 2.0,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         tls: Tls | None = None,
+        token: str = "",
     ) -> None:
+        """`token`: a bearer token (a static token or an OIDC JWT) sent with every call; use it
+        with TLS, since on a plaintext channel anyone on the path can read it."""
         self.target = target
         self.tls = tls
+        token = token.strip()
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._interceptors = list(interceptors) if interceptors is not None else None
         self._timeout = timeout
         self._retry_attempts = max(1, retry_attempts)
@@ -176,7 +181,7 @@ class FedplaneClient:
                 reraise=True,
             ):
                 with attempt:
-                    return await rpc(request, timeout=self._timeout)
+                    return await rpc(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise FedplaneError.from_rpc(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover - AsyncRetrying reraises
@@ -340,7 +345,8 @@ class FedplaneClient:
             opened = loop.time()
             resume = last - 1 if seen_at_last and last > 1 else last
             call = self._job_stub.WatchJobs(
-                hub_pb2.WatchJobsRequest(from_revision=resume, queue=queue, job_ids=ids)
+                hub_pb2.WatchJobsRequest(from_revision=resume, queue=queue, job_ids=ids),
+                metadata=self._metadata,
             )
             error: grpc.aio.AioRpcError | None = None
             try:
@@ -467,6 +473,17 @@ class FedplaneClient:
 
     async def uncordon(self, name: str) -> pb.Cluster:
         return await self._call(self._cluster_stub.UncordonCluster, hub_pb2.UncordonClusterRequest(name=name))
+
+    async def approve_cluster(self, name: str, public_key: str = "") -> pb.Cluster:
+        """Admit `name`'s requested key (only if it is `public_key`, when given)."""
+        request = hub_pb2.ApproveClusterRequest(name=name, public_key=public_key)
+        return await self._call(self._cluster_stub.ApproveCluster, request)
+
+    async def remove_cluster(self, name: str, reason: str = "") -> tuple[pb.Cluster, int]:
+        """Remove `name`: its record as it was, and how many jobs it held."""
+        request = hub_pb2.RemoveClusterRequest(name=name, reason=reason)
+        response = await self._call(self._cluster_stub.RemoveCluster, request)
+        return response.cluster, response.jobs_affected
 
     # -- hub replicas ---------------------------------------------------------------------------
 

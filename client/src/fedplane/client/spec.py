@@ -69,6 +69,10 @@ _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(d|h|m|s))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
 
 
+# Past Python's recursion limit; the hub allows 100 levels in a workload (docs/security.md).
+_TOO_DEEP = "nested too deeply to read (a workload may nest at most 100 levels)"
+
+
 class SpecError(ValueError):
     """A spec file that cannot be turned into a JobSpec; the message is one line for humans."""
 
@@ -371,12 +375,16 @@ def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise SpecError(f"{source}[{index}]: invalid YAML{at}: {problem}") from None
+        except RecursionError:
+            raise SpecError(f"{source}[{index}]: {_TOO_DEEP}") from None
         if doc is not None:
             try:
                 specs.append(spec_from_dict(doc))
             except _FieldError as exc:
                 where = f" {exc.path}" if exc.path else ""
                 raise SpecError(f"{source}[{index}]{where}: {exc.message}") from None
+            except RecursionError:
+                raise SpecError(f"{source}[{index}]: {_TOO_DEEP}") from None
         index += 1
     if not specs:
         raise SpecError(f"{source}: no job specs found")

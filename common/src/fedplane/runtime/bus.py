@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -30,9 +31,11 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import nats
+import orjson
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -46,10 +49,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from nats.js.errors import BadRequestError, NotFoundError
+from tenacity import AsyncRetrying, retry_if_exception, retry_if_exception_type, wait_exponential
 
-from fedplane.runtime import logs, telemetry
+from fedplane.runtime import logs, natsjwt, telemetry
 from fedplane.v1 import agent_pb2 as agent_pb
 
 # The daemons' names for nats-py's types, so that they need not import nats themselves.
@@ -87,13 +90,15 @@ STATUS_CONSUMER = "hub-statuses"
 LEGACY_STATUS_CONSUMER = "hub"
 # The queue group of the hubs answering agents' requests: exactly one of them answers each.
 HUB_QUEUE = "hub"
+# An agent's NATS connection is named this and its cluster.
+AGENT_NAME_PREFIX = "fedplane-agent-"
 log = logs.get("fedplane.bus")
 _TOKEN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def valid_cluster_name(name: str) -> bool:
     """Cluster names become subject tokens and label values: a DNS label."""
-    return len(name) <= 63 and bool(_TOKEN.match(name))
+    return len(name) <= 63 and bool(_TOKEN.fullmatch(name))  # fullmatch: "$" also matches before "\n"
 
 
 def subject(kind: str, cluster: str) -> str:
@@ -156,6 +161,134 @@ async def ensure_streams(js: JetStreamContext, max_age: float) -> None:
             await js.update_stream(config)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Who connects to NATS, and over what: an NKey seed (the hub's identity, or an agent's own),
+    a bootstrap token beside it (an agent asking to join), the inbox prefix its permissions
+    allow, and TLS. The default is an anonymous plaintext connection (an insecure setup)."""
+
+    seed: bytes = b""
+    token: str = ""
+    inbox_prefix: str = ""
+    tls: ssl.SSLContext | None = None
+
+
+def tls_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext | None:
+    """A client TLS context checking the server against `ca_file` (None: plaintext)."""
+    if not ca_file:
+        return None
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
+def agent_connection_name(cluster: str) -> str:
+    """An agent's NATS connection name: the auth callout reads the cluster it asks to be from it."""
+    return f"{AGENT_NAME_PREFIX}{cluster}"
+
+
+def agent_inbox_prefix(cluster: str) -> str:
+    """The inbox prefix of `cluster`'s agent: its replies (JetStream acks, API answers, the hub's
+    answers) arrive under it, and no other agent may subscribe there. A hub's own inboxes are
+    `_INBOX.<nuid>`, which never contain '-', so the two never meet."""
+    return f"_INBOX.fedplane-agent.{cluster}"
+
+
+def agent_permissions(cluster: str) -> natsjwt.Permissions:
+    """What `cluster`'s agent may do on NATS, and nothing more: publish its own reports, status
+    batches and orphan queries; read its own command consumer (which the hub creates, see
+    `ensure_command_consumer`), acknowledge what it delivers; receive its own replies. It may
+    publish no command and read no other cluster's subjects."""
+    stream, consumer = COMMANDS_STREAM, consumer_name(cluster)
+    return natsjwt.Permissions(
+        publish=(
+            *(subject(kind, cluster) for kind in (*REPORT_KINDS, "status", "gc")),
+            f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+            f"$JS.ACK.{stream}.{consumer}.>",
+            # Removing the pull consumer of earlier agents (see `consume`'s `replaces`): denied,
+            # the request would wait out its timeout before every start.
+            f"$JS.API.CONSUMER.DELETE.{stream}.{legacy_consumer_name(cluster)}",
+        ),
+        subscribe=(f"{agent_inbox_prefix(cluster)}.>", deliver_subject(cluster)),
+    )
+
+
+def deliver_subject(cluster: str) -> str:
+    """Where `cluster`'s command consumer pushes its messages (only that agent may subscribe)."""
+    return f"{PREFIX}.deliver.{cluster}"
+
+
+async def ensure_command_consumer(js: JetStreamContext, cluster: str) -> None:
+    """Create `cluster`'s command consumer from the hub, delivering to the agent's own subject.
+
+    Under NATS permissions an agent may not create consumers: a consumer it defined could name
+    another cluster's commands as its filter. The hub makes it instead, with the filter and the
+    deliver subject fixed, and the agent only binds to it. A consumer an earlier agent made
+    (delivering to an inbox of its own choosing) is replaced; its unacknowledged commands stay
+    in the work-queue stream and go to the new one.
+    """
+    name = consumer_name(cluster)
+    try:
+        info = await js.consumer_info(COMMANDS_STREAM, name)
+    except NotFoundError:
+        info = None
+    if info is not None and info.config.deliver_subject == deliver_subject(cluster):
+        return
+    if info is not None:
+        await js.delete_consumer(COMMANDS_STREAM, name)
+    config = command_consumer_config()
+    config.durable_name = name
+    config.deliver_subject = deliver_subject(cluster)
+    config.deliver_group = name
+    config.filter_subject = subject("cmd", cluster)
+    await js.add_consumer(COMMANDS_STREAM, config=config)
+
+
+async def delete_command_consumer(js: JetStreamContext, cluster: str) -> None:
+    """Stop delivering `cluster`'s commands (a removed cluster): none reaches its agent again."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(COMMANDS_STREAM, consumer_name(cluster))
+
+
+async def disconnect_clients(system: Connection, account: str, name: str, within: float = 2.0) -> int:
+    """Close every connection named `name` in `account`, on every server, through nats-server's
+    system account (`system` must be a system-account user): how many were closed. A revoked
+    client's reconnect then goes through the auth callout again, which refuses it."""
+    inbox = system.new_inbox()
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def collect(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
+    sub = await system.subscribe(inbox, cb=collect)
+    closed = 0
+    try:
+        request = orjson.dumps({"acc": account, "limit": 100_000})
+        await system.publish("$SYS.REQ.SERVER.PING.CONNZ", request, reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while (left := deadline - loop.time()) > 0:
+            try:
+                reply = await asyncio.wait_for(replies.get(), left)
+            except TimeoutError:
+                break
+            data = orjson.loads(reply.data)
+            server = (data.get("server") or {}).get("id", "")
+            for conn in (data.get("data") or {}).get("connections") or []:
+                if conn.get("name") == name and server:
+                    kick = orjson.dumps({"cid": conn["cid"]})
+                    await system.request(f"$SYS.REQ.SERVER.{server}.KICK", kick, timeout=within)
+                    closed += 1
+    finally:
+        await sub.unsubscribe()
+    return closed
+
+
+def _authorization_refused(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+
+
 async def connect(
     url: str,
     name: str,
@@ -163,8 +296,10 @@ async def connect(
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     max_wait: float = 10.0,
+    credentials: Credentials = Credentials(),
 ) -> NATS:
-    """Connect, retrying the first connection too (an edge agent may start while its link is down)."""
+    """Connect, retrying the first connection too: an edge agent may start while its link is
+    down, and an agent asking to join is refused until an administrator approves it."""
 
     async def disconnected() -> None:
         if on_disconnect:
@@ -177,8 +312,29 @@ async def connect(
     async def error(exc: Exception) -> None:
         pass
 
+    options: dict[str, Any] = {}
+    if credentials.seed:
+        options["nkeys_seed_str"] = credentials.seed.decode()
+    if credentials.token:
+        options["token"] = credentials.token
+    if credentials.inbox_prefix:
+        options["inbox_prefix"] = credentials.inbox_prefix
+    if credentials.tls is not None:
+        options["tls"] = credentials.tls
+    refusals = 0
+
+    def refused(exc: BaseException) -> bool:
+        nonlocal refusals
+        if not _authorization_refused(exc):
+            return False
+        refusals += 1
+        if refusals == 1 or refusals % 30 == 0:
+            log.warning("NATS refused this identity; retrying (an agent waits for approval)", name=name)
+        return True
+
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError)),
+        retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError))
+        | retry_if_exception(refused),
         wait=wait_exponential(multiplier=0.2, max=max_wait),
         reraise=True,
     ):
@@ -192,6 +348,7 @@ async def connect(
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
                 error_cb=error,
+                **options,
             )
     raise AssertionError("unreachable")
 
@@ -400,6 +557,14 @@ def consume_commands(
     )
 
 
+def from_command_stream(msg: Message, cluster: str) -> bool:
+    """Whether `msg` is a delivery of `cluster`'s commands from JetStream (its subject, and an ack
+    reply of the commands stream), not something published straight to the agent's subjects."""
+    return msg.subject == subject("cmd", cluster) and (msg.reply or "").startswith(
+        f"$JS.ACK.{COMMANDS_STREAM}."
+    )
+
+
 def dispatch_commands_in(msg: Incoming) -> list[agent_pb.DispatchCommand]:
     """The commands a message carries: a DispatchBatch, or one DispatchCommand (earlier hubs)."""
     return _items_in(
@@ -512,10 +677,11 @@ async def request(nc: Connection, kind: str, cluster: str, payload: bytes, withi
 async def serve_requests(
     nc: Connection,
     kind: str,
-    answer: Callable[[bytes], Awaitable[bytes]],
+    answer: Callable[[str, bytes], Awaitable[bytes]],
     queue: str = HUB_QUEUE,
 ) -> Subscription:
-    """Answer every cluster's requests of one kind with `answer(payload)`, as one of a queue group.
+    """Answer every cluster's requests of one kind with `answer(cluster, payload)`, as one of a
+    queue group; `cluster` is the subject's, the only name NATS permissions bind to the sender.
 
     Each request reaches one member of the group. A request `answer` fails on is logged and
     left unanswered: the requester times out and skips that round, which is safe for questions
@@ -524,7 +690,7 @@ async def serve_requests(
 
     async def respond(msg: Message) -> None:
         try:
-            await msg.respond(await answer(msg.data))
+            await msg.respond(await answer(cluster_of(msg.subject), msg.data))
         except Exception:
             log.exception("request not answered", kind=kind, subject=msg.subject)
 

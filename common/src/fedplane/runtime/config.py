@@ -57,6 +57,104 @@ class TlsConfig:
 
 
 @dataclasses.dataclass
+class OidcConfig:
+    """OIDC JWTs as bearer tokens: off while `issuer` is empty. Keys come from a file, never
+    fetched: refresh it from the issuer's jwks_uri (the hub reads it again when it changes)."""
+
+    issuer: str = ""
+    audience: str = ""
+    jwks_file: str = ""
+    # The claim holding the user's name, and the one holding the list of groups.
+    username_claim: str = "sub"
+    groups_claim: str = "groups"
+    # Clock skew tolerated on exp, nbf and iat.
+    leeway_seconds: float = 30.0
+
+
+@dataclasses.dataclass
+class GrantConfig:
+    """A role (admin, submitter, viewer) for these principal names (token entries, OIDC user
+    names, client certificate CNs) and groups (OIDC groups, token entries' groups), in these
+    queues ("*" or none listed: every queue; an admin's grant always covers every queue)."""
+
+    role: str = ""
+    users: list[str] = dataclasses.field(default_factory=list)
+    groups: list[str] = dataclasses.field(default_factory=list)
+    queues: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class AuthConfig:
+    """Who may call the hub's gRPC API, and what each caller may do (docs/security.md). With
+    none of it set, every caller is an anonymous administrator (see auth_configured)."""
+
+    # YAML file of static bearer tokens: their SHA-256, name, roles, queues and groups.
+    tokens_file: str = ""
+    oidc: OidcConfig = dataclasses.field(default_factory=OidcConfig)
+    grants: list[GrantConfig] = dataclasses.field(default_factory=list)
+
+
+def auth_configured(auth: AuthConfig) -> bool:
+    """Whether the hub authenticates its gRPC callers; when not, any caller may do anything."""
+    return bool(auth.tokens_file or auth.oidc.issuer or auth.grants)
+
+
+@dataclasses.dataclass
+class EtcdTlsConfig:
+    """TLS to etcd: on when any file is set (or etcd_endpoint starts with https://)."""
+
+    # PEM CA bundle that etcd's server certificate is checked against (empty: the system's roots).
+    ca_file: str = ""
+    # The hub's client certificate and key. With etcd's --client-cert-auth and auth enabled, the
+    # certificate's common name is the etcd user the hub acts as (its role: docs/security.md).
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclasses.dataclass
+class NatsTlsConfig:
+    """TLS to nats-server: off while `ca_file` is empty (the server's certificate is checked
+    against it); a client certificate is presented when `cert_file` is set."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclasses.dataclass
+class BootstrapToken:
+    """A token an agent presents (with its own key) to ask to join as one of `clusters`."""
+
+    # A name for logs and the approval record ("approved_by: token:<name>").
+    name: str = ""
+    # SHA-256 of the token, hex: the hub never holds the token itself.
+    sha256: str = ""
+    # Clusters named by one of these shell patterns may use it ("*": any).
+    clusters: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    # Admit the cluster at once (no `fedplane clusters approve`): for fleets provisioned by
+    # automation that already vouches for the site.
+    auto_approve: bool = False
+
+
+@dataclasses.dataclass
+class NatsAuthConfig:
+    """The hub's NATS identity and the auth callout it answers (docs/security.md)."""
+
+    # The hub's NKey seed ("SU..."): its public key is listed in nats-server's auth_callout
+    # auth_users, so the hub bypasses the callout and alone may publish commands.
+    seed_file: str = ""
+    # The callout issuer's account NKey seed ("SA..."): its public key is auth_callout.issuer.
+    # Set: the hub answers nats-server's authorization requests and admits agents by key.
+    issuer_seed_file: str = ""
+    # The nats-server account agents are placed in (the hub's own account).
+    account: str = "FEDPLANE"
+    # A user of nats-server's system account (an NKey seed, also in auth_callout's auth_users):
+    # with it, removing a cluster also disconnects the connection its agent still holds.
+    system_seed_file: str = ""
+    bootstrap_tokens: list[BootstrapToken] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class DisconnectConfig:
     """What happens to a job whose cluster is lost (a job's own `disconnect` overrides it)."""
 
@@ -106,12 +204,26 @@ class HubConfig:
     # Run on an etcd release with a known data-loss bug (3.5.0 to 3.5.2, etcd-io/etcd#13766),
     # which the hub otherwise refuses at start.
     etcd_allow_unsafe_version: bool = False
+    # TLS to etcd, with the hub's client certificate (docs/security.md, "etcd").
+    etcd_tls: EtcdTlsConfig = dataclasses.field(default_factory=EtcdTlsConfig)
+    # etcd password authentication instead of the certificate's name: the user, and a file
+    # holding its password (etcd trades them for a token that the hub renews when it expires).
+    etcd_username: str = ""
+    etcd_password_file: str = ""
     # How long the JetStream streams keep commands and status updates.
     stream_max_age_seconds: float = 7 * 24 * 3600
     # Finished jobs (and their idempotency keys) are deleted this long after finishing; 0 = never.
     finished_job_retention_seconds: float = 7 * 24 * 3600
+    # The largest gRPC request the hub reads; a larger one is refused with RESOURCE_EXHAUSTED.
+    max_request_bytes: int = 4 * 1024 * 1024
     weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    nats_auth: NatsAuthConfig = dataclasses.field(default_factory=NatsAuthConfig)
+    nats_tls: NatsTlsConfig = dataclasses.field(default_factory=NatsTlsConfig)
+    # Run without authentication or TLS where they are not configured (a development setup):
+    # without it the hub refuses to start unauthenticated; with it, it says so loudly.
+    insecure: bool = False
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
 
 
@@ -163,6 +275,14 @@ class AgentConfig:
     # Delete workloads the hub no longer assigns here (orphans) every this many seconds; 0 = never.
     gc_interval_seconds: float = 60.0
     backend: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "simulated"})
+    # The agent's NATS identity, an NKey seed made on first start (default: <state_dir>/nats.nk);
+    # only its public key leaves the machine, in its request to join.
+    nats_seed_file: str = ""
+    # A file holding the bootstrap token that asks the hub to admit this cluster's key.
+    bootstrap_token_file: str = ""
+    nats_tls: NatsTlsConfig = dataclasses.field(default_factory=NatsTlsConfig)
+    # Connect to NATS without an identity (a development setup; the hub must be insecure too).
+    insecure: bool = False
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
 
     def simulated(self) -> SimulatedBackendConfig:
@@ -177,6 +297,7 @@ class AgentConfig:
 # Checked by name, so a setting of that name means the same in every section.
 _RANGES: dict[str, tuple[float, bool, float]] = {
     "leader_lease_seconds": (1, False, math.inf),
+    "leeway_seconds": (0, False, 3600),
     "cluster_unknown_after_seconds": (0, True, math.inf),
     "cluster_lost_after_seconds": (0, True, math.inf),
     "edge_cluster_unknown_after_seconds": (0, True, math.inf),
@@ -189,6 +310,8 @@ _RANGES: dict[str, tuple[float, bool, float]] = {
     "etcd_max_txn_ops": (3, False, math.inf),
     "stream_max_age_seconds": (0, True, math.inf),
     "finished_job_retention_seconds": (0, False, math.inf),
+    # At least one largest spec (512 KiB) with room to spare; gRPC takes a 32-bit size.
+    "max_request_bytes": (1024 * 1024, False, 2**31 - 1),
     "data_locality": (0, False, math.inf),
     "headroom": (0, False, math.inf),
     "cost": (0, False, math.inf),
@@ -323,6 +446,37 @@ def _coerce(text: str) -> Any:
 DISCONNECT_ACTIONS = ("requeue", "wait", "fail")
 
 
+def _etcd_problems(config: HubConfig) -> list[str]:
+    problems = []
+    etcd_tls = config.etcd_tls
+    if bool(etcd_tls.cert_file) != bool(etcd_tls.key_file):
+        problems.append("etcd_tls: cert_file and key_file go together")
+    if config.etcd_endpoint.startswith("http://") and (etcd_tls.ca_file or etcd_tls.cert_file):
+        problems.append(
+            "etcd_endpoint: http:// is plaintext, but etcd_tls is set (use https:// or no scheme)"
+        )
+    if bool(config.etcd_username) != bool(config.etcd_password_file):
+        problems.append("etcd_username and etcd_password_file go together")
+    return problems
+
+
+def unsecured(config: HubConfig) -> list[str]:
+    """What of the hub's security is not configured: each an open door, which a production hub
+    refuses to run with unless told `insecure: true` (docs/security.md)."""
+    missing = []
+    if not config.tls.cert_file:
+        missing.append("TLS on the gRPC port (tls)")
+    if not auth_configured(config.auth):
+        missing.append("authentication of gRPC callers (auth)")
+    if not config.nats_auth.issuer_seed_file:
+        missing.append("agent admission by key on NATS (nats_auth)")
+    if not (
+        config.etcd_tls.ca_file or config.etcd_tls.cert_file or config.etcd_endpoint.startswith("https://")
+    ):
+        missing.append("TLS to etcd (etcd_tls)")
+    return missing
+
+
 def check_hub(config: HubConfig) -> HubConfig:
     """Refuse settings that are each in range but make no sense together."""
     problems = []
@@ -349,9 +503,36 @@ def check_hub(config: HubConfig) -> HubConfig:
         problems.append("tls: client certificates need TLS itself (cert_file and key_file)")
     if tls.require_client_cert and not tls.client_ca_file:
         problems.append("tls.require_client_cert: needs client_ca_file to check them against")
+    problems += _etcd_problems(config)
+    problems += _auth_problems(config.auth)
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+ROLES = ("admin", "submitter", "viewer")
+
+
+def _auth_problems(auth: AuthConfig) -> list[str]:
+    problems = []
+    oidc = auth.oidc
+    if oidc.issuer and not (oidc.audience and oidc.jwks_file):
+        problems.append("auth.oidc: issuer needs audience and jwks_file (the issuer's keys)")
+    if not oidc.issuer and (oidc.audience or oidc.jwks_file):
+        problems.append("auth.oidc: audience and jwks_file need issuer")
+    if not oidc.username_claim:
+        problems.append("auth.oidc.username_claim: must name a claim")
+    for i, grant in enumerate(auth.grants):
+        where = f"auth.grants[{i}]"
+        if grant.role not in ROLES:
+            problems.append(f"{where}.role: {grant.role!r} is not one of {', '.join(ROLES)}")
+        if not grant.users and not grant.groups:
+            problems.append(f"{where}: names no users and no groups")
+        if grant.role == "admin" and set(grant.queues) - {"*"}:
+            problems.append(f"{where}.queues: an admin grant covers every queue; leave queues out")
+        if any(not name for name in [*grant.users, *grant.groups, *grant.queues]):
+            problems.append(f"{where}: empty name")
+    return problems
 
 
 def load_hub(path: str | os.PathLike[str] | None) -> HubConfig:

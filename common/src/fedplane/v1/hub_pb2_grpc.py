@@ -434,6 +434,16 @@ class ClusterServiceStub:
                 request_serializer=fedplane_dot_v1_dot_hub__pb2.UncordonClusterRequest.SerializeToString,
                 response_deserializer=fedplane_dot_v1_dot_types__pb2.Cluster.FromString,
                 _registered_method=True)
+        self.ApproveCluster = channel.unary_unary(
+                '/fedplane.v1.ClusterService/ApproveCluster',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.ApproveClusterRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.Cluster.FromString,
+                _registered_method=True)
+        self.RemoveCluster = channel.unary_unary(
+                '/fedplane.v1.ClusterService/RemoveCluster',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.RemoveClusterRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_hub__pb2.RemoveClusterResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -464,6 +474,21 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveCluster(self, request, context):
+        """Admit a cluster whose agent asked to join (its requested key becomes its credential).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveCluster(self, request, context):
+        """Remove a cluster: its credential is revoked at once (its agent is disconnected and cannot
+        reconnect) and its jobs are handled as a lost cluster's, by their disconnect policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -486,6 +511,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.UncordonCluster,
                     request_deserializer=fedplane_dot_v1_dot_hub__pb2.UncordonClusterRequest.FromString,
                     response_serializer=fedplane_dot_v1_dot_types__pb2.Cluster.SerializeToString,
+            ),
+            'ApproveCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveCluster,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.ApproveClusterRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.Cluster.SerializeToString,
+            ),
+            'RemoveCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveCluster,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.RemoveClusterRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_hub__pb2.RemoveClusterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -596,6 +631,60 @@ class ClusterService:
             '/fedplane.v1.ClusterService/UncordonCluster',
             fedplane_dot_v1_dot_hub__pb2.UncordonClusterRequest.SerializeToString,
             fedplane_dot_v1_dot_types__pb2.Cluster.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.ClusterService/ApproveCluster',
+            fedplane_dot_v1_dot_hub__pb2.ApproveClusterRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.Cluster.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.ClusterService/RemoveCluster',
+            fedplane_dot_v1_dot_hub__pb2.RemoveClusterRequest.SerializeToString,
+            fedplane_dot_v1_dot_hub__pb2.RemoveClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,6 +143,12 @@ class ClusterServiceStub:
     CordonCluster: _grpc.UnaryUnaryMultiCallable[_hub_pb2.CordonClusterRequest, _types_pb2.Cluster]
     """A cordoned cluster keeps its jobs but receives no new placements."""
     UncordonCluster: _grpc.UnaryUnaryMultiCallable[_hub_pb2.UncordonClusterRequest, _types_pb2.Cluster]
+    ApproveCluster: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ApproveClusterRequest, _types_pb2.Cluster]
+    """Admit a cluster whose agent asked to join (its requested key becomes its credential)."""
+    RemoveCluster: _grpc.UnaryUnaryMultiCallable[_hub_pb2.RemoveClusterRequest, _hub_pb2.RemoveClusterResponse]
+    """Remove a cluster: its credential is revoked at once (its agent is disconnected and cannot
+    reconnect) and its jobs are handled as a lost cluster's, by their disconnect policy.
+    """
 
 @_typing.type_check_only
 class ClusterServiceAsyncStub(ClusterServiceStub):
@@ -152,6 +158,12 @@ class ClusterServiceAsyncStub(ClusterServiceStub):
     CordonCluster: _aio.UnaryUnaryMultiCallable[_hub_pb2.CordonClusterRequest, _types_pb2.Cluster]  # type: ignore[assignment]
     """A cordoned cluster keeps its jobs but receives no new placements."""
     UncordonCluster: _aio.UnaryUnaryMultiCallable[_hub_pb2.UncordonClusterRequest, _types_pb2.Cluster]  # type: ignore[assignment]
+    ApproveCluster: _aio.UnaryUnaryMultiCallable[_hub_pb2.ApproveClusterRequest, _types_pb2.Cluster]  # type: ignore[assignment]
+    """Admit a cluster whose agent asked to join (its requested key becomes its credential)."""
+    RemoveCluster: _aio.UnaryUnaryMultiCallable[_hub_pb2.RemoveClusterRequest, _hub_pb2.RemoveClusterResponse]  # type: ignore[assignment]
+    """Remove a cluster: its credential is revoked at once (its agent is disconnected and cannot
+    reconnect) and its jobs are handled as a lost cluster's, by their disconnect policy.
+    """
 
 class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -182,6 +194,24 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hub_pb2.UncordonClusterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Cluster, _abc.Awaitable[_types_pb2.Cluster]]: ...
+
+    @_abc_1.abstractmethod
+    def ApproveCluster(
+        self,
+        request: _hub_pb2.ApproveClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Cluster, _abc.Awaitable[_types_pb2.Cluster]]:
+        """Admit a cluster whose agent asked to join (its requested key becomes its credential)."""
+
+    @_abc_1.abstractmethod
+    def RemoveCluster(
+        self,
+        request: _hub_pb2.RemoveClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.RemoveClusterResponse, _abc.Awaitable[_hub_pb2.RemoveClusterResponse]]:
+        """Remove a cluster: its credential is revoked at once (its agent is disconnected and cannot
+        reconnect) and its jobs are handled as a lost cluster's, by their disconnect policy.
+        """
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -121,6 +121,35 @@ disconnect policy.
 """
 Global___ClusterHealth: _TypeAlias = ClusterHealth  # noqa: Y015
 
+class _ClusterAdmission:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ClusterAdmissionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClusterAdmission.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CLUSTER_ADMISSION_UNSPECIFIED: _ClusterAdmission.ValueType  # 0
+    """A cluster recorded before admission existed (or on a hub without NATS auth): admitted."""
+    ADMISSION_PENDING: _ClusterAdmission.ValueType  # 1
+    """Asked to join; waits for `fedplane clusters approve`."""
+    ADMISSION_APPROVED: _ClusterAdmission.ValueType  # 2
+    ADMISSION_REMOVED: _ClusterAdmission.ValueType  # 3
+    """Removed by an administrator: its key is revoked, its jobs were handled as a lost
+    cluster's. It may ask to join again (a new request, approved like the first).
+    """
+
+class ClusterAdmission(_ClusterAdmission, metaclass=_ClusterAdmissionEnumTypeWrapper): ...
+
+CLUSTER_ADMISSION_UNSPECIFIED: ClusterAdmission.ValueType  # 0
+"""A cluster recorded before admission existed (or on a hub without NATS auth): admitted."""
+ADMISSION_PENDING: ClusterAdmission.ValueType  # 1
+"""Asked to join; waits for `fedplane clusters approve`."""
+ADMISSION_APPROVED: ClusterAdmission.ValueType  # 2
+ADMISSION_REMOVED: ClusterAdmission.ValueType  # 3
+"""Removed by an administrator: its key is revoked, its jobs were handled as a lost
+cluster's. It may ask to join again (a new request, approved like the first).
+"""
+Global___ClusterAdmission: _TypeAlias = ClusterAdmission  # noqa: Y015
+
 @_typing.final
 class Resources(_message.Message):
     """A resource quantity list in canonical integer units:
@@ -668,12 +697,17 @@ class Job(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     idempotency_key: _builtins.str
     revision: _builtins.int
     """etcd revision of the last status change (output only)."""
     pending_reason: _builtins.str
     """Why the job is still pending, when it is (output only, from the last placement cycle)."""
+    submitted_by: _builtins.str
+    """Who submitted it: the authenticated caller's name (empty: a hub without authentication).
+    Its idempotency key is scoped to this name (output only).
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -697,10 +731,11 @@ class Job(_message.Message):
         revision: _builtins.int = ...,
         pending_reason: _builtins.str = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "pending_reason", b"pending_reason", "revision", b"revision", "spec", b"spec", "status", b"status", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "pending_reason", b"pending_reason", "revision", b"revision", "spec", b"spec", "status", b"status", "submitted_by", b"submitted_by", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -940,6 +975,11 @@ class Cluster(_message.Message):
     LOST_TIME_FIELD_NUMBER: _builtins.int
     EDGE_FIELD_NUMBER: _builtins.int
     HEALTH_REASON_FIELD_NUMBER: _builtins.int
+    ADMISSION_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    REQUESTED_KEY_FIELD_NUMBER: _builtins.int
+    REQUESTED_TIME_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     cordoned: _builtins.bool
     health: Global___ClusterHealth.ValueType
@@ -955,6 +995,20 @@ class Cluster(_message.Message):
     """Labelled as an edge cluster: longer unknown and lost thresholds."""
     health_reason: _builtins.str
     """Why the cluster is not READY, in words."""
+    admission: Global___ClusterAdmission.ValueType
+    """Whether the cluster may take part: nothing an unapproved cluster sends changes the
+    federation (its agent cannot even connect to NATS while the hub runs auth callout).
+    """
+    public_key: _builtins.str
+    """The agent's NATS identity (an NKey user public key, "U..."): the credential the hub
+    accepts for this cluster once approved.
+    """
+    requested_key: _builtins.str
+    """A key that asked to join as this cluster and waits for an administrator's approval (a
+    new cluster, or an agent that lost its key); approving makes it public_key.
+    """
+    approved_by: _builtins.str
+    """Who approved the current key ("auto" for a bootstrap token that approves by itself)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -973,6 +1027,8 @@ class Cluster(_message.Message):
     def lost_time(self) -> _timestamp_pb2.Timestamp:
         """When the cluster was declared lost (unset unless LOST)."""
 
+    @_builtins.property
+    def requested_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -994,10 +1050,15 @@ class Cluster(_message.Message):
         lost_time: _timestamp_pb2.Timestamp | None = ...,
         edge: _builtins.bool = ...,
         health_reason: _builtins.str = ...,
+        admission: Global___ClusterAdmission.ValueType = ...,
+        public_key: _builtins.str = ...,
+        requested_key: _builtins.str = ...,
+        requested_time: _timestamp_pb2.Timestamp | None = ...,
+        approved_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "free", b"free", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "free", b"free", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time", "requested_time", b"requested_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "allocatable", b"allocatable", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cost", b"cost", "datasets", b"datasets", "edge", b"edge", "free", b"free", "health", b"health", "health_reason", b"health_reason", "heartbeat_age_seconds", b"heartbeat_age_seconds", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time", "name", b"name", "nodes", b"nodes", "taints", b"taints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "admission", b"admission", "agent_version", b"agent_version", "allocatable", b"allocatable", "approved_by", b"approved_by", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cost", b"cost", "datasets", b"datasets", "edge", b"edge", "free", b"free", "health", b"health", "health_reason", b"health_reason", "heartbeat_age_seconds", b"heartbeat_age_seconds", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "lost_time", b"lost_time", "name", b"name", "nodes", b"nodes", "public_key", b"public_key", "requested_key", b"requested_key", "requested_time", b"requested_time", "taints", b"taints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,7 @@ from fedplane.hub.errors import HubError
 from fedplane.hub.events import Change, EventLog, WatchFellBehind
 from fedplane.hub.store import NO_FENCE, RevisionCompacted
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
-from fedplane.hub.validation import validate_spec
+from fedplane.hub.validation import refusal, validate_spec
 from fedplane.runtime import logs
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
@@ -33,9 +33,13 @@ class JobFilter:
     states: frozenset[int] = frozenset()
     cluster: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # The queues the caller may read (None: every queue).
+    readable: frozenset[str] | None = None
 
     def matches(self, record: JobRecord) -> bool:
         if self.queue and record.queue != self.queue:
+            return False
+        if self.readable is not None and record.queue not in self.readable:
             return False
         if self.states and record.state not in self.states:
             return False
@@ -97,10 +101,15 @@ class HubApi:
         next_token = f"{page[-1].seq}:{page[-1].id}" if len(matching) > page_size else ""
         return [self.table.job_out(r) for r in page], next_token, revision
 
-    def job_stats(self, queue: str) -> tuple[dict[str, int], int, int]:
-        """(jobs per state name, total, revision) from counters: cheap enough for clients to poll."""
+    def job_stats(
+        self, queue: str, readable: frozenset[str] | None = None
+    ) -> tuple[dict[str, int], int, int]:
+        """(jobs per state name, total, revision) from counters: cheap enough for clients to poll.
+        Only the `readable` queues count (None: every queue)."""
         counts: dict[int, int] = {}
         for (job_queue, state), n in self.table.counts.items():
+            if readable is not None and job_queue not in readable:
+                continue
             if n and (not queue or job_queue == queue):
                 counts[state] = counts.get(state, 0) + n
         by_state = {sm.state_name(state): n for state, n in counts.items()}
@@ -169,7 +178,7 @@ class HubApi:
     def explain_spec(self, spec: pb.JobSpec) -> pb.Explanation:
         problems = validate_spec(spec)
         if problems:
-            raise HubError("INVALID_ARGUMENT", "; ".join(problems))
+            raise refusal(problems)
         return self.explain(pb.Job(spec=spec))
 
     # ------------------------------------------------------------------ clusters
@@ -203,14 +212,21 @@ class HubApi:
 
     # ------------------------------------------------------------------ watch
     async def watch(
-        self, from_revision: int, queue: str = "", job_ids: Iterable[str] = ()
+        self,
+        from_revision: int,
+        queue: str = "",
+        job_ids: Iterable[str] = (),
+        readable: frozenset[str] | None = None,
     ) -> AsyncIterator[hub_pb.JobEvent]:
-        """Job changes after `from_revision` (0: from now), from memory when recent enough, else etcd."""
+        """Job changes after `from_revision` (0: from now), from memory when recent enough, else etcd;
+        only of jobs in the `readable` queues (None: every queue)."""
         ids = frozenset(job_ids)
         jobs = self.table.jobs
 
         def wanted(change: Change) -> bool:
             if ids and change.job_id not in ids:
+                return False
+            if readable is not None and change.queue not in readable:
                 return False
             return not queue or change.queue == queue
 

@@ -312,7 +312,13 @@ class ClusterState:
             cost=inventory.cost,
             agent_version=self.heartbeat.version if self.heartbeat else "",
             active_jobs=active_jobs,
+            admission=self.admin.admission,
+            public_key=self.admin.public_key,
+            requested_key=self.admin.requested_key,
+            approved_by=self.admin.approved_by,
         )
+        if self.admin.HasField("requested_time"):
+            cluster.requested_time.CopyFrom(self.admin.requested_time)
         if self.last_seen:
             cluster.last_heartbeat.CopyFrom(timestamps.at(self.last_seen))
             cluster.heartbeat_age_seconds = max(0.0, now - self.last_seen)

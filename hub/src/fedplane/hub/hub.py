@@ -15,6 +15,7 @@ and beside the cluster registry (clusters.py); each concern is a driver over the
   lost.py       the jobs of lost clusters, by their disconnect policy
   feed.py       the watch on the hub's own status keys, into the table and the event log
   api.py        reads and administration (get, list, stats, cancel, explain, cordon, watch)
+  admission.py  which agents take part: the NATS auth callout, approving and removing clusters
   leader.py     leadership among replicas: the leader lease, and the fence of its writes
 
 Every replica takes submits, serves reads from its watch-fed table, and accepts cancels; only
@@ -26,17 +27,18 @@ Time comes from an injected Clock, so that tests can drive it.
 from __future__ import annotations
 
 import asyncio
-
-from aetcd import exceptions as etcd_errors
+from pathlib import Path
 
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Weights
 from fedplane.hub import convert
+from fedplane.hub.admission import ClusterAdmission
 from fedplane.hub.api import HubApi
 from fedplane.hub.clock import SYSTEM, Clock
 from fedplane.hub.clusters import ClusterRegistry, health_thresholds
 from fedplane.hub.commands import CommandSender, create_command, delete_command
 from fedplane.hub.errors import HubError
+from fedplane.hub.etcd import EtcdCredentials, EtcdError
 from fedplane.hub.events import EventLog
 from fedplane.hub.feed import StatusFeed
 from fedplane.hub.intake import Intake
@@ -59,6 +61,17 @@ S = sm.S
 EVENT_BUFFER = 20_000
 
 
+def nats_credentials(config: HubConfig, seed_file: str = "") -> bus.Credentials:
+    """The hub's NATS identity (its NKey, which nats-server's auth callout lets through; or
+    `seed_file`'s) and TLS."""
+    tls = config.nats_tls
+    seed_file = seed_file or config.nats_auth.seed_file
+    return bus.Credentials(
+        seed=Path(seed_file).read_bytes().strip() if seed_file else b"",
+        tls=bus.tls_context(tls.ca_file, tls.cert_file, tls.key_file),
+    )
+
+
 class Hub:
     def __init__(
         self, config: HubConfig, store: Store, nc: bus.Connection, js: bus.JetStream, clock: Clock = SYSTEM
@@ -74,8 +87,12 @@ class Hub:
         self.commands = CommandSender(js)
         self.intake = Intake(self.table, clock)
         self.scheduler = Scheduler(self.table, self.registry, self.commands, clock, config)
-        self.statuses = StatusIntake(self.table, self.registry, clock)
-        self.reports = ClusterReports(self.table, self.registry, store, clock)
+        self.admission = ClusterAdmission(config, self.registry, self.table, store, clock)
+        admitted = self.admission.admitted
+        self.statuses = StatusIntake(self.table, self.registry, clock, admitted)
+        self.reports = ClusterReports(
+            self.table, self.registry, store, clock, admitted, register_on_contact=not self.admission.enabled
+        )
         self.retention = Retention(self.table, clock, config.finished_job_retention_seconds)
         self.feed = StatusFeed(self.table, self.events)
         self.lost = LostClusterJobs(self.table, self.registry, self.commands, clock, config)
@@ -106,11 +123,22 @@ class Hub:
             config.etcd_prefix,
             max_txn_ops=config.etcd_max_txn_ops,
             allow_unsafe_version=config.etcd_allow_unsafe_version,
+            credentials=EtcdCredentials.load(
+                config.etcd_endpoint, config.etcd_tls, config.etcd_username, config.etcd_password_file
+            ),
         )
-        nc = await bus.connect(config.nats_url, f"fedplane-hub-{config.hub_id}")
+        nc = await bus.connect(
+            config.nats_url, f"fedplane-hub-{config.hub_id}", credentials=nats_credentials(config)
+        )
         js = bus.jetstream(nc)
         await bus.ensure_streams(js, config.stream_max_age_seconds)
         hub = cls(config, store, nc, js, clock)
+        if config.nats_auth.system_seed_file:
+            hub.admission.system = await bus.connect(
+                config.nats_url,
+                f"fedplane-hub-{config.hub_id}-system",
+                credentials=nats_credentials(config, config.nats_auth.system_seed_file),
+            )
         await hub._recover()
         return hub
 
@@ -141,7 +169,8 @@ class Hub:
             asyncio.create_task(self.liveness.run(), name="hub-liveness"),
             asyncio.create_task(self.leadership.run(), name="hub-leadership"),
         ]
-        self._subs = await self.reports.subscribe(self.nc, self.js)
+        self._subs = await self.admission.serve(self.nc, self.js)
+        self._subs += await self.reports.subscribe(self.nc, self.js)
 
     async def _lead(self, fence: Fence) -> None:
         """Take over: hold the capacity of the jobs on clusters, re-send what may be unsent,
@@ -210,7 +239,7 @@ class Hub:
         """Who leads and every replica, as etcd has it."""
         try:
             return await hub_status(self.store, self.leadership.me.id, self.config.leader_lease_seconds)
-        except etcd_errors.ClientError as exc:
+        except EtcdError as exc:
             raise HubError("UNAVAILABLE", f"the hub cannot reach etcd: {' '.join(str(exc).split())}") from exc
 
     def _is_stopping(self) -> bool:
@@ -232,4 +261,6 @@ class Hub:
         for sub in self._subs:
             await tasks.bounded(bus.unsubscribe(sub), 2, "unsubscribe")
         await tasks.bounded(bus.close(self.nc), 5, "NATS close")
+        if self.admission.system is not None:
+            await tasks.bounded(bus.close(self.admission.system), 5, "NATS close")
         await tasks.bounded(self.store.close(), 5, "etcd close")

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
-from fedplane.hub.errors import HubError
 from fedplane.hub.table import JobRecord, JobTable, NewJob
-from fedplane.hub.validation import validate_spec
+from fedplane.hub.validation import refusal, validate_spec
 from fedplane.runtime import logs, telemetry, timestamps
 from fedplane.v1 import types_pb2 as pb
 
@@ -38,17 +37,24 @@ class Intake:
         self._waiting: list[tuple[list[NewJob], asyncio.Future[_Stored]]] = []
         self._ready = asyncio.Event()
 
-    async def submit(self, items: Sequence[tuple[pb.JobSpec, str]], batch: bool) -> list[tuple[pb.Job, bool]]:
+    async def submit(
+        self, items: Sequence[tuple[pb.JobSpec, str]], batch: bool, submitted_by: str = ""
+    ) -> list[tuple[pb.Job, bool]]:
         """Store jobs (all of them or, on an invalid spec, none); each answered by its job and
-        whether this call created it (not when its idempotency key was already taken)."""
+        whether this call created it (not when its idempotency key was already taken).
+
+        `submitted_by` is the caller's name ("" without authentication); idempotency keys are
+        scoped to it, so another caller's key never finds (nor reveals) this caller's job."""
         problems: list[str] = []
         for i, (spec, key) in enumerate(items):
             where = f"jobs[{i}]." if batch else ""
             problems += validate_spec(spec, f"{where}spec")
             if len(key) > MAX_IDEMPOTENCY_KEY:
                 problems.append(f"{where}idempotency_key: longer than {MAX_IDEMPOTENCY_KEY} characters")
+            if "\x00" in key:
+                problems.append(f"{where}idempotency_key: must not contain a NUL character")
         if problems:
-            raise HubError("INVALID_ARGUMENT", "; ".join(problems))
+            raise refusal(problems)
         table = self.table
         now = self.clock.time()
         trace_context = telemetry.inject()
@@ -71,6 +77,7 @@ class Intake:
                 idempotency_key=key,
                 trace_context=trace_context,
                 create_time=created_at,
+                submitted_by=submitted_by,
             )
             job.spec.queue = job.spec.queue or "default"
             if key:

@@ -29,8 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from aetcd import rpc
-
+from fedplane.hub.etcdpb import rpc_pb2 as rpc
 from fedplane.hub.store import Fence, Store, _Txn
 from fedplane.runtime import logs, tasks
 from fedplane.runtime.version import __version__
@@ -153,8 +152,7 @@ class Leadership:
             await asyncio.sleep(min(1.0, self.ttl / 4))
 
     async def _one_lease(self) -> None:
-        lease = await self.client.lease(self.ttl)
-        self.lease_id = int(lease.id)
+        self.lease_id = await self.client.grant_lease(self.ttl)
         self._renewed = time.monotonic()
         self._lost.clear()
         keepalive = asyncio.create_task(self._keep_alive(), name="hub-leader-keepalive")
@@ -181,14 +179,14 @@ class Leadership:
             await asyncio.sleep(self.ttl / 3)
             sent = time.monotonic()
             try:
-                reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), self.ttl / 3)
+                ttl = await asyncio.wait_for(self.client.keep_alive_once(self.lease_id), self.ttl / 3)
             except Exception as exc:
                 log.warning("leader lease keepalive failed", error=" ".join(str(exc).split()))
                 if time.monotonic() >= self._renewed + self.ttl:
                     self._lost.set()
                     return
                 continue
-            if reply is None or int(reply.TTL) <= 0:
+            if ttl <= 0:
                 log.warning("lease expired in etcd", replica=self.me.id)
                 self._lost.set()
                 return

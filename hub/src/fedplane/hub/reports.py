@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
+from google.protobuf.message import DecodeError
+
 from fedplane.core import dispatch as sm
 from fedplane.core import health as hl
 from fedplane.core.health import Health
@@ -28,14 +30,29 @@ from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
+# The most workloads one orphan query may ask about (an agent sends them in chunks of this).
+MAX_ORPHAN_QUERY = 5000
 
 
 class ClusterReports:
-    def __init__(self, table: JobTable, registry: ClusterRegistry, store: JobStore, clock: Clock) -> None:
+    def __init__(
+        self,
+        table: JobTable,
+        registry: ClusterRegistry,
+        store: JobStore,
+        clock: Clock,
+        admitted: Callable[[str], bool] = lambda _cluster: True,
+        register_on_contact: bool = True,
+    ) -> None:
         self.table = table
         self.registry = registry
         self.store = store
         self.clock = clock
+        # Whether the hub acts on what a cluster sends (admission.ClusterAdmission.admitted);
+        # and whether a cluster heard of for the first time is recorded (only without admission,
+        # where hearing of it is all there is to joining).
+        self.admitted = admitted
+        self.register_on_contact = register_on_contact
         self.ready: frozenset[str] = frozenset()
         # Each cluster's health as last logged.
         self.health: dict[str, int] = {}
@@ -47,7 +64,7 @@ class ClusterReports:
         subs.append(await bus.serve_requests(nc, "gc", self.answer_orphan_query))
         return subs
 
-    async def answer_orphan_query(self, query_bytes: bytes) -> bytes:
+    async def answer_orphan_query(self, sender: str, query_bytes: bytes) -> bytes:
         """Answer an agent's garbage-collection question from the dispatch records (a query that
         fails to parse is logged by the bus and left unanswered: the agent skips that round).
 
@@ -57,7 +74,17 @@ class ClusterReports:
         is never one (`is_orphan`). A wrong "orphan" would delete a running job.
         """
         query = agent_pb.OrphanQuery.FromString(query_bytes)
-        orphans = []
+        orphans: list[agent_pb.WorkloadRef] = []
+        if query.cluster != sender or not self.admitted(sender):
+            # A cluster asks only about itself, and only while it is admitted.
+            log.warning("orphan query dropped", cluster=sender[:80], claimed_cluster=query.cluster[:80])
+            return agent_pb.OrphanReply(orphans=orphans).SerializeToString()
+        if len(query.workloads) > MAX_ORPHAN_QUERY:
+            # Each unknown job costs an etcd read: a forged query must not turn into a flood.
+            log.warning(
+                "orphan query dropped: too many workloads", cluster=sender, count=len(query.workloads)
+            )
+            return agent_pb.OrphanReply(orphans=orphans).SerializeToString()
         jobs = self.table.jobs
         for ref in query.workloads:
             record = jobs.get(ref.job_id)
@@ -78,25 +105,38 @@ class ClusterReports:
                 # Never registered, never stored: a name no agent may have (a DNS label).
                 log.warning("report dropped: not a valid cluster name", cluster=cluster[:80])
                 return
+            if not self.register_on_contact and not self.admitted(cluster):
+                log.debug("report dropped: its cluster is not admitted", cluster=cluster, kind=kind)
+                return
+            # Parsed before anything else: bytes that are no report register no cluster.
+            report = _parse_report(kind, msg.data)
+            if report is None:
+                log.warning(
+                    "report dropped: it does not parse", cluster=cluster, kind=kind, bytes=len(msg.data)
+                )
+                return
             state, added = self.registry.get_or_add(cluster)
             if added and await self.store.create_cluster(cluster, state.admin.SerializeToString()):
                 log.info("cluster registered", cluster=cluster)
+            if not self.admitted(cluster):
+                log.debug("report dropped: its cluster is not admitted", cluster=cluster, kind=kind)
+                return
             now = self.clock.time()
             stamped = bus.stored_at(msg)
             if stamped is None:
                 stamped = now
-            if kind == "heartbeat":
-                state.heartbeat = agent_pb.Heartbeat.FromString(msg.data)
+            if isinstance(report, agent_pb.Heartbeat):
+                state.heartbeat = report
                 state.last_seen = min(max(state.last_seen, stamped), now)
                 self.registry.heard(cluster)
                 self.check_health((cluster,))
-            elif kind == "inventory":
-                state.apply_inventory(agent_pb.Inventory.FromString(msg.data))
+            elif isinstance(report, agent_pb.Inventory):
+                state.apply_inventory(report)
                 state.last_seen = max(state.last_seen, min(stamped, now))
                 self.check_health((cluster,))
                 self.table.capacity_changed()
-            elif kind == "datasets":
-                state.datasets = agent_pb.DataLocalityReport.FromString(msg.data)
+            else:
+                state.datasets = report
                 self.table.capacity_changed()
         except Exception:
             log.exception("bad cluster report", subject=msg.subject)
@@ -146,6 +186,26 @@ class ClusterReports:
         while True:
             await self.clock.sleep(min(5.0, max(0.2, self.registry.thresholds.shortest_unknown / 4)))
             self.check_health()
+
+
+def _parse_report(
+    kind: str, data: bytes
+) -> agent_pb.Heartbeat | agent_pb.Inventory | agent_pb.DataLocalityReport | None:
+    """The report a message of `kind` carries; None when it does not parse (or is no report)."""
+    report: agent_pb.Heartbeat | agent_pb.Inventory | agent_pb.DataLocalityReport
+    if kind == "heartbeat":
+        report = agent_pb.Heartbeat()
+    elif kind == "inventory":
+        report = agent_pb.Inventory()
+    elif kind == "datasets":
+        report = agent_pb.DataLocalityReport()
+    else:
+        return None
+    try:
+        report.ParseFromString(data)
+    except DecodeError:
+        return None
+    return report
 
 
 def _log_change(

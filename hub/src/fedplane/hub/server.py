@@ -10,10 +10,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from fedplane.hub import decoding
+from fedplane.hub.gatekeeper import AuthInterceptor
 from fedplane.hub.hub import Hub
+from fedplane.hub.identity import Authenticator, ConfigFileError
 from fedplane.hub.service import ClusterService, HubService, JobService
 from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
-from fedplane.runtime.config import HubConfig, StartupError, TlsConfig, load_hub
+from fedplane.runtime.config import ConfigError, HubConfig, StartupError, TlsConfig, load_hub, unsecured
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 
 log = logs.get("fedplane.hub")
@@ -51,15 +54,27 @@ class HubServer:
             credentials = server_credentials(config.tls)
         except OSError as exc:
             raise StartupError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+        try:
+            authenticator = Authenticator.of(config.auth, config.tls.require_client_cert)
+        except ConfigFileError as exc:
+            raise StartupError(str(exc)) from None
         hub = await Hub.start(config)
         # No SO_REUSEPORT (gRPC turns it on by default): a second hub on the same port must fail
         # to start, not silently share the port and half the calls.
+        # A request over max_request_bytes is refused by gRPC (RESOURCE_EXHAUSTED) before it is read.
         server = grpc.aio.server(
-            interceptors=[telemetry.grpc_server_interceptor()], options=[("grpc.so_reuseport", 0)]
+            # Authentication after telemetry, so that refused calls are traced too.
+            interceptors=[telemetry.grpc_server_interceptor(), AuthInterceptor(authenticator)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+            ],
         )
-        hub_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
-        hub_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterService(hub), server)
-        hub_pb2_grpc.add_HubServiceServicer_to_server(HubService(hub), server)
+        # Every method refuses a request that does not parse or exceeds the input limits with
+        # INVALID_ARGUMENT, before its servicer runs (decoding.py).
+        decoding.register(hub_pb2_grpc.add_JobServiceServicer_to_server, JobService(hub), server)
+        decoding.register(hub_pb2_grpc.add_ClusterServiceServicer_to_server, ClusterService(hub), server)
+        decoding.register(hub_pb2_grpc.add_HubServiceServicer_to_server, HubService(hub), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -87,6 +102,7 @@ class HubServer:
             port=port,
             hub_id=config.hub_id,
             tls="mutual" if config.tls.require_client_cert else "on" if credentials else "off",
+            auth="on" if authenticator else "off (every caller may do everything)",
         )
         return cls(hub, server, port, health)
 
@@ -107,6 +123,14 @@ async def serve(config: HubConfig) -> None:
 def main(config_path: str | None) -> None:
     config = load_hub(config_path)
     logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    missing = unsecured(config)
+    if missing and not config.insecure:
+        raise ConfigError(
+            f"not secure: {'; '.join(missing)} not configured. Configure them (docs/security.md), or"
+            " set insecure: true for a development setup"
+        )
+    for what in missing:
+        log.warning(f"INSECURE: {what} is off (insecure: true); do not run this in production")
     gcpolicy.for_daemon()
     telemetry.configure("fedplane-hub", config.telemetry.exporter, config.telemetry.endpoint or None)
     try:

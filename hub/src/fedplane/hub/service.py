@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
+from fedplane.hub import audit, identity, scoping
 from fedplane.hub.api import JobFilter
+from fedplane.hub.authz import Permission
 from fedplane.hub.errors import HubError
+from fedplane.hub.etcd import EtcdUnavailable
 from fedplane.hub.hub import Hub
 from fedplane.runtime import bus
 from fedplane.v1 import hub_pb2 as hub_pb
@@ -26,7 +28,7 @@ async def _call(context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Aw
     except HubError as exc:
         await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         raise  # unreachable: abort raises
-    except (ConnectionFailedError, ConnectionTimeoutError) as exc:
+    except EtcdUnavailable as exc:
         # Nothing was decided: the client may retry (with the same idempotency key).
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"the hub cannot reach etcd: {exc}")
         raise
@@ -53,9 +55,11 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: hub_pb.SubmitJobRequest, context: Any) -> hub_pb.SubmitJobResponse:
         async def run() -> hub_pb.SubmitJobResponse:
+            scoping.check_submit([request.spec])
             [(job, created)] = await self.hub.intake.submit(
-                [(request.spec, request.idempotency_key)], batch=False
+                [(request.spec, request.idempotency_key)], batch=False, submitted_by=scoping.submitter()
             )
+            audit.note_jobs([job.id])
             return hub_pb.SubmitJobResponse(job=job, created=created)
 
         return await _call(context, run)
@@ -66,9 +70,13 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
                 raise HubError("INVALID_ARGUMENT", "jobs: at least one job is required")
             if len(request.jobs) > 10_000:
                 raise HubError("INVALID_ARGUMENT", f"jobs: {len(request.jobs)} jobs; at most 10000 per call")
+            scoping.check_submit(r.spec for r in request.jobs)
             results = await self.hub.intake.submit(
-                [(r.spec, r.idempotency_key) for r in request.jobs], batch=True
+                [(r.spec, r.idempotency_key) for r in request.jobs],
+                batch=True,
+                submitted_by=scoping.submitter(),
             )
+            audit.note_jobs(job.id for job, _ in results)
             return hub_pb.SubmitJobsResponse(
                 results=[hub_pb.SubmitJobResponse(job=job, created=created) for job, created in results]
             )
@@ -78,13 +86,21 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
     async def GetJob(self, request: hub_pb.GetJobRequest, context: Any) -> pb.Job:
         async def run() -> pb.Job:
             _need(request.job_id, "job_id")
+            scoping.check_job(self.hub.table.jobs.get(request.job_id), request.job_id, Permission.READ_JOBS)
             return self.hub.api.get(request.job_id)
 
         return await _call(context, run)
 
     async def ListJobs(self, request: hub_pb.ListJobsRequest, context: Any) -> hub_pb.ListJobsResponse:
         async def run() -> hub_pb.ListJobsResponse:
-            flt = JobFilter(request.queue, frozenset(request.states), request.cluster, dict(request.labels))
+            scoping.check_queue_filter(request.queue)
+            flt = JobFilter(
+                request.queue,
+                frozenset(request.states),
+                request.cluster,
+                dict(request.labels),
+                readable=scoping.readable(),
+            )
             jobs, token, revision = self.hub.api.list_jobs(flt, request.page_size, request.page_token)
             return hub_pb.ListJobsResponse(jobs=jobs, next_page_token=token, revision=revision)
 
@@ -93,6 +109,9 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
     async def CancelJob(self, request: hub_pb.CancelJobRequest, context: Any) -> pb.Job:
         async def run() -> pb.Job:
             _need(request.job_id, "job_id")
+            record = self.hub.table.jobs.get(request.job_id)
+            scoping.check_job(record, request.job_id, Permission.CANCEL)
+            audit.note(job_id=request.job_id, queue=record.queue if record else "")
             return await self.hub.api.cancel(request.job_id, request.reason)
 
         return await _call(context, run)
@@ -103,7 +122,11 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
         if request.from_revision < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_revision: must not be negative")
         try:
-            async for event in self.hub.api.watch(request.from_revision, request.queue, request.job_ids):
+            scoping.check_queue_filter(request.queue)
+            events = self.hub.api.watch(
+                request.from_revision, request.queue, request.job_ids, readable=scoping.readable()
+            )
+            async for event in events:
                 yield event
         except HubError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -112,6 +135,8 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
         async def run() -> pb.Explanation:
             target = request.WhichOneof("target")
             if target == "job_id":
+                record = self.hub.table.jobs.get(request.job_id)
+                scoping.check_job(record, request.job_id, Permission.READ_JOBS)
                 return self.hub.api.explain_job(request.job_id)
             if target == "spec":
                 return self.hub.api.explain_spec(request.spec)
@@ -120,8 +145,12 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
         return await _call(context, run)
 
     async def GetJobStats(self, request: hub_pb.GetJobStatsRequest, context: Any) -> hub_pb.JobStats:
-        by_state, total, revision = self.hub.api.job_stats(request.queue)
-        return hub_pb.JobStats(by_state=by_state, total=total, revision=revision)
+        async def run() -> hub_pb.JobStats:
+            scoping.check_queue_filter(request.queue)
+            by_state, total, revision = self.hub.api.job_stats(request.queue, scoping.readable())
+            return hub_pb.JobStats(by_state=by_state, total=total, revision=revision)
+
+        return await _call(context, run)
 
 
 class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
@@ -143,6 +172,7 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
     async def CordonCluster(self, request: hub_pb.CordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
             _cluster_name(request.name)
+            audit.note(cluster=request.name)
             return await self.hub.api.set_cordon(
                 request.name, True, request.reason or "cordoned by an operator"
             )
@@ -152,7 +182,31 @@ class ClusterService(hub_pb2_grpc.ClusterServiceServicer):
     async def UncordonCluster(self, request: hub_pb.UncordonClusterRequest, context: Any) -> pb.Cluster:
         async def run() -> pb.Cluster:
             _cluster_name(request.name)
+            audit.note(cluster=request.name)
             return await self.hub.api.set_cordon(request.name, False, "")
+
+        return await _call(context, run)
+
+    async def ApproveCluster(self, request: hub_pb.ApproveClusterRequest, context: Any) -> pb.Cluster:
+        async def run() -> pb.Cluster:
+            _cluster_name(request.name)
+            audit.note(cluster=request.name)
+            return await self.hub.admission.approve(
+                request.name, request.public_key, by=identity.current().name
+            )
+
+        return await _call(context, run)
+
+    async def RemoveCluster(
+        self, request: hub_pb.RemoveClusterRequest, context: Any
+    ) -> hub_pb.RemoveClusterResponse:
+        async def run() -> hub_pb.RemoveClusterResponse:
+            _cluster_name(request.name)
+            audit.note(cluster=request.name)
+            cluster, affected = await self.hub.admission.remove(
+                request.name, request.reason or "removed by an operator", by=identity.current().name
+            )
+            return hub_pb.RemoveClusterResponse(cluster=cluster, jobs_affected=affected)
 
         return await _call(context, run)
 

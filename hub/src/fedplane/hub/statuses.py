@@ -38,10 +38,18 @@ class StatusMessage(bus.Incoming, bus.Ackable, Protocol):
 
 
 class StatusIntake:
-    def __init__(self, table: JobTable, registry: ClusterRegistry, clock: Clock) -> None:
+    def __init__(
+        self,
+        table: JobTable,
+        registry: ClusterRegistry,
+        clock: Clock,
+        admitted: Callable[[str], bool] = lambda _cluster: True,
+    ) -> None:
         self.table = table
         self.registry = registry
         self.clock = clock
+        # Whether the hub acts on what a cluster sends (admission.ClusterAdmission.admitted).
+        self.admitted = admitted
 
     async def run(self, js: bus.JetStream, stopping: Callable[[], bool]) -> None:
         async for msgs in bus.consume_statuses(js, stopping, 2048):
@@ -103,6 +111,10 @@ class StatusIntake:
         traced = telemetry.recording() or logs.debug_enabled()
         for index, msg in enumerate(msgs):
             sender = bus.cluster_of(msg.subject)
+            if not self.admitted(sender):
+                # A removed cluster's live connection, or a message stored before its removal.
+                log.warning("status batch dropped: its cluster is not admitted", cluster=sender[:80])
+                continue
             for update in bus.status_updates_in(msg):
                 if update.cluster != sender:
                     # A cluster may speak only for itself: what it says of another is dropped.

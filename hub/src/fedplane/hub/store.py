@@ -22,16 +22,23 @@ import collections
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-import aetcd
-from aetcd import exceptions as etcd_errors
-from aetcd import rpc
-from aetcd.exceptions import ClientError
 from grpc import aio as grpc_aio
 
+from fedplane.hub.etcd import (
+    PLAINTEXT,
+    EtcdClient,
+    EtcdCredentials,
+    EtcdError,
+    EtcdRefused,
+    prefix_end,
+    startup_failure,
+)
+from fedplane.hub.etcdpb import kv_pb2
+from fedplane.hub.etcdpb import rpc_pb2 as rpc
 from fedplane.runtime import logs
 from fedplane.runtime.config import StartupError
 
@@ -189,22 +196,6 @@ def etcd_version_problem(version: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _etcd_errors() -> Iterator[None]:
-    """gRPC failures of a call made on aetcd's channel, raised as aetcd's exceptions (as its own
-    calls raise them, and as the hub's callers expect)."""
-    try:
-        yield
-    except rpc.AioRpcError as exc:
-        etcd_errors._handle_exception(exc)
-        raise
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The range end that makes a range or watch cover every key starting with `prefix`."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
 _CREATE = rpc.Compare.CREATE
 _MOD = rpc.Compare.MOD
 
@@ -265,7 +256,7 @@ class Store:
     """JobStore on etcd."""
 
     def __init__(
-        self, client: aetcd.Client, prefix: str = "/fedplane", max_txn_ops: int = 128, rpc_timeout: float = 10
+        self, client: EtcdClient, prefix: str = "/fedplane", max_txn_ops: int = 128, rpc_timeout: float = 10
     ) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
@@ -281,19 +272,21 @@ class Store:
         rpc_timeout: int = 10,
         max_txn_ops: int = 128,
         allow_unsafe_version: bool = False,
+        credentials: EtcdCredentials = PLAINTEXT,
     ) -> Store:
-        """Connect, and refuse an etcd release with a known data-loss bug unless
-        `allow_unsafe_version` (the hub's etcd_allow_unsafe_version)."""
-        host, _, port = endpoint.removeprefix("http://").rpartition(":")
-        client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=rpc_timeout)
+        """Connect with `credentials` (EtcdCredentials.load: TLS, a client certificate, a
+        password), check that the hub's etcd user may use `prefix`, and refuse an etcd release
+        with a known data-loss bug unless `allow_unsafe_version` (etcd_allow_unsafe_version).
+        Any failure is a one-line StartupError that says what to change."""
+        client = EtcdClient(endpoint, credentials, rpc_timeout)
+        store = cls(client, prefix, max_txn_ops, rpc_timeout)
         try:
-            await client.connect()
-            store = cls(client, prefix, max_txn_ops, rpc_timeout)
-            await store.revision()  # fail fast when etcd is unreachable
+            await client.authenticate()
+            await store.revision()  # fail fast when etcd is unreachable or the prefix is not ours
             version = await store.server_version()
-        except ClientError as exc:
+        except EtcdError as exc:
             await client.close()
-            raise StartupError(f"cannot reach etcd at {endpoint}: {' '.join(str(exc).split())}") from exc
+            raise StartupError(startup_failure(endpoint, credentials, store.prefix, exc)) from exc
         problem = etcd_version_problem(version)
         if problem and not allow_unsafe_version:
             await client.close()
@@ -303,15 +296,20 @@ class Store:
             )
         if problem:
             log.warning("running on an unsafe etcd (etcd_allow_unsafe_version)", problem=problem)
+        if credentials.username and not credentials.tls:
+            log.warning("the etcd password crosses the network in plaintext: set etcd_tls", endpoint=endpoint)
+        log.info(
+            "etcd connected",
+            endpoint=endpoint,
+            version=version,
+            tls="on" if credentials.tls else "off",
+            auth="password" if credentials.username else "certificate" if credentials.cert else "none",
+        )
         return store
 
     async def server_version(self) -> str:
         """The etcd server's release, from the maintenance Status call of the member answering."""
-        with _etcd_errors():
-            status = await self.client.maintenancestub.Status(
-                rpc.StatusRequest(), timeout=self.rpc_timeout, metadata=self.client.metadata
-            )
-        return str(status.version)
+        return str((await self.client.status()).version)
 
     async def close(self) -> None:
         await self.client.close()
@@ -334,16 +332,19 @@ class Store:
         return f"{self.prefix}/clusters/{name}".encode()
 
     async def revision(self) -> int:
-        result = await self.client.get_prefix(f"{self.prefix}/none/".encode(), keys_only=True)
-        return int(result.header.revision) if hasattr(result, "header") else 0
+        """etcd's current revision, read under the prefix (a role limited to it may read it)."""
+        request = rpc.RangeRequest(key=f"{self.prefix}/none/".encode(), keys_only=True, limit=1)
+        with self.client.errors():
+            response = await self.client.kv.Range(
+                request, timeout=self.rpc_timeout, metadata=self.client.metadata
+            )
+        return int(response.header.revision)
 
     async def _txn(self, txn: _Txn) -> Any:
-        """Send one transaction on aetcd's channel (see _Txn); errors are raised as aetcd's
-        exceptions, as its own calls raise them."""
-        with _etcd_errors():
-            return await self.client.kvstub.Txn(
-                txn.request, timeout=self.rpc_timeout, metadata=self.client.metadata
-            )
+        """Send one transaction (see _Txn); failures are raised as EtcdErrors."""
+        client = self.client
+        with client.errors():
+            return await client.kv.Txn(txn.request, timeout=self.rpc_timeout, metadata=client.metadata)
 
     # jobs
     def _create_ops(self, job: JobToCreate, txn: _Txn) -> None:
@@ -416,11 +417,12 @@ class Store:
 
     async def _pages(self, prefix: bytes, revision: int) -> AsyncIterator[list[Any]]:
         """Every key under `prefix` at `revision`, a page at a time (a million jobs do not fit one reply)."""
-        end = _prefix_end(prefix)
+        end = prefix_end(prefix)
         start = prefix
         while True:
             request = rpc.RangeRequest(key=start, range_end=end, limit=_PAGE, revision=revision)
-            response = await self.client.kvstub.Range(request, timeout=60, metadata=self.client.metadata)
+            with self.client.errors():
+                response = await self.client.kv.Range(request, timeout=60, metadata=self.client.metadata)
             if response.kvs:
                 yield list(response.kvs)
             if not response.more or not response.kvs:
@@ -517,12 +519,12 @@ class Store:
         order; raises RevisionCompacted when that history is gone.
 
         A watch stream of its own, read as protobuf: the hub's every status write comes back
-        through one, and aetcd's watcher builds several Python objects per event on top.
+        through one, and a client library's watcher builds several Python objects per event on top.
         """
         create = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
                 key=prefix,
-                range_end=_prefix_end(prefix),
+                range_end=prefix_end(prefix),
                 start_revision=from_revision + 1,
                 filters=[] if deletes else [rpc.WatchCreateRequest.NODELETE],
             )
@@ -532,17 +534,18 @@ class Store:
             yield create
             await asyncio.Event().wait()  # keep the stream open until the call is cancelled
 
-        call = rpc.WatchStub(self.client.channel).Watch(requests(), metadata=self.client.metadata)
-        delete = rpc.Event.DELETE
+        call = self.client.watch.Watch(requests(), metadata=self.client.metadata)
+        delete = kv_pb2.Event.DELETE
         try:
-            with _etcd_errors():
+            with self.client.errors():
                 async for response in call:
                     if response.compact_revision:
                         raise RevisionCompacted(int(response.compact_revision))
                     if response.canceled:
-                        raise ClientError(
-                            f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}"
-                        )
+                        # A range the hub's etcd role may not read is refused this way.
+                        reason = response.cancel_reason or "no reason given"
+                        failure = EtcdRefused if "permission denied" in reason else EtcdError
+                        raise failure(f"etcd cancelled the watch: {reason}")
                     for event in response.events:
                         yield event.type == delete, event.kv
         finally:
@@ -628,6 +631,12 @@ class Store:
             else:
                 yield AliveKey(name, int(kv.lease), int(kv.mod_revision), kv.value)
 
+    async def delete_alive(self, name: str) -> None:
+        """Delete a cluster's alive key (a removed cluster): every replica's watch sees it lost."""
+        txn = _Txn()
+        txn.delete(self.alive_key(name))
+        await self._txn(txn)
+
     async def grant_cluster_leases(self, grants: Sequence[LeaseGrant], fence: Fence) -> list[AliveKey | None]:
         """Bind each cluster's alive key to a new lease of the grant's TTL: create the key if it
         is absent (`replace` 0), or move it from lease `replace` (a new TTL); for each, the key as
@@ -638,10 +647,10 @@ class Store:
         """
         if not grants:
             return []
-        with _etcd_errors():
+        with self.client.errors():
             granted = await asyncio.gather(
                 *(
-                    self.client.leasestub.LeaseGrant(
+                    self.client.lease.LeaseGrant(
                         rpc.LeaseGrantRequest(TTL=g.ttl),
                         timeout=self.rpc_timeout,
                         metadata=self.client.metadata,
@@ -724,7 +733,7 @@ class Store:
             return
         results = await asyncio.gather(
             *(
-                self.client.leasestub.LeaseRevoke(
+                self.client.lease.LeaseRevoke(
                     rpc.LeaseRevokeRequest(ID=lease), timeout=self.rpc_timeout, metadata=self.client.metadata
                 )
                 for lease in leases
@@ -765,7 +774,7 @@ class Store:
             if response.succeeded:
                 return blob
             check_fence(response, fence)
-        raise ClientError(f"the record of cluster {name} kept changing")
+        raise EtcdError(f"the record of cluster {name} kept changing")
 
 
 class AliveKey(NamedTuple):
@@ -824,7 +833,7 @@ class LeaseKeepAlives:
         for lease in leases:
             waiting.append((lease, answers, done))
         try:
-            with _etcd_errors():
+            with self.store.client.errors():
                 for lease in leases:
                     await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
             self.sent += len(leases)
@@ -839,7 +848,7 @@ class LeaseKeepAlives:
             await self.close()  # the stream failed since the last round
         if self._call is None:
             client = self.store.client
-            self._call = rpc.LeaseStub(client.channel).LeaseKeepAlive(metadata=client.metadata)
+            self._call = client.lease.LeaseKeepAlive(metadata=client.metadata)
             self._reader = asyncio.create_task(self._read(self._call), name="etcd-lease-keepalive")
             self.streams += 1
         return self._call
@@ -850,18 +859,18 @@ class LeaseKeepAlives:
             while True:
                 response = await call.read()
                 if response is grpc_aio.EOF:
-                    raise ClientError("etcd closed the lease keepalive stream")
+                    raise EtcdError("etcd closed the lease keepalive stream")
                 if not waiting:
                     continue
                 lease, answers, done = waiting.popleft()
                 if int(response.ID) != lease:
-                    raise ClientError(f"keepalive answer for lease {response.ID:x}, expected {lease:x}")
+                    raise EtcdError(f"keepalive answer for lease {response.ID:x}, expected {lease:x}")
                 answers[lease] = int(response.TTL)
                 if (not waiting or waiting[0][2] is not done) and not done.done():
                     done.set_result(None)  # the round's last answer
         except Exception as exc:
             # Every round still waiting fails with it (a round waits while requests are queued).
-            failure = _as_client_error(exc)
+            failure = self.store.client.failure(exc)
             rounds = {id(done): done for _, _, done in waiting}
             waiting.clear()
             for done in rounds.values():
@@ -880,14 +889,3 @@ class LeaseKeepAlives:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-
-
-def _as_client_error(exc: Exception) -> Exception:
-    """A gRPC failure as aetcd's exception for it (as _etcd_errors raises it)."""
-    failure = exc
-    if isinstance(exc, rpc.AioRpcError):
-        try:
-            etcd_errors._handle_exception(exc)
-        except Exception as converted:
-            failure = converted
-    return failure

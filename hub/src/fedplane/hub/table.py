@@ -36,6 +36,15 @@ def _nothing() -> None:
 _HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
 
 
+def stored_idempotency_key(submitted_by: str, key: str) -> str:
+    """The idempotency key as stored: scoped to its submitter, so that knowing another caller's
+    key finds nothing. A hub without authentication (no submitter) keeps the bare keys it always
+    stored. Keys hold no NUL (the intake refuses one), so the scoped form never equals a bare key."""
+    if not key or not submitted_by:
+        return key
+    return f"{submitted_by}\x00{key}"
+
+
 @dataclass(slots=True)
 class JobRecord:
     """A job as the hub holds it: serialized, with the few fields it reads often kept parsed.
@@ -56,6 +65,7 @@ class JobRecord:
     cluster: str
     generation: int
     queue: str
+    # As etcd holds it: scoped to the submitter (see stored_idempotency_key).
     idempotency_key: str
 
     @classmethod
@@ -71,7 +81,7 @@ class JobRecord:
             status.cluster,
             status.generation,
             job.spec.queue,
-            job.idempotency_key,
+            stored_idempotency_key(job.submitted_by, job.idempotency_key),
         )
 
     @classmethod
@@ -134,7 +144,7 @@ class NewJob:
             status.cluster,
             status.generation,
             job.spec.queue,
-            job.idempotency_key,
+            stored_idempotency_key(job.submitted_by, job.idempotency_key),
         )
         return cls(record, job)
 

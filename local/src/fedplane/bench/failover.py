@@ -329,6 +329,7 @@ class Federation:
         settings = {
             "listen": f"{HOST}:{port}",
             "replica_id": name,
+            "insecure": True,
             "etcd_endpoint": self.etcd.address,
             "nats_url": self.nats_url,
             "leader_lease_seconds": lease,

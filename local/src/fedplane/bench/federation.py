@@ -44,6 +44,7 @@ from fedplane.bench import loadgen
 from fedplane.bench.fleet import cluster_name
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.local import servers as embedded
+from fedplane.local.security import LocalSecurity
 from fedplane.runtime.version import __version__
 from fedplane.v1 import types_pb2 as pb
 
@@ -96,6 +97,9 @@ class BenchParams:
     drain_seconds: float = 0.0
     # Bound on the measured load (submitting and waiting for every job to run), seconds.
     timeout: float = 600.0
+    # Run as production must: TLS and a token on gRPC, etcd over TLS with RBAC, agents
+    # admitted by key through the hub's NATS auth callout (what security costs is measured so).
+    secure: bool = False
 
     @property
     def capacity_cpus(self) -> int:
@@ -107,8 +111,10 @@ class BenchParams:
         queued = self.queued if not self.drain_seconds else 0
         return _pods(self.jobs, self.gangs) + _pods(queued, self.gangs)
 
-    def load_params(self, hub: str, run_id: str) -> loadgen.LoadParams:
+    def load_params(self, hub: str, run_id: str, ca_file: str = "", token: str = "") -> loadgen.LoadParams:
         return loadgen.LoadParams(
+            ca_file=ca_file,
+            token=token,
             hub=hub,
             jobs=self.jobs,
             rate=self.rate,
@@ -356,19 +362,38 @@ async def _bench(
     say: Progress,
 ) -> dict[str, Any]:
     run_id = f"b{int(time.time() * 1000):x}"
-    say(f"starting etcd and NATS in {root}")
-    etcd = embedded.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
-    servers.append(etcd)
-    nats = embedded.start_nats(root / "nats")
+    say(f"starting etcd and NATS in {root}" + (" (secured)" if params.secure else ""))
+    security = LocalSecurity.create(root / "security") if params.secure else None
+    settings: dict[str, Any] = {"insecure": True}
+    if security is not None:
+        etcd, secured = security.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
+        servers.append(etcd)
+        settings = {
+            "etcd_endpoint": secured.endpoint,
+            "etcd_tls": asdict(secured.tls),
+            "tls": {
+                "cert_file": str(security.hub_cert.cert_file),
+                "key_file": str(security.hub_cert.key_file),
+            },
+            "auth": {"tokens_file": str(security.tokens_file)},
+            "nats_auth": security.nats.hub_settings(),
+        }
+    else:
+        etcd = embedded.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
+        servers.append(etcd)
+        settings["etcd_endpoint"] = etcd.address
+    nats = embedded.start_nats(root / "nats", auth=security.nats if security is not None else None)
     servers.append(nats)
     port = embedded.free_port()
     hub_address = f"127.0.0.1:{port}"
+    ca_file = str(security.ca.cert_file) if security is not None else ""
+    token = security.admin_token if security is not None else ""
     config = root / "hub.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "listen": hub_address,
-                "etcd_endpoint": etcd.address,
+                **settings,
                 "nats_url": f"nats://{nats.address}",
                 # Generous: a saturated 2-core machine must not make a cluster look dead.
                 "cluster_unknown_after_seconds": 30.0,
@@ -384,21 +409,24 @@ async def _bench(
     children.append(hub)
     await wait_listening(hub, "127.0.0.1", port)
     say(f"starting {params.clusters} simulated clusters x {params.nodes} nodes")
-    fleet = spawn("fleet", _fleet_args(params, f"nats://{nats.address}"), root)
+    fleet_args = _fleet_args(params, f"nats://{nats.address}")
+    if security is not None:
+        fleet_args.append(f"--bootstrap-token-file={security.nats.bootstrap_token_file}")
+    fleet = spawn("fleet", fleet_args, root)
     children.append(fleet)
     sampler = Sampler(
         {"hub": hub.pid, "fleet": fleet.pid, "etcd": etcd.process.pid, "nats": nats.process.pid}
     )
     sampling = asyncio.create_task(sampler.run(), name="bench-sampler")
     try:
-        async with FedplaneClient(hub_address, interceptors=[], timeout=60.0) as client:
+        async with params.load_params(hub_address, run_id, ca_file, token).client() as client:
             names = [cluster_name(i) for i in range(params.clusters)]
             await wait_ready(client, names, params.nodes, (hub, fleet))
             say(f"{params.clusters} clusters ready")
             backlog = None
             if params.queued:
                 backlog = await _backlog(client, params, names, f"{run_id}-backlog", sampler, hub, say)
-            load = params.load_params(hub_address, run_id)
+            load = params.load_params(hub_address, run_id, ca_file, token)
             say(
                 f"loading: {params.jobs:,} jobs, "
                 f"{f'{params.rate:g} jobs/s' if params.rate else 'as fast as accepted'}, "
@@ -507,6 +535,12 @@ async def _load(
         f"--timeout={load.timeout}",
         f"--out={out}",
     ]
+    if load.ca_file:
+        args.append(f"--ca-file={load.ca_file}")
+    if load.token:
+        # Not on the command line, where every process could read it.
+        token_file = root / "security" / "admin.token"
+        args.append(f"--token-file={token_file}")
     generator = spawn("load generator", args, root)
     children.append(generator)
     sampler.pids["loadgen"] = generator.pid
@@ -682,7 +716,7 @@ def _binary_version(name: str) -> str:
 def versions() -> dict[str, str]:
     """What was measured: this package, the interpreter, the libraries on the hot paths, the servers."""
     out = {"fedplane": __version__, "python": platform.python_version()}
-    for dist in ("grpcio", "protobuf", "nats-py", "aetcd"):
+    for dist in ("grpcio", "protobuf", "nats-py"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -117,6 +117,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-node", type=int, default=0, help="A100 GPUs per node")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds")
     parser.add_argument("--start-delay", type=float, default=0.0, help="admitted -> running, seconds")
+    parser.add_argument(
+        "--bootstrap-token-file", default="", help="present this bootstrap token (NATS with auth callout)"
+    )
     args = parser.parse_args(argv)
     if args.clusters < 1 or args.nodes < 1 or args.node_cpu < 1 or args.gpus_per_node < 0:
         parser.error("--clusters, --nodes and --node-cpu must be at least 1, --gpus-per-node at least 0")
@@ -134,6 +137,8 @@ async def _main(args: argparse.Namespace) -> None:
         heartbeat=args.heartbeat,
         start_delay=args.start_delay,
     )
+    for config in configs:
+        config.bootstrap_token_file = args.bootstrap_token_file
     await run(configs, tasks.stop_event())
 
 

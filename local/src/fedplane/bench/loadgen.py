@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedplane.agent.simulated import DURATION_ANNOTATION
-from fedplane.client.sdk import FedplaneClient, FedplaneError
+from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
 from fedplane.core import dispatch as sm
 from fedplane.v1 import types_pb2 as pb
 
@@ -69,6 +69,13 @@ class LoadParams:
     # Open loop only: the most RPCs in flight before a send must wait (reported when hit).
     max_in_flight: int = 5000
     timeout: float = 600.0
+    # A hub with TLS and token authentication (bench --secure): its CA and the token.
+    ca_file: str = ""
+    token: str = ""
+
+    def client(self) -> FedplaneClient:
+        tls = Tls(ca_file=self.ca_file) if self.ca_file else None
+        return FedplaneClient(self.hub, interceptors=[], timeout=60.0, tls=tls, token=self.token)
 
     @property
     def effective_concurrency(self) -> int:
@@ -442,7 +449,7 @@ def analyse(params: LoadParams, subs: Submissions, jobs: dict[str, pb.Job]) -> d
 async def run(params: LoadParams) -> dict[str, Any]:
     """Submit, wait for every job to start (bounded by params.timeout), read back and analyse."""
     # No tracing interceptors: the client's own overhead should stay out of the figures.
-    async with FedplaneClient(params.hub, interceptors=[], timeout=60.0) as client:
+    async with params.client() as client:
         return await LoadGenerator(client, params).run()
 
 
@@ -463,6 +470,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
     parser.add_argument("--max-in-flight", type=int, default=5000, help="open-loop safety cap on RPCs")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on submitting and waiting, s")
     parser.add_argument("--out", default="-", help="result JSON file ('-' = stdout)")
+    parser.add_argument("--ca-file", default="", help="the hub's CA (TLS)")
+    parser.add_argument("--token-file", default="", help="a file holding the bearer token")
     args = parser.parse_args(argv)
     try:
         gangs = parse_gangs(args.gangs)
@@ -480,6 +489,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
         concurrency=args.concurrency,
         max_in_flight=args.max_in_flight,
         timeout=args.timeout,
+        ca_file=args.ca_file,
+        token=Path(args.token_file).read_text().strip() if args.token_file else "",
     )
     problems = params.problems()
     if problems:
@@ -490,7 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
 def main(argv: Sequence[str] | None = None) -> None:
     params, out = parse_args(argv)
     result = asyncio.run(run(params))
-    result["params"] = asdict(params)
+    result["params"] = {k: v for k, v in asdict(params).items() if k != "token"}
     text = json.dumps(result, indent=2)
     if out == "-":
         sys.stdout.write(text + "\n")

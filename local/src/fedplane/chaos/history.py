@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aetcd import rpc
 
 from fedplane.agent.simulated import read_ledger
 from fedplane.chaos.invariants import Change, Run
+from fedplane.hub.etcdpb import kv_pb2, rpc_pb2_grpc
+from fedplane.hub.etcdpb import rpc_pb2 as rpc
 from fedplane.v1 import types_pb2 as pb
 
 PAGE = 500
@@ -60,7 +61,7 @@ def _change(revision: int, job_id: str, value: bytes, deleted: bool) -> Change:
 async def revision(endpoint: str) -> int:
     """etcd's current revision: every write so far is at or below it."""
     async with _channel(endpoint) as channel:
-        response = await rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"\0", limit=1), timeout=10)
+        response = await rpc_pb2_grpc.KVStub(channel).Range(rpc.RangeRequest(key=b"\0", limit=1), timeout=10)
         return int(response.header.revision)
 
 
@@ -69,7 +70,7 @@ async def current_statuses(endpoint: str, prefix: str) -> dict[str, Change]:
     key = f"{prefix.rstrip('/')}/jobs/status/".encode()
     out: dict[str, Change] = {}
     async with _channel(endpoint) as channel:
-        async for item, _ in _range(rpc.KVStub(channel), key):
+        async for item, _ in _range(rpc_pb2_grpc.KVStub(channel), key):
             job_id = item.key[len(key) :].decode()
             out[job_id] = _change(int(item.mod_revision), job_id, item.value, False)
     return out
@@ -80,7 +81,7 @@ async def read_specs(endpoint: str, prefix: str) -> dict[str, str]:
     key = f"{prefix.rstrip('/')}/jobs/spec/".encode()
     out: dict[str, str] = {}
     async with _channel(endpoint) as channel:
-        async for item, _ in _range(rpc.KVStub(channel), key):
+        async for item, _ in _range(rpc_pb2_grpc.KVStub(channel), key):
             out[item.key[len(key) :].decode()] = pb.Job.FromString(item.value).idempotency_key
     return out
 
@@ -96,7 +97,7 @@ async def read_status_history(endpoint: str, prefix: str, within: float = 60.0) 
     history: dict[str, list[Change]] = {}
     async with _channel(endpoint) as channel:
         newest = 0
-        async for item, _ in _range(rpc.KVStub(channel), key, keys_only=True):
+        async for item, _ in _range(rpc_pb2_grpc.KVStub(channel), key, keys_only=True):
             newest = max(newest, int(item.mod_revision))
         if newest == 0:
             return history
@@ -108,7 +109,7 @@ async def read_status_history(endpoint: str, prefix: str, within: float = 60.0) 
             yield create
             await asyncio.Event().wait()  # the stream stays open until cancelled
 
-        call = rpc.WatchStub(channel).Watch(requests())
+        call = rpc_pb2_grpc.WatchStub(channel).Watch(requests())
         deadline = time.monotonic() + within
         try:
             async with asyncio.timeout(within):
@@ -122,7 +123,7 @@ async def read_status_history(endpoint: str, prefix: str, within: float = 60.0) 
                         item = event.kv
                         seen = int(item.mod_revision)
                         job_id = item.key[len(key) :].decode()
-                        deleted = event.type == rpc.Event.DELETE
+                        deleted = event.type == kv_pb2.Event.DELETE
                         history.setdefault(job_id, []).append(_change(seen, job_id, item.value, deleted))
                     if seen >= newest or time.monotonic() > deadline:
                         break

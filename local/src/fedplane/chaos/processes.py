@@ -284,6 +284,8 @@ class Harness:
         config = {
             "listen": address,
             "replica_id": name,
+            # A chaos run exercises faults, not credentials: its own loopback servers, no auth.
+            "insecure": True,
             "etcd_endpoint": self.etcd_endpoint,
             "etcd_prefix": self.settings.prefix,
             "nats_url": self.nats_url,

@@ -22,6 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedplane.local.natsauth import NatsIdentities
+from fedplane.local.pki import CertificateAuthority
+
 
 class EmbeddedError(RuntimeError):
     pass
@@ -122,6 +125,8 @@ class ServerProcess:
     log_path: Path
     # nats-server only: where it accepts leaf node connections (0: it does not).
     leafnode_port: int = 0
+    # nats-server only: the identities its auth callout runs with (None: anyone may connect).
+    identities: NatsIdentities | None = None
 
     @property
     def address(self) -> str:
@@ -167,27 +172,56 @@ def _spawn(name: str, args: list[str], data_dir: Path, host: str, port: int, tim
     raise EmbeddedError(f"{name} did not listen on {host}:{port} within {timeout}s (log: {log_path})")
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """etcd serving TLS on its client port with `cert_file`, and (with `client_cert_auth`)
+    accepting only clients whose certificate `ca_file` signed; once auth is enabled, such a
+    certificate's common name is the client's etcd user (fedplane.local.etcdauth sets that up)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_auth: bool = True
+
+    @classmethod
+    def issue(cls, ca: CertificateAuthority, name: str = "etcd", client_cert_auth: bool = True) -> EtcdTls:
+        """A server certificate for etcd on loopback, from `ca`."""
+        issued = ca.issue(name, server=True)
+        return cls(ca.cert_file, issued.cert_file, issued.key_file, client_cert_auth)
+
+    def args(self) -> list[str]:
+        # etcd requires a client certificate whenever --trusted-ca-file is set.
+        client_auth = (
+            [f"--trusted-ca-file={self.ca_file}", "--client-cert-auth"] if self.client_cert_auth else []
+        )
+        return [f"--cert-file={self.cert_file}", f"--key-file={self.key_file}", *client_auth]
+
+
 def start_etcd(
     data_dir: Path,
     host: str = "127.0.0.1",
     port: int = 0,
     timeout: float = 20.0,
     extra_args: Sequence[str] = (),
+    tls: EtcdTls | None = None,
 ) -> ServerProcess:
-    """etcd on loopback; `extra_args` are appended (e.g. benchmark quotas such as --max-txn-ops)."""
+    """etcd on loopback, serving https with `tls`; `extra_args` are appended (e.g. benchmark
+    quotas such as --max-txn-ops). Its peer port stays plaintext: one member, on loopback."""
     client_port = port or free_port(host)
     peer_port = free_port(host)
+    scheme = "https" if tls else "http"
     args = [
         find_binary("etcd"),
         "--name=fedplane",
         f"--data-dir={data_dir / 'etcd-data'}",
-        f"--listen-client-urls=http://{host}:{client_port}",
-        f"--advertise-client-urls=http://{host}:{client_port}",
+        f"--listen-client-urls={scheme}://{host}:{client_port}",
+        f"--advertise-client-urls={scheme}://{host}:{client_port}",
         f"--listen-peer-urls=http://{host}:{peer_port}",
         f"--initial-advertise-peer-urls=http://{host}:{peer_port}",
         f"--initial-cluster=fedplane=http://{host}:{peer_port}",
         "--listen-metrics-urls=",
         "--log-level=warn",
+        *(tls.args() if tls else []),
         *extra_args,
     ]
     return _spawn("etcd", args, data_dir, host, client_port, timeout)
@@ -205,8 +239,10 @@ def start_nats(
     *,
     leafnode_port: int | None = None,
     jetstream_domain: str = "",
+    auth: NatsIdentities | None = None,
 ) -> ServerProcess:
-    """nats-server with JetStream on loopback.
+    """nats-server with JetStream on loopback; with `auth`, every client but the hub is
+    admitted by the hub's auth callout (see natsauth.py).
 
     With `leafnode_port` (0 picks one) it also accepts leaf node connections from edge sites
     (`start_nats_leaf`), on the same host. A leaf connection never carries the plain JetStream
@@ -215,7 +251,7 @@ def start_nats(
     API then answers on `$JS.<domain>.API.>` too, and that does cross.
     """
     port = port or free_port(host)
-    if leafnode_port is None and not jetstream_domain:
+    if leafnode_port is None and not jetstream_domain and auth is None:
         args = [
             find_binary("nats-server"),
             "-a",
@@ -230,11 +266,14 @@ def start_nats(
         ]
         return _spawn("nats", args, data_dir, host, port, timeout)
     leaf_port = (leafnode_port or free_port(host)) if leafnode_port is not None else 0
-    store, domain = str(data_dir / "jetstream"), jetstream_domain or HUB_JS_DOMAIN
+    store = str(data_dir / "jetstream")
+    domain = jetstream_domain or (HUB_JS_DOMAIN if leafnode_port is not None else "")
+    jetstream = f"store_dir: {_q(store)}" + (f", domain: {_q(domain)}" if domain else "")
     config = [
         'server_name: "fedplane"',
         f"listen: {_q(f'{host}:{port}')}",
-        f"jetstream {{ store_dir: {_q(store)}, domain: {_q(domain)} }}",
+        f"jetstream {{ {jetstream} }}",
+        *(auth.server_config() if auth is not None else []),
     ]
     if leaf_port:
         # no_advertise: a hub gossips its leaf node address to the leaves, which then dial it
@@ -242,6 +281,7 @@ def start_nats(
         config.append(f"leafnodes {{ listen: {_q(f'{host}:{leaf_port}')}, no_advertise: true }}")
     server = _spawn_with_config("nats", config, data_dir, host, port, timeout)
     server.leafnode_port = leaf_port
+    server.identities = auth
     if leaf_port:
         _wait_listening(server, leaf_port, timeout)
     return server

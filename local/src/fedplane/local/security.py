@@ -1,0 +1,97 @@
+"""Everything a local federation needs to run authenticated, made once in its data directory.
+
+`fedplane up` is secure by default, as production must be: a throwaway CA issues the hub's
+gRPC certificate and etcd's; etcd runs TLS with its own RBAC (the hub's user may touch its
+prefix only); NATS admits agents by key through the hub's auth callout; and an administrator
+token is written, with a context file the CLI reads, so that the demo still needs no flags.
+Nothing here is fit for production use as it is (one CA for everything, a token on disk):
+docs/security.md says how to bootstrap real credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedplane.client import context
+from fedplane.client.sdk import Tls
+from fedplane.hub.identity import issue_token
+from fedplane.local import servers as embedded
+from fedplane.local.etcdauth import SecuredEtcd, secure_etcd
+from fedplane.local.natsauth import NatsIdentities
+from fedplane.local.pki import CertificateAuthority, Issued
+from fedplane.runtime.config import HubConfig, TlsConfig
+
+ADMIN = "admin"
+# The first line of a context file `fedplane up` wrote: only such a file is ever replaced.
+WRITTEN_BY_UP = "# written by fedplane up"
+
+
+@dataclass(frozen=True)
+class LocalSecurity:
+    directory: Path
+    ca: CertificateAuthority
+    hub_cert: Issued
+    tokens_file: Path
+    admin_token: str
+    nats: NatsIdentities
+
+    @classmethod
+    def create(cls, directory: Path, auto_approve: bool = True) -> LocalSecurity:
+        ca = CertificateAuthority(directory / "pki")
+        hub_cert = ca.issue("hub", server=True)
+        tokens_file = directory / "tokens.yaml"
+        token_file = directory / "admin.token"
+        if token_file.exists() and tokens_file.exists():
+            token = token_file.read_text().strip()
+        else:
+            tokens_file.unlink(missing_ok=True)
+            token = issue_token(tokens_file, ADMIN, ["admin"])
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token + "\n")
+        nats = NatsIdentities.create(directory / "nats", auto_approve=auto_approve)
+        return cls(directory, ca, hub_cert, tokens_file, token, nats)
+
+    def start_etcd(
+        self, data_dir: Path, extra_args: Sequence[str] = ()
+    ) -> tuple[embedded.ServerProcess, SecuredEtcd]:
+        """etcd serving TLS to clients with certificates from this CA, its auth enabled."""
+        etcd = embedded.start_etcd(data_dir, tls=embedded.EtcdTls.issue(self.ca), extra_args=extra_args)
+        try:
+            return etcd, secure_etcd(etcd, self.ca)
+        except Exception:
+            etcd.stop()
+            raise
+
+    def hub_config(self, config: HubConfig, etcd: SecuredEtcd | None, with_nats: bool = True) -> HubConfig:
+        """`config` with TLS, token authentication, etcd's TLS and RBAC, and (`with_nats`) the
+        auth callout."""
+        config.tls = TlsConfig(cert_file=str(self.hub_cert.cert_file), key_file=str(self.hub_cert.key_file))
+        config.auth.tokens_file = str(self.tokens_file)
+        if etcd is not None:
+            config = dataclasses.replace(config, **etcd.hub_fields())
+        if with_nats:
+            self.nats.hub_config(config)
+        return config
+
+    @property
+    def client_tls(self) -> Tls:
+        return Tls(ca_file=str(self.ca.cert_file))
+
+    def write_context(self, hub: str) -> list[Path]:
+        """Write the administrator's context beside the credentials, and as the CLI's default
+        unless the user has a context of their own there; the paths written."""
+        written = [self._context(self.directory / "context.yaml", hub)]
+        default = context.default_path()
+        if not default.exists() or default.read_text().startswith(WRITTEN_BY_UP):
+            written.append(self._context(default, hub))
+        return written
+
+    def _context(self, path: Path, hub: str) -> Path:
+        context.write(path, hub, ca_file=str(self.ca.cert_file), token=self.admin_token)
+        path.write_text(f"{WRITTEN_BY_UP} ({self.directory})\n" + path.read_text())
+        return path
