@@ -17,8 +17,9 @@ import pytest
 
 from fedplane.local import servers as embedded
 from fedplane.local.natsauth import NatsIdentities
+from fedplane.local.pki import CertificateAuthority
 from fedplane.runtime import bus, natsjwt
-from fedplane.runtime.config import AgentConfig, DisconnectConfig, HubConfig
+from fedplane.runtime.config import AgentConfig, DisconnectConfig, HubConfig, NatsTlsConfig
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
@@ -27,10 +28,11 @@ from tests.federation import Federation, cpu_nodes, eventually, job_spec, sim_ag
 
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[Federation]:
-    """A federation whose bootstrap token needs an administrator's approval."""
+    """A federation whose bootstrap token needs an administrator's approval, NATS over TLS."""
     identities = NatsIdentities.create(tmp_path / "identities", auto_approve=False)
+    ca = CertificateAuthority(tmp_path / "pki")
     etcd = embedded.start_etcd(tmp_path / "etcd")
-    nats_server = embedded.start_nats(tmp_path / "nats", auth=identities)
+    nats_server = embedded.start_nats(tmp_path / "nats", auth=identities, tls=ca.issue("nats", server=True))
     config = identities.hub_config(
         HubConfig(
             listen="127.0.0.1:0",
@@ -39,6 +41,7 @@ async def secured(tmp_path: Path) -> AsyncIterator[Federation]:
             cluster_unknown_after_seconds=3.0,
             batch_window_seconds=0.01,
             disconnect=DisconnectConfig(requeue_after_seconds=0.0),
+            nats_tls=NatsTlsConfig(ca_file=str(ca.cert_file)),
         )
     )
     fed = Federation(etcd, nats_server, tmp_path, config)
@@ -61,6 +64,7 @@ def agent_config(fed: Federation, name: str) -> AgentConfig:
         duration=30,
     )
     assert fed.nats.identities is not None
+    config.nats_tls = NatsTlsConfig(ca_file=fed.hub_config.nats_tls.ca_file)
     return fed.nats.identities.agent_config(config)
 
 
@@ -102,6 +106,7 @@ async def connect_as(fed: Federation, name: str, errors: list[str], token: str =
         nkeys_seed_str=seed.decode(),
         token=token or None,
         inbox_prefix=bus.agent_inbox_prefix(name),
+        tls=bus.tls_context(fed.hub_config.nats_tls.ca_file),
         error_cb=error,
         allow_reconnect=False,
     )
@@ -141,7 +146,12 @@ async def test_an_agent_takes_part_only_once_an_administrator_approves_its_key(s
 async def test_a_stranger_cannot_connect_and_leaves_nothing_behind(secured: Federation) -> None:
     fed = secured
     with pytest.raises(nats.errors.Error):
-        await nats.connect(fed.nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+        await nats.connect(
+            fed.nats_url,
+            tls=bus.tls_context(fed.hub_config.nats_tls.ca_file),
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
     errors: list[str] = []
     with pytest.raises(nats.errors.Error):
         # A key of its own, but no bootstrap token: refused, and no request recorded.

@@ -377,12 +377,13 @@ async def _bench(
             },
             "auth": {"tokens_file": str(security.tokens_file)},
             "nats_auth": security.nats.hub_settings(),
+            "nats_tls": {"ca_file": str(security.ca.cert_file)},
         }
     else:
         etcd = embedded.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)
         settings["etcd_endpoint"] = etcd.address
-    nats = embedded.start_nats(root / "nats", auth=security.nats if security is not None else None)
+    nats = security.start_nats(root / "nats") if security is not None else embedded.start_nats(root / "nats")
     servers.append(nats)
     port = embedded.free_port()
     hub_address = f"127.0.0.1:{port}"
@@ -412,6 +413,7 @@ async def _bench(
     fleet_args = _fleet_args(params, f"nats://{nats.address}")
     if security is not None:
         fleet_args.append(f"--bootstrap-token-file={security.nats.bootstrap_token_file}")
+        fleet_args.append(f"--nats-ca-file={security.ca.cert_file}")
     fleet = spawn("fleet", fleet_args, root)
     children.append(fleet)
     sampler = Sampler(

@@ -120,6 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bootstrap-token-file", default="", help="present this bootstrap token (NATS with auth callout)"
     )
+    parser.add_argument("--nats-ca-file", default="", help="NATS over TLS, trusting this CA")
     args = parser.parse_args(argv)
     if args.clusters < 1 or args.nodes < 1 or args.node_cpu < 1 or args.gpus_per_node < 0:
         parser.error("--clusters, --nodes and --node-cpu must be at least 1, --gpus-per-node at least 0")
@@ -139,6 +140,7 @@ async def _main(args: argparse.Namespace) -> None:
     )
     for config in configs:
         config.bootstrap_token_file = args.bootstrap_token_file
+        config.nats_tls.ca_file = args.nats_ca_file
     await run(configs, tasks.stop_event())
 
 

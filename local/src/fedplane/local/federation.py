@@ -182,7 +182,9 @@ async def run(
             "[bold yellow]warning[/]: with --edge, NATS runs without authentication (not yet supported)"
         )
     etcd, secured_etcd = security.start_etcd(data_dir / "etcd")
-    nats = embedded.start_nats(data_dir / "nats", leafnode_port=0 if edge else None, auth=identities)
+    nats = security.start_nats(
+        data_dir / "nats", with_auth=identities is not None, leafnode_port=0 if edge else None
+    )
     link: CutLink | None = None
     leaf: embedded.ServerProcess | None = None
     hub_server: HubServer | None = None
@@ -201,7 +203,7 @@ async def run(
         hub_server = await HubServer.start(config)
         target = f"127.0.0.1:{hub_server.port}"
         contexts = security.write_context(target)
-        nats_auth = "agents admitted by key" if identities is not None else "no authentication"
+        nats_auth = "TLS, agents admitted by key" if identities is not None else "no authentication"
         console.print(
             f"[bold]fedplane up[/]: etcd {etcd.address} (TLS, RBAC), NATS {nats.address} ({nats_auth}),"
             f" hub {target} (TLS, token)"
@@ -234,7 +236,7 @@ async def run(
             if identities is None:
                 agent_config.insecure = True
             else:
-                identities.agent_config(agent_config)
+                security.agent_config(agent_config)
             agent = Agent(agent_config, SimulatedBackend(agent_config.simulated()))
             await agent.start()
             agents.append(agent)

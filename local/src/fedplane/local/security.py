@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedplane.client import context
 from fedplane.client.sdk import Tls
@@ -23,7 +24,7 @@ from fedplane.local import servers as embedded
 from fedplane.local.etcdauth import SecuredEtcd, secure_etcd
 from fedplane.local.natsauth import NatsIdentities
 from fedplane.local.pki import CertificateAuthority, Issued
-from fedplane.runtime.config import HubConfig, TlsConfig
+from fedplane.runtime.config import AgentConfig, HubConfig, NatsTlsConfig, TlsConfig
 
 ADMIN = "admin"
 # The first line of a context file `fedplane up` wrote: only such a file is ever replaced.
@@ -67,6 +68,26 @@ class LocalSecurity:
             etcd.stop()
             raise
 
+    @property
+    def nats_cert(self) -> Issued:
+        """nats-server's certificate (made on first use)."""
+        cert, key = self.ca.directory / "nats.pem", self.ca.directory / "nats.key"
+        if cert.exists() and key.exists():
+            return Issued(cert, key)
+        return self.ca.issue("nats", server=True)
+
+    def start_nats(self, data_dir: Path, with_auth: bool = True, **options: Any) -> embedded.ServerProcess:
+        """nats-server speaking TLS only, with the hub's auth callout; or (not `with_auth`, edge
+        sites' leaf nodes, which pass neither yet) neither."""
+        if not with_auth:
+            return embedded.start_nats(data_dir, **options)
+        return embedded.start_nats(data_dir, auth=self.nats, tls=self.nats_cert, **options)
+
+    def agent_config(self, config: AgentConfig) -> AgentConfig:
+        """`config` trusting nats-server's certificate and presenting the bootstrap token."""
+        config.nats_tls = NatsTlsConfig(ca_file=str(self.ca.cert_file))
+        return self.nats.agent_config(config)
+
     def hub_config(self, config: HubConfig, etcd: SecuredEtcd | None, with_nats: bool = True) -> HubConfig:
         """`config` with TLS, token authentication, etcd's TLS and RBAC, and (`with_nats`) the
         auth callout."""
@@ -75,6 +96,7 @@ class LocalSecurity:
         if etcd is not None:
             config = dataclasses.replace(config, **etcd.hub_fields())
         if with_nats:
+            config.nats_tls = NatsTlsConfig(ca_file=str(self.ca.cert_file))
             self.nats.hub_config(config)
         return config
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedplane.local.natsauth import NatsIdentities
-from fedplane.local.pki import CertificateAuthority
+from fedplane.local.pki import CertificateAuthority, Issued
 
 
 class EmbeddedError(RuntimeError):
@@ -240,9 +240,11 @@ def start_nats(
     leafnode_port: int | None = None,
     jetstream_domain: str = "",
     auth: NatsIdentities | None = None,
+    tls: Issued | None = None,
 ) -> ServerProcess:
     """nats-server with JetStream on loopback; with `auth`, every client but the hub is
-    admitted by the hub's auth callout (see natsauth.py).
+    admitted by the hub's auth callout (see natsauth.py); with `tls`, clients must speak TLS
+    (the server presents that certificate).
 
     With `leafnode_port` (0 picks one) it also accepts leaf node connections from edge sites
     (`start_nats_leaf`), on the same host. A leaf connection never carries the plain JetStream
@@ -251,7 +253,7 @@ def start_nats(
     API then answers on `$JS.<domain>.API.>` too, and that does cross.
     """
     port = port or free_port(host)
-    if leafnode_port is None and not jetstream_domain and auth is None:
+    if leafnode_port is None and not jetstream_domain and auth is None and tls is None:
         args = [
             find_binary("nats-server"),
             "-a",
@@ -275,6 +277,8 @@ def start_nats(
         f"jetstream {{ {jetstream} }}",
         *(auth.server_config() if auth is not None else []),
     ]
+    if tls is not None:
+        config.append(f"tls {{ cert_file: {_q(str(tls.cert_file))}, key_file: {_q(str(tls.key_file))} }}")
     if leaf_port:
         # no_advertise: a hub gossips its leaf node address to the leaves, which then dial it
         # directly; behind a proxy or NAT (or a test's CutLink) they must keep the address given.
