@@ -260,3 +260,74 @@ async def test_an_agent_with_a_new_key_waits_for_approval_of_that_key(secured: F
     await fed.clusters.ApproveCluster(hub_pb2.ApproveClusterRequest(name="a", public_key=agent_key(fed, "a")))
     nc = await connect_as(fed, "a", errors)
     await nc.close()
+
+
+async def test_an_edge_sites_leaf_node_admits_its_own_agents_with_their_clusters_permissions(
+    tmp_path: Path,
+) -> None:
+    """The leaf authenticates as the site; its agents are its own static users, each held to
+    its own cluster's subjects there, since a leaf connection does not pass the hub's callout."""
+    identities = NatsIdentities.create(tmp_path / "identities")
+    edge_seed = natsjwt.new_seed()
+    started = [embedded.start_nats(tmp_path / "nats", auth=identities, leafnode_port=0)]
+    hub_nats = started[0]
+    try:
+        started.append(
+            embedded.start_nats_leaf(
+                tmp_path / "wrong-leaf", hub_nats.leafnode_address, password="not-the-password", agents={}
+            )
+        )
+        leaf = embedded.start_nats_leaf(
+            tmp_path / "leaf",
+            hub_nats.leafnode_address,
+            password=identities.leaf_password,
+            agents={"edge0": natsjwt.public_key(edge_seed)},
+        )
+        started.append(leaf)
+        hub_seed = identities.hub_seed_file.read_bytes().strip()
+        hub = await bus.connect(
+            f"nats://{hub_nats.address}", "hub", credentials=bus.Credentials(seed=hub_seed)
+        )
+        heard: list[str] = []
+
+        async def hear(msg: bus.Message) -> None:
+            heard.append(msg.subject)
+
+        await hub.subscribe(f"{bus.PREFIX}.>", cb=hear)
+        await hub.flush()
+        errors: list[str] = []
+
+        async def error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        agent = await nats.connect(
+            f"nats://{leaf.address}",
+            name=bus.agent_connection_name("edge0"),
+            nkeys_seed_str=edge_seed.decode(),
+            error_cb=error,
+            allow_reconnect=False,
+        )
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(
+                f"nats://{leaf.address}", nkeys_seed_str=natsjwt.new_seed().decode(), allow_reconnect=False
+            )
+
+        async def linked() -> bool:
+            await agent.publish(bus.subject("heartbeat", "edge0"), b"beat")
+            await agent.flush()
+            await asyncio.sleep(0.1)
+            return bus.subject("heartbeat", "edge0") in heard
+
+        await eventually(linked, 10, "the leaf linked to the hub's nats-server")
+        await agent.publish(bus.subject("cmd", "edge0"), b"forged")
+        await agent.publish(bus.subject("status", "other"), b"forged")
+        await agent.flush()
+        await asyncio.sleep(0.5)
+        assert len([e for e in errors if "permissions violation" in e.lower()]) == 2, errors
+        assert bus.subject("cmd", "edge0") not in heard and bus.subject("status", "other") not in heard
+        assert "authentication error" in hub_nats.log_path.read_text().lower(), "the wrong password links"
+        await agent.close()
+        await hub.close()
+    finally:
+        for server in started:
+            server.stop()

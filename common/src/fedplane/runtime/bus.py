@@ -195,20 +195,27 @@ def agent_inbox_prefix(cluster: str) -> str:
     return f"_INBOX.fedplane-agent.{cluster}"
 
 
-def agent_permissions(cluster: str) -> natsjwt.Permissions:
+def agent_permissions(cluster: str, js_domain: str = "") -> natsjwt.Permissions:
     """What `cluster`'s agent may do on NATS, and nothing more: publish its own reports, status
     batches and orphan queries; read its own command consumer (which the hub creates, see
     `ensure_command_consumer`), acknowledge what it delivers; receive its own replies. It may
     publish no command and read no other cluster's subjects."""
     stream, consumer = COMMANDS_STREAM, consumer_name(cluster)
+    api = [
+        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+        # Removing the pull consumer of earlier agents (see `consume`'s `replaces`): denied,
+        # the request would wait out its timeout before every start.
+        f"$JS.API.CONSUMER.DELETE.{stream}.{legacy_consumer_name(cluster)}",
+    ]
+    if js_domain:
+        # At an edge site's leaf node, which maps the API to the hub's domain and checks the
+        # permissions after mapping (`js_domain`: the hub's JetStream domain).
+        api += [name.replace("$JS.API.", f"$JS.{js_domain}.API.", 1) for name in api]
     return natsjwt.Permissions(
         publish=(
             *(subject(kind, cluster) for kind in (*REPORT_KINDS, "status", "gc")),
-            f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+            *api,
             f"$JS.ACK.{stream}.{consumer}.>",
-            # Removing the pull consumer of earlier agents (see `consume`'s `replaces`): denied,
-            # the request would wait out its timeout before every start.
-            f"$JS.API.CONSUMER.DELETE.{stream}.{legacy_consumer_name(cluster)}",
         ),
         subscribe=(f"{agent_inbox_prefix(cluster)}.>", deliver_subject(cluster)),
     )

@@ -35,7 +35,7 @@ from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
 from fedplane.local.link import CutLink
 from fedplane.local.security import LocalSecurity
-from fedplane.runtime import logs, tasks, telemetry
+from fedplane.runtime import logs, natsjwt, tasks, telemetry
 from fedplane.runtime.config import AgentConfig, HubConfig, from_mapping
 from fedplane.v1 import types_pb2 as pb
 
@@ -176,15 +176,8 @@ async def run(
     # node does not pass the callout yet (docs/security.md), so with edge sites NATS runs
     # without it.
     security = LocalSecurity.create(data_dir / "security")
-    identities = None if edge else security.nats
-    if edge:
-        console.print(
-            "[bold yellow]warning[/]: with --edge, NATS runs without authentication (not yet supported)"
-        )
     etcd, secured_etcd = security.start_etcd(data_dir / "etcd")
-    nats = security.start_nats(
-        data_dir / "nats", with_auth=identities is not None, leafnode_port=0 if edge else None
-    )
+    nats = security.start_nats(data_dir / "nats", leafnode_port=0 if edge else None)
     link: CutLink | None = None
     leaf: embedded.ServerProcess | None = None
     hub_server: HubServer | None = None
@@ -197,16 +190,14 @@ async def run(
             cluster_unknown_after_seconds=5.0,
             edge_cluster_unknown_after_seconds=10.0,
             edge_cluster_lost_after_seconds=60.0,
-            insecure=identities is None,
         )
-        config = security.hub_config(config, secured_etcd, with_nats=identities is not None)
+        config = security.hub_config(config, secured_etcd)
         hub_server = await HubServer.start(config)
         target = f"127.0.0.1:{hub_server.port}"
         contexts = security.write_context(target)
-        nats_auth = "TLS, agents admitted by key" if identities is not None else "no authentication"
         console.print(
-            f"[bold]fedplane up[/]: etcd {etcd.address} (TLS, RBAC), NATS {nats.address} ({nats_auth}),"
-            f" hub {target} (TLS, token)"
+            f"[bold]fedplane up[/]: etcd {etcd.address} (TLS, RBAC), NATS {nats.address} (TLS, agents"
+            f" admitted by key), hub {target} (TLS, token)"
         )
         console.print(
             f"  data and logs in {data_dir}; credentials in {security.directory};"
@@ -216,26 +207,41 @@ async def run(
             "fedplane clusters" if len(contexts) > 1 else f"FEDPLANE_CONTEXT={contexts[0]} fedplane clusters"
         )
         console.print(f"  try [cyan]{hint}[/] in another shell")
-        leaf_url = ""
-        if edge:
-            link = await CutLink("127.0.0.1", nats.leafnode_port).start()
-            leaf = embedded.start_nats_leaf(data_dir / "leaf", link.address, name="fedplane-edge")
-            leaf_url = f"nats://{leaf.address}"
-            _toggle_on_sigusr1(link, console)
+        leaf_port = embedded.free_port() if edge else 0
+        leaf_url = f"nats://127.0.0.1:{leaf_port}" if edge else ""
         configs = cluster_configs(
             clusters, config.nats_url, data_dir / "agents", edge, leaf_url, config.edge_label
         )
+        at_edge = configs[len(configs) - edge :] if edge else []
+        if edge:
+            # The edge site's leaf node admits its own agents, each with its cluster's permissions;
+            # the hub approves their keys beforehand, as an administrator would (docs/security.md).
+            keys = {
+                c.cluster: natsjwt.public_key(natsjwt.load_or_create_seed(Path(c.state_dir) / "nats.nk"))
+                for c in at_edge
+            }
+            for name, key in keys.items():
+                await hub_server.hub.admission.approve(name, key, by="fedplane up")
+            link = await CutLink("127.0.0.1", nats.leafnode_port).start()
+            leaf = embedded.start_nats_leaf(
+                data_dir / "leaf",
+                link.address,
+                port=leaf_port,
+                name="fedplane-edge",
+                password=security.nats.leaf_password,
+                agents=keys,
+                ca_file=str(security.ca.cert_file),
+            )
+            _toggle_on_sigusr1(link, console)
         if leaf is not None and link is not None:
-            names = ", ".join(c.cluster for c in configs[len(configs) - edge :])
+            names = ", ".join(c.cluster for c in at_edge)
             console.print(
                 f"  edge site ({names}): leaf NATS {leaf.address}, a leaf node of {nats.leafnode_address}"
                 f" through the link {link.address}; [cyan]kill -USR1 {os.getpid()}[/] cuts the link,"
                 " again restores it"
             )
         for agent_config in configs:
-            if identities is None:
-                agent_config.insecure = True
-            else:
+            if agent_config not in at_edge:
                 security.agent_config(agent_config)
             agent = Agent(agent_config, SimulatedBackend(agent_config.simulated()))
             await agent.start()

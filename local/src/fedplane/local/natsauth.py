@@ -33,6 +33,7 @@ class NatsIdentities:
     issuer_seed_file: Path
     bootstrap_token_file: Path
     system_seed_file: Path
+    leaf_password_file: Path
     # The bootstrap token admits the agents that present it at once (a local federation owns
     # every cluster it runs); production tokens default to waiting for approval.
     auto_approve: bool = True
@@ -45,11 +46,14 @@ class NatsIdentities:
             directory / "issuer.nk",
             directory / "bootstrap.token",
             directory / "system.nk",
+            directory / "leaf.password",
             auto_approve,
         )
         natsjwt.load_or_create_seed(identities.hub_seed_file)
         natsjwt.load_or_create_seed(identities.system_seed_file)
         natsjwt.load_or_create_seed(identities.issuer_seed_file, nkeys.PREFIX_BYTE_ACCOUNT)
+        if not identities.leaf_password_file.exists():
+            _write_secret(identities.leaf_password_file, secrets.token_urlsafe(24).encode())
         if not identities.bootstrap_token_file.exists():
             _write_secret(identities.bootstrap_token_file, secrets.token_urlsafe(32).encode())
         return identities
@@ -61,6 +65,15 @@ class NatsIdentities:
     @property
     def issuer_public_key(self) -> str:
         return natsjwt.public_key(self.issuer_seed_file.read_bytes().strip())
+
+    @property
+    def account(self) -> str:
+        return ACCOUNT
+
+    @property
+    def leaf_password(self) -> str:
+        """What an edge site's leaf node authenticates with (one site here: the local demo's)."""
+        return self.leaf_password_file.read_text().strip()
 
     @property
     def bootstrap_token(self) -> str:

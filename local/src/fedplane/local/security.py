@@ -76,11 +76,9 @@ class LocalSecurity:
             return Issued(cert, key)
         return self.ca.issue("nats", server=True)
 
-    def start_nats(self, data_dir: Path, with_auth: bool = True, **options: Any) -> embedded.ServerProcess:
-        """nats-server speaking TLS only, with the hub's auth callout; or (not `with_auth`, edge
-        sites' leaf nodes, which pass neither yet) neither."""
-        if not with_auth:
-            return embedded.start_nats(data_dir, **options)
+    def start_nats(self, data_dir: Path, **options: Any) -> embedded.ServerProcess:
+        """nats-server speaking TLS only to its clients, with the hub's auth callout (and, given
+        `leafnode_port`, edge sites' leaf nodes authenticating as the site)."""
         return embedded.start_nats(data_dir, auth=self.nats, tls=self.nats_cert, **options)
 
     def agent_config(self, config: AgentConfig) -> AgentConfig:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fedplane.local.natsauth import NatsIdentities
 from fedplane.local.pki import CertificateAuthority, Issued
+from fedplane.runtime import bus
 
 
 class EmbeddedError(RuntimeError):
@@ -229,6 +230,8 @@ def start_etcd(
 
 # The JetStream domain of a hub-side nats-server that edge sites connect to as leaf nodes.
 HUB_JS_DOMAIN = "fedplane-hub"
+# The user an edge site's leaf node authenticates as.
+LEAF_USER = "edge-site"
 
 
 def start_nats(
@@ -282,7 +285,16 @@ def start_nats(
     if leaf_port:
         # no_advertise: a hub gossips its leaf node address to the leaves, which then dial it
         # directly; behind a proxy or NAT (or a test's CutLink) they must keep the address given.
-        config.append(f"leafnodes {{ listen: {_q(f'{host}:{leaf_port}')}, no_advertise: true }}")
+        leaf_auth = ""
+        if auth is not None:
+            # Each edge site's leaf node authenticates as the site, into the hub's account.
+            leaf_auth = (
+                f", authorization {{ users: [ {{ user: {_q(LEAF_USER)}, password: {_q(auth.leaf_password)},"
+                f" account: {auth.account} }} ] }}"
+            )
+        if tls is not None:
+            leaf_auth += f", tls {{ cert_file: {_q(str(tls.cert_file))}, key_file: {_q(str(tls.key_file))} }}"
+        config.append(f"leafnodes {{ listen: {_q(f'{host}:{leaf_port}')}, no_advertise: true{leaf_auth} }}")
     server = _spawn_with_config("nats", config, data_dir, host, port, timeout)
     server.leafnode_port = leaf_port
     server.identities = auth
@@ -300,6 +312,9 @@ def start_nats_leaf(
     *,
     name: str = "fedplane-leaf",
     hub_domain: str = HUB_JS_DOMAIN,
+    password: str = "",
+    agents: Mapping[str, str] | None = None,
+    ca_file: str = "",
 ) -> ServerProcess:
     """An edge site's nats-server: a leaf node of the hub's nats-server at `hub_leafnode` (host:port).
 
@@ -309,14 +324,31 @@ def start_nats_leaf(
     maps the JetStream API the agents call (`$JS.API.>`) to the hub's domain, so an agent
     needs no setting to tell an edge site from a direct connection. It redials the hub every
     second while the link is down; the link may be down when it starts.
+
+    With `ca_file`, the link speaks TLS, trusting that CA for the hub's nats-server's certificate.
+    With `password`, the link authenticates to the hub's nats-server as the site; with `agents`
+    (cluster name -> its agent's NKey public key), the leaf admits those agents only, each with
+    the permissions the hub's auth callout would give it (the site enforces them locally).
     """
     port = port or free_port(host)
+    credentials = f"{LEAF_USER}:{password}@" if password else ""
     config = [
         f"server_name: {_q(name)}",
         f"listen: {_q(f'{host}:{port}')}",
         f"mappings {{ {_q('$JS.API.>')}: {_q(f'$JS.{hub_domain}.API.>')} }}",
-        f'leafnodes {{ reconnect: "1s", remotes: [ {{ url: {_q(f"nats-leaf://{hub_leafnode}")} }} ] }}',
+        f'leafnodes {{ reconnect: "1s", remotes: [ {{ url: {_q(f"nats-leaf://{credentials}{hub_leafnode}")}'
+        + (f", tls: {{ ca_file: {_q(ca_file)} }}" if ca_file else "")
+        + " } ] }",
     ]
+    if agents is not None:
+        users = []
+        for cluster, key in agents.items():
+            allowed = bus.agent_permissions(cluster, hub_domain)
+            users.append(
+                f"{{ nkey: {_q(key)}, permissions: {{ publish: {json.dumps(list(allowed.publish))},"
+                f" subscribe: {json.dumps(list(allowed.subscribe))} }} }}"
+            )
+        config.append(f"authorization {{ users: [ {', '.join(users)} ] }}")
     return _spawn_with_config("nats-leaf", config, data_dir, host, port, timeout)
 
 
