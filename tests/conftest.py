@@ -8,10 +8,13 @@ from typing import Any
 
 import pytest
 
+from fedplane.client.sdk import Tls
+from fedplane.hub.identity import issue_token
 from fedplane.local import servers as embedded
 from fedplane.local.natsauth import NatsIdentities
+from fedplane.local.pki import CertificateAuthority
 from fedplane.runtime import logs
-from fedplane.runtime.config import HubConfig
+from fedplane.runtime.config import HubConfig, TlsConfig
 from tests.federation import Federation
 
 logs.configure("warning", "console")
@@ -52,7 +55,13 @@ async def federation(
             batch_window_seconds=0.01,
         )
     )
-    fed = Federation(etcd, nats, tmp_path, config)
+    # Secure as production runs: TLS on the gRPC port, and callers with a token (an admin's).
+    ca = CertificateAuthority(tmp_path / "pki")
+    hub_cert = ca.issue("hub", server=True)
+    config.tls = TlsConfig(cert_file=str(hub_cert.cert_file), key_file=str(hub_cert.key_file))
+    config.auth.tokens_file = str(tmp_path / "tokens.yaml")
+    token = issue_token(config.auth.tokens_file, "test-admin", ["admin"])
+    fed = Federation(etcd, nats, tmp_path, config, tls=Tls(ca_file=str(ca.cert_file)), token=token)
     await fed.start_hub()
     try:
         yield fed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import grpc
 
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
+from fedplane.client.sdk import FedplaneClient, Tls
 from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
 from fedplane.runtime.config import AgentConfig, HubConfig, NodeShape
@@ -74,6 +75,40 @@ class Federation:
     hub: HubServer | None = None
     agents: dict[str, Agent] = field(default_factory=dict)
     channel: grpc.aio.Channel | None = None
+    # How callers reach the hub: TLS trusting this CA, and a bearer token (None/"": plaintext).
+    tls: Tls | None = None
+    token: str = ""
+
+    @property
+    def target(self) -> str:
+        assert self.hub is not None
+        return f"127.0.0.1:{self.hub.port}"
+
+    def client(self, **options: Any) -> FedplaneClient:
+        """An SDK client as this federation's administrator."""
+        return FedplaneClient(self.target, tls=self.tls, token=self.token, **options)
+
+    def cli_flags(self) -> list[str]:
+        """The CLI's global options to reach the hub as its administrator."""
+        flags = ["--hub", self.target]
+        if self.tls is not None:
+            flags += ["--ca", self.tls.ca_file]
+        if self.token:
+            flags += ["--token", self.token]
+        return flags
+
+    def open_channel(
+        self, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+    ) -> grpc.aio.Channel:
+        """A gRPC channel to the hub, with TLS and the token when the hub asks for them."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, interceptors=interceptors)
+        credentials = self.tls.credentials()
+        if self.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self.token)
+            )
+        return grpc.aio.secure_channel(self.target, credentials, interceptors=interceptors)
 
     @property
     def nats_url(self) -> str:
@@ -93,7 +128,7 @@ class Federation:
         self.hub = await HubServer.start(self.hub_config)
         if self.channel is not None:
             await self.channel.close()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.hub.port}")
+        self.channel = self.open_channel()
         return self.hub
 
     async def stop_hub(self) -> None:

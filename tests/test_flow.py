@@ -330,7 +330,6 @@ async def test_paging_returns_every_job_once_even_within_one_transaction(federat
 
 
 async def test_client_wait_returns_only_when_every_job_is_finished(federation: Federation) -> None:
-    from fedplane.client.sdk import FedplaneClient
 
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(2)]))
     await federation.wait_clusters_ready(["cpu-a"])
@@ -338,7 +337,7 @@ async def test_client_wait_returns_only_when_every_job_is_finished(federation: F
     await federation.wait_state(quick.id, {pb.SUCCEEDED})
     slow = await federation.submit(job_spec("slow", duration="1.5s"))
     assert federation.hub is not None
-    async with FedplaneClient(f"127.0.0.1:{federation.hub.port}") as client:
+    async with federation.client() as client:
         # The first job read is already finished; the second is not.
         final = await client.wait([quick.id, slow.id])
     assert [final[quick.id].status.state, final[slow.id].status.state] == [pb.SUCCEEDED, pb.SUCCEEDED]
@@ -390,7 +389,6 @@ async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) 
     from typer.testing import CliRunner
 
     from fedplane.client.cli import app
-    from fedplane.client.sdk import FedplaneClient
 
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
     await federation.wait_clusters_ready(["cpu-a"])
@@ -402,8 +400,7 @@ async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) 
         await federation.wait_state(job.id, {pb.RUNNING})
 
     assert federation.hub is not None
-    target = f"127.0.0.1:{federation.hub.port}"
-    async with FedplaneClient(target) as client:
+    async with federation.client() as client:
         every = await client.job_stats()
         in_a = await client.job_stats(queue="a")
         in_b = await client.job_stats(queue="b")
@@ -417,11 +414,12 @@ async def test_job_stats_count_jobs_per_state_and_queue(federation: Federation) 
 
     # The CLI runs its own event loop, so it goes to a thread while this loop serves the hub.
     runner = CliRunner()
-    result = await asyncio.to_thread(runner.invoke, app, ["--hub", target, "stats", "-o", "json"])
+    flags = federation.cli_flags()
+    result = await asyncio.to_thread(runner.invoke, app, [*flags, "stats", "-o", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["byState"] == {"RUNNING": "3", "PENDING": "2"} and data["total"] == "5"
-    table = await asyncio.to_thread(runner.invoke, app, ["--hub", target, "stats", "--queue", "a"])
+    table = await asyncio.to_thread(runner.invoke, app, [*flags, "stats", "--queue", "a"])
     assert table.exit_code == 0, table.output
     assert "RUNNING" in table.stdout and "3" in table.stdout and "queue a" in table.stdout
 

@@ -79,7 +79,6 @@ async def test_an_agent_replays_what_happened_while_its_nats_link_was_down(feder
 
 
 async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federation, span_exporter) -> None:  # type: ignore[no-untyped-def]
-    import grpc
 
     from fedplane.runtime import telemetry
 
@@ -87,9 +86,7 @@ async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federat
     await federation.start_agent(sim_agent_config("cpu-a", federation.nats_url, nodes=[cpu_nodes(1)]))
     await federation.wait_clusters_ready(["cpu-a"])
     assert federation.hub is not None
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{federation.hub.port}", interceptors=telemetry.grpc_client_interceptors()
-    )
+    channel = federation.open_channel(interceptors=telemetry.grpc_client_interceptors())
     from fedplane.v1 import hub_pb2_grpc
 
     with telemetry.tracer().start_as_current_span("client.submit") as root:
