@@ -127,19 +127,24 @@ async def fed(
         await federation.close()
 
 
-Snapshot = tuple[dict[str, int], dict[str, pb.Cluster]]
+Snapshot = tuple[dict[str, bool], dict[str, pb.Cluster]]
+# A job's own progress (placed, admitted, running, finished) goes on while the fuzzer calls, at
+# its own pace; what a refused call could do to a job is create it or cancel it.
+_CANCELLED = {pb.CANCELLING, pb.CANCELLED}
 
 
 async def snapshot(fed: Federation) -> Snapshot:
-    """What etcd holds that a call could change: each job's status revision, and each cluster's
-    admin record (but its lost time, which the hub's liveness rounds record on their own)."""
+    """What etcd holds that a refused call could change: which jobs exist and whether each is
+    cancelled, and each cluster's admin record (but its lost time, which the hub's liveness
+    rounds record on their own)."""
     assert fed.hub is not None
     store = fed.hub.hub.store
     jobs, _ = await store.load_jobs()
     clusters = {name: pb.Cluster.FromString(blob) for name, blob in (await store.load_clusters()).items()}
     for cluster in clusters.values():
         cluster.ClearField("lost_time")
-    return {job.id: job.revision for job in jobs}, clusters
+    cancelled = {job.id: pb.JobStatus.FromString(job.status_blob).state in _CANCELLED for job in jobs}
+    return cancelled, clusters
 
 
 async def quiet_snapshot(fed: Federation) -> Snapshot:
