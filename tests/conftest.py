@@ -14,8 +14,8 @@ from fedplane.local import servers as embedded
 from fedplane.local.natsauth import NatsIdentities
 from fedplane.local.pki import CertificateAuthority
 from fedplane.runtime import logs
-from fedplane.runtime.config import HubConfig, TlsConfig
-from tests.federation import Federation
+from fedplane.runtime.config import TlsConfig
+from tests.federation import Federation, hub_config
 
 logs.configure("warning", "console")
 # The CLI reads a context file from the user's configuration directory, and `fedplane up` writes
@@ -45,16 +45,7 @@ async def federation(
     servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path
 ) -> AsyncIterator[Federation]:
     etcd, nats = servers
-    assert nats.identities is not None
-    config = nats.identities.hub_config(
-        HubConfig(
-            listen="127.0.0.1:0",
-            etcd_endpoint=etcd.address,
-            nats_url=f"nats://{nats.address}",
-            cluster_unknown_after_seconds=3.0,
-            batch_window_seconds=0.01,
-        )
-    )
+    config = hub_config(etcd, nats)
     # Secure as production runs: TLS on the gRPC port, and callers with a token (an admin's).
     ca = CertificateAuthority(tmp_path / "pki")
     hub_cert = ca.issue("hub", server=True)

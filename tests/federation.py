@@ -14,7 +14,7 @@ import grpc
 
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
-from fedplane.client.sdk import FedplaneClient, Tls
+from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
 from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
 from fedplane.runtime.config import AgentConfig, HubConfig, NodeShape
@@ -54,6 +54,20 @@ def sim_agent_config(
         state_dir=state_dir,
         backend=backend,
     )
+
+
+def hub_config(etcd: embedded.ServerProcess, nats: embedded.ServerProcess, **settings: Any) -> HubConfig:
+    """A hub on these servers as the tests run it (clusters quickly unknown, a short batch
+    window), answering nats-server's auth callout when it runs one; `settings` on top."""
+    config = HubConfig(
+        listen="127.0.0.1:0",
+        etcd_endpoint=etcd.address,
+        nats_url=f"nats://{nats.address}",
+        cluster_unknown_after_seconds=3.0,
+        batch_window_seconds=0.01,
+        **settings,
+    )
+    return nats.identities.hub_config(config) if nats.identities is not None else config
 
 
 def cpu_nodes(count: int, cpu: str = "8", memory: str = "32Gi", name: str = "cpu") -> NodeShape:
@@ -191,6 +205,18 @@ class Federation:
 
         await eventually(reached, timeout, f"job {job_id} in {[pb.JobState.Name(s) for s in states]}")  # type: ignore[arg-type]
         return job
+
+
+async def connects(target: str, tls: Tls | None = None, token: str = "") -> bool:
+    """Whether a client over `tls` (None: plaintext) gets an answer from the hub at `target`; a
+    connection the TLS handshake refuses is UNAVAILABLE, and any other error fails the test."""
+    async with FedplaneClient(target, tls=tls, token=token, timeout=5, retry_attempts=1) as client:
+        try:
+            await client.clusters()
+        except FedplaneError as exc:
+            assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+    return True
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

@@ -16,10 +16,9 @@ from fedplane.hub.server import HubServer
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import StatusWrite
 from fedplane.local import servers as embedded
-from fedplane.runtime.config import HubConfig
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 from fedplane.v1 import types_pb2 as pb
-from tests.federation import Federation, cpu_nodes, eventually, job_spec, sim_agent_config
+from tests.federation import Federation, cpu_nodes, eventually, hub_config, job_spec, sim_agent_config
 
 LEASE = 2.0
 
@@ -30,17 +29,7 @@ async def replicas(
 ) -> AsyncIterator[tuple[Federation, list[HubServer]]]:
     """Two hub replicas (a and b, a started first), and a federation whose client talks to b."""
     etcd, nats = servers
-    assert nats.identities is not None
-    base = nats.identities.hub_config(
-        HubConfig(
-            listen="127.0.0.1:0",
-            etcd_endpoint=etcd.address,
-            nats_url=f"nats://{nats.address}",
-            cluster_unknown_after_seconds=3.0,
-            batch_window_seconds=0.01,
-            leader_lease_seconds=LEASE,
-        )
-    )
+    base = hub_config(etcd, nats, leader_lease_seconds=LEASE)
     a = await HubServer.start(dataclasses.replace(base, replica_id="a"))
     await eventually(_leads(a), 5, "replica a leading")
     fed = Federation(etcd, nats, tmp_path, dataclasses.replace(base, replica_id="b"))

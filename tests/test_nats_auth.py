@@ -19,11 +19,11 @@ from fedplane.local import servers as embedded
 from fedplane.local.natsauth import NatsIdentities
 from fedplane.local.pki import CertificateAuthority
 from fedplane.runtime import bus, natsjwt
-from fedplane.runtime.config import AgentConfig, DisconnectConfig, HubConfig, NatsTlsConfig
+from fedplane.runtime.config import AgentConfig, DisconnectConfig, NatsTlsConfig
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import hub_pb2
 from fedplane.v1 import types_pb2 as pb
-from tests.federation import Federation, cpu_nodes, eventually, job_spec, sim_agent_config
+from tests.federation import Federation, cpu_nodes, eventually, hub_config, job_spec, sim_agent_config
 
 
 @pytest.fixture
@@ -33,16 +33,11 @@ async def secured(tmp_path: Path) -> AsyncIterator[Federation]:
     ca = CertificateAuthority(tmp_path / "pki")
     etcd = embedded.start_etcd(tmp_path / "etcd")
     nats_server = embedded.start_nats(tmp_path / "nats", auth=identities, tls=ca.issue("nats", server=True))
-    config = identities.hub_config(
-        HubConfig(
-            listen="127.0.0.1:0",
-            etcd_endpoint=etcd.address,
-            nats_url=f"nats://{nats_server.address}",
-            cluster_unknown_after_seconds=3.0,
-            batch_window_seconds=0.01,
-            disconnect=DisconnectConfig(requeue_after_seconds=0.0),
-            nats_tls=NatsTlsConfig(ca_file=str(ca.cert_file)),
-        )
+    config = hub_config(
+        etcd,
+        nats_server,
+        disconnect=DisconnectConfig(requeue_after_seconds=0.0),
+        nats_tls=NatsTlsConfig(ca_file=str(ca.cert_file)),
     )
     fed = Federation(etcd, nats_server, tmp_path, config)
     await fed.start_hub()

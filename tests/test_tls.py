@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import grpc
 import pytest
 
-from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
+from fedplane.client.sdk import Tls
 from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
 from fedplane.runtime.config import ConfigError, HubConfig, StartupError, TlsConfig, check_hub
+from tests.federation import connects
 
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
@@ -79,25 +79,15 @@ def _config(servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tls:
     )
 
 
-async def _can_call(port: int, tls: Tls | None) -> bool:
-    async with FedplaneClient(f"127.0.0.1:{port}", tls=tls, timeout=3, retry_attempts=1) as client:
-        try:
-            await client.clusters()
-        except FedplaneError as exc:
-            assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
-            return False
-        return True
-
-
 async def test_a_hub_with_tls_answers_only_clients_that_trust_its_certificate(
     servers: tuple[embedded.ServerProcess, embedded.ServerProcess], pki: Path
 ) -> None:
     tls = TlsConfig(cert_file=str(pki / "hub.pem"), key_file=str(pki / "hub.key"))
     hub = await HubServer.start(_config(servers, tls))
     try:
-        assert await _can_call(hub.port, Tls(ca_file=str(pki / "ca.pem")))
-        assert not await _can_call(hub.port, None)  # plaintext
-        assert not await _can_call(hub.port, Tls(ca_file=str(pki / "other" / "ca.pem")))
+        assert await connects(f"127.0.0.1:{hub.port}", Tls(ca_file=str(pki / "ca.pem")))
+        assert not await connects(f"127.0.0.1:{hub.port}", None)  # plaintext
+        assert not await connects(f"127.0.0.1:{hub.port}", Tls(ca_file=str(pki / "other" / "ca.pem")))
     finally:
         await hub.stop(grace=0.1)
 
@@ -114,11 +104,13 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate_from_the_ca(
     hub = await HubServer.start(_config(servers, tls))
     ca = str(pki / "ca.pem")
     try:
-        assert not await _can_call(hub.port, Tls(ca_file=ca))
-        assert await _can_call(hub.port, Tls(ca, str(pki / "client.pem"), str(pki / "client.key")))
+        assert not await connects(f"127.0.0.1:{hub.port}", Tls(ca_file=ca))
+        assert await connects(
+            f"127.0.0.1:{hub.port}", Tls(ca, str(pki / "client.pem"), str(pki / "client.key"))
+        )
         # A certificate its holder signed itself is no client certificate.
         impostor = Tls(ca, str(pki / "other" / "ca.pem"), str(pki / "other" / "ca.key"))
-        assert not await _can_call(hub.port, impostor)
+        assert not await connects(f"127.0.0.1:{hub.port}", impostor)
     finally:
         await hub.stop(grace=0.1)
 

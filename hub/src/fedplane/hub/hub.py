@@ -90,9 +90,7 @@ class Hub:
         self.admission = ClusterAdmission(config, self.registry, self.table, store, clock)
         admitted = self.admission.admitted
         self.statuses = StatusIntake(self.table, self.registry, clock, admitted)
-        self.reports = ClusterReports(
-            self.table, self.registry, store, clock, admitted, register_on_contact=not self.admission.enabled
-        )
+        self.reports = ClusterReports(self.table, self.registry, store, clock, admitted)
         self.retention = Retention(self.table, clock, config.finished_job_retention_seconds)
         self.feed = StatusFeed(self.table, self.events)
         self.lost = LostClusterJobs(self.table, self.registry, self.commands, clock, config)

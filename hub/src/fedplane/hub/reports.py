@@ -42,17 +42,13 @@ class ClusterReports:
         store: JobStore,
         clock: Clock,
         admitted: Callable[[str], bool] = lambda _cluster: True,
-        register_on_contact: bool = True,
     ) -> None:
         self.table = table
         self.registry = registry
         self.store = store
         self.clock = clock
-        # Whether the hub acts on what a cluster sends (admission.ClusterAdmission.admitted);
-        # and whether a cluster heard of for the first time is recorded (only without admission,
-        # where hearing of it is all there is to joining).
+        # Whether the hub acts on what a cluster sends (admission.ClusterAdmission.admitted).
         self.admitted = admitted
-        self.register_on_contact = register_on_contact
         self.ready: frozenset[str] = frozenset()
         # Each cluster's health as last logged.
         self.health: dict[str, int] = {}
@@ -105,7 +101,9 @@ class ClusterReports:
                 # Never registered, never stored: a name no agent may have (a DNS label).
                 log.warning("report dropped: not a valid cluster name", cluster=cluster[:80])
                 return
-            if not self.register_on_contact and not self.admitted(cluster):
+            if not self.admitted(cluster):
+                # Without admission a cluster never heard of is admitted, and registered below;
+                # with it, only an approved cluster is.
                 log.debug("report dropped: its cluster is not admitted", cluster=cluster, kind=kind)
                 return
             # Parsed before anything else: bytes that are no report register no cluster.
@@ -118,9 +116,6 @@ class ClusterReports:
             state, added = self.registry.get_or_add(cluster)
             if added and await self.store.create_cluster(cluster, state.admin.SerializeToString()):
                 log.info("cluster registered", cluster=cluster)
-            if not self.admitted(cluster):
-                log.debug("report dropped: its cluster is not admitted", cluster=cluster, kind=kind)
-                return
             now = self.clock.time()
             stamped = bus.stored_at(msg)
             if stamped is None:

@@ -368,17 +368,7 @@ async def _bench(
     if security is not None:
         etcd, secured = security.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)
-        settings = {
-            "etcd_endpoint": secured.endpoint,
-            "etcd_tls": asdict(secured.tls),
-            "tls": {
-                "cert_file": str(security.hub_cert.cert_file),
-                "key_file": str(security.hub_cert.key_file),
-            },
-            "auth": {"tokens_file": str(security.tokens_file)},
-            "nats_auth": security.nats.hub_settings(),
-            "nats_tls": {"ca_file": str(security.ca.cert_file)},
-        }
+        settings = security.hub_settings(secured)
     else:
         etcd = embedded.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)

@@ -24,7 +24,7 @@ from fedplane.local import servers as embedded
 from fedplane.local.etcdauth import SecuredEtcd, secure_etcd
 from fedplane.local.natsauth import NatsIdentities
 from fedplane.local.pki import CertificateAuthority, Issued
-from fedplane.runtime.config import AgentConfig, HubConfig, NatsTlsConfig, TlsConfig
+from fedplane.runtime.config import AgentConfig, EtcdTlsConfig, HubConfig, NatsTlsConfig, from_mapping
 
 ADMIN = "admin"
 # The first line of a context file `fedplane up` wrote: only such a file is ever replaced.
@@ -86,17 +86,24 @@ class LocalSecurity:
         config.nats_tls = NatsTlsConfig(ca_file=str(self.ca.cert_file))
         return self.nats.agent_config(config)
 
-    def hub_config(self, config: HubConfig, etcd: SecuredEtcd | None, with_nats: bool = True) -> HubConfig:
-        """`config` with TLS, token authentication, etcd's TLS and RBAC, and (`with_nats`) the
-        auth callout."""
-        config.tls = TlsConfig(cert_file=str(self.hub_cert.cert_file), key_file=str(self.hub_cert.key_file))
-        config.auth.tokens_file = str(self.tokens_file)
-        if etcd is not None:
-            config = dataclasses.replace(config, **etcd.hub_fields())
-        if with_nats:
-            config.nats_tls = NatsTlsConfig(ca_file=str(self.ca.cert_file))
-            self.nats.hub_config(config)
-        return config
+    def hub_settings(self, etcd: SecuredEtcd) -> dict[str, Any]:
+        """The hub's settings for all of it (as in hub.yaml): TLS, token authentication, etcd's
+        TLS and RBAC, NATS over TLS and the auth callout."""
+        etcd_fields = {
+            key: dataclasses.asdict(value) if isinstance(value, EtcdTlsConfig) else value
+            for key, value in etcd.hub_fields().items()
+        }
+        return {
+            **etcd_fields,
+            "tls": {"cert_file": str(self.hub_cert.cert_file), "key_file": str(self.hub_cert.key_file)},
+            "auth": {"tokens_file": str(self.tokens_file)},
+            "nats_auth": self.nats.hub_settings(),
+            "nats_tls": {"ca_file": str(self.ca.cert_file)},
+        }
+
+    def hub_config(self, config: HubConfig, etcd: SecuredEtcd) -> HubConfig:
+        """`config` with `hub_settings` (each of their sections replaced whole)."""
+        return from_mapping(HubConfig, {**dataclasses.asdict(config), **self.hub_settings(etcd)})
 
     @property
     def client_tls(self) -> Tls:
