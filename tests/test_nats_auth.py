@@ -261,10 +261,14 @@ async def test_an_edge_sites_leaf_node_admits_its_own_agents_with_their_clusters
     tmp_path: Path,
 ) -> None:
     """The leaf authenticates as the site; its agents are its own static users, each held to
-    its own cluster's subjects there, since a leaf connection does not pass the hub's callout."""
+    its own cluster's subjects there, since a leaf connection does not pass the hub's callout.
+    The hub holds the site's link itself to the site's clusters, so that a site whose
+    nats-server admits anyone still cannot forge a command or another cluster's status."""
     identities = NatsIdentities.create(tmp_path / "identities")
     edge_seed = natsjwt.new_seed()
-    started = [embedded.start_nats(tmp_path / "nats", auth=identities, leafnode_port=0)]
+    started = [
+        embedded.start_nats(tmp_path / "nats", auth=identities, leafnode_port=0, edge_clusters=["edge0"])
+    ]
     hub_nats = started[0]
     try:
         started.append(
@@ -279,6 +283,10 @@ async def test_an_edge_sites_leaf_node_admits_its_own_agents_with_their_clusters
             agents={"edge0": natsjwt.public_key(edge_seed)},
         )
         started.append(leaf)
+        rogue_site = embedded.start_nats_leaf(
+            tmp_path / "rogue-leaf", hub_nats.leafnode_address, password=identities.leaf_password
+        )
+        started.append(rogue_site)
         hub_seed = identities.hub_seed_file.read_bytes().strip()
         hub = await bus.connect(
             f"nats://{hub_nats.address}", "hub", credentials=bus.Credentials(seed=hub_seed)
@@ -321,6 +329,29 @@ async def test_an_edge_sites_leaf_node_admits_its_own_agents_with_their_clusters
         assert len([e for e in errors if "permissions violation" in e.lower()]) == 2, errors
         assert bus.subject("cmd", "edge0") not in heard and bus.subject("status", "other") not in heard
         assert "authentication error" in hub_nats.log_path.read_text().lower(), "the wrong password links"
+        # A site's nats-server that admits anyone: its link carries its clusters' reports only.
+        rogue = await nats.connect(f"nats://{rogue_site.address}", allow_reconnect=False)
+
+        async def site_linked() -> bool:
+            for kind, cluster in [
+                ("cmd", "edge0"),
+                ("status", "other"),
+                ("inventory", "other"),
+                ("status", "edge0"),
+            ]:
+                await rogue.publish(bus.subject(kind, cluster), b"forged")
+            await rogue.flush()
+            await asyncio.sleep(0.1)
+            return bus.subject("status", "edge0") in heard
+
+        await eventually(site_linked, 10, "the rogue site linked, carrying its own cluster's status")
+        forged = {
+            bus.subject("cmd", "edge0"),
+            bus.subject("status", "other"),
+            bus.subject("inventory", "other"),
+        }
+        assert not forged & set(heard), heard
+        await rogue.close()
         await agent.close()
         await hub.close()
     finally:

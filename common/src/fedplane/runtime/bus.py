@@ -221,6 +221,22 @@ def agent_permissions(cluster: str, js_domain: str = "") -> natsjwt.Permissions:
     )
 
 
+def site_permissions(clusters: Sequence[str], js_domain: str) -> natsjwt.Permissions:
+    """What an edge site's leaf node link may carry into and out of the hub's account: its own
+    clusters' agents' subjects and nothing more (the JetStream API as the leaf maps it into the
+    hub's domain). The site's nats-server holds each agent to its own cluster; this holds the
+    site itself, so whoever controls it still cannot publish a command or another site's status.
+    On a leaf connection, `publish` is what the site may send to the hub and `subscribe` what
+    the hub may send to the site."""
+    publish: list[str] = []
+    subscribe: list[str] = []
+    for cluster in clusters:
+        allowed = agent_permissions(cluster, js_domain)
+        publish += [name for name in allowed.publish if not name.startswith("$JS.API.")]
+        subscribe += allowed.subscribe
+    return natsjwt.Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
+
+
 def deliver_subject(cluster: str) -> str:
     """Where `cluster`'s command consumer pushes its messages (only that agent may subscribe)."""
     return f"{PREFIX}.deliver.{cluster}"

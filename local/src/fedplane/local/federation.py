@@ -91,6 +91,14 @@ CLUSTERS: list[dict[str, Any]] = [
 ]
 
 
+def cluster_names(count: int) -> list[str]:
+    """The names of the first `count` simulated clusters (as `cluster_configs` makes them)."""
+    return [
+        str(CLUSTERS[i]["cluster"]) if i < len(CLUSTERS) else f"cpu-extra-{i - len(CLUSTERS) + 1}"
+        for i in range(count)
+    ]
+
+
 def cluster_configs(
     count: int,
     nats_url: str,
@@ -101,12 +109,12 @@ def cluster_configs(
 ) -> list[AgentConfig]:
     """The simulated clusters; the last `edge` of them are edge clusters, on the leaf at `leaf_url`."""
     configs = []
-    for i in range(count):
+    for i, name in enumerate(cluster_names(count)):
         if i < len(CLUSTERS):
             raw = dict(CLUSTERS[i])
         else:
             raw = {
-                "cluster": f"cpu-extra-{i - len(CLUSTERS) + 1}",
+                "cluster": name,
                 "labels": {"region": "us-west", "tier": "cloud"},
                 "cost": 3.0,
                 "backend": {
@@ -173,11 +181,14 @@ async def run(
 ) -> int:
     # Secure by default: TLS and a token on gRPC, etcd over TLS with its own RBAC, agents
     # admitted by key through the hub's NATS auth callout (security.py). An edge site's leaf
-    # node does not pass the callout yet (docs/security.md), so with edge sites NATS runs
-    # without it.
+    # node links as the site, held to its own clusters' subjects.
     security = LocalSecurity.create(data_dir / "security")
     etcd, secured_etcd = security.start_etcd(data_dir / "etcd")
-    nats = security.start_nats(data_dir / "nats", leafnode_port=0 if edge else None)
+    nats = security.start_nats(
+        data_dir / "nats",
+        leafnode_port=0 if edge else None,
+        edge_clusters=cluster_names(clusters)[clusters - edge :] if edge else (),
+    )
     link: CutLink | None = None
     leaf: embedded.ServerProcess | None = None
     hub_server: HubServer | None = None

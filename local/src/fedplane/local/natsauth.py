@@ -13,16 +13,19 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nkeys
 
-from fedplane.runtime import natsjwt
+from fedplane.runtime import bus, natsjwt
 from fedplane.runtime.config import AgentConfig, HubConfig, NatsAuthConfig, from_mapping
 
 ACCOUNT = "FEDPLANE"
+# The user an edge site's leaf node authenticates as.
+LEAF_USER = "edge-site"
 
 
 @dataclass(frozen=True)
@@ -79,17 +82,33 @@ class NatsIdentities:
     def bootstrap_token(self) -> str:
         return self.bootstrap_token_file.read_text().strip()
 
-    def server_config(self) -> list[str]:
+    def server_config(self, edge_clusters: Sequence[str] = (), js_domain: str = "") -> list[str]:
         """nats-server configuration lines: the hub's account with JetStream, the hub's key as
-        its one static user, and auth callout for everyone else."""
+        its one static user, and auth callout for everyone else.
+
+        With `edge_clusters`, also the edge site's user, which its leaf node links as: a static
+        user of the hub's account (a leaf connection does not pass the callout), held to those
+        clusters' subjects (`bus.site_permissions`; nats-server takes permissions on a leaf
+        connection only from an account's user, not from `leafnodes { authorization }`).
+        """
         hub = self.hub_public_key
         system = natsjwt.public_key(self.system_seed_file.read_bytes().strip())
+        users = [f"{{ nkey: {_q(hub)} }}"]
+        bypass = [_q(hub), _q(system)]
+        if edge_clusters:
+            allowed = bus.site_permissions(edge_clusters, js_domain)
+            users.append(
+                f"{{ user: {_q(LEAF_USER)}, password: {_q(self.leaf_password)}, permissions: {{"
+                f" publish: {json.dumps(list(allowed.publish))},"
+                f" subscribe: {json.dumps(list(allowed.subscribe))} }} }}"
+            )
+            bypass.append(_q(LEAF_USER))
         return [
-            f"accounts {{ {ACCOUNT}: {{ jetstream: enabled, users: [ {{ nkey: {_q(hub)} }} ] }},"
+            f"accounts {{ {ACCOUNT}: {{ jetstream: enabled, users: [ {', '.join(users)} ] }},"
             f" SYS: {{ users: [ {{ nkey: {_q(system)} }} ] }} }}",
             "system_account: SYS",
             "authorization { auth_callout { "
-            f"issuer: {_q(self.issuer_public_key)}, auth_users: [ {_q(hub)}, {_q(system)} ],"
+            f"issuer: {_q(self.issuer_public_key)}, auth_users: [ {', '.join(bypass)} ],"
             f" account: {ACCOUNT} }} }}",
         ]
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedplane.local.natsauth import NatsIdentities
+from fedplane.local.natsauth import LEAF_USER, NatsIdentities
 from fedplane.local.pki import CertificateAuthority, Issued
 from fedplane.runtime import bus
 
@@ -230,8 +230,6 @@ def start_etcd(
 
 # The JetStream domain of a hub-side nats-server that edge sites connect to as leaf nodes.
 HUB_JS_DOMAIN = "fedplane-hub"
-# The user an edge site's leaf node authenticates as.
-LEAF_USER = "edge-site"
 
 
 def start_nats(
@@ -244,14 +242,17 @@ def start_nats(
     jetstream_domain: str = "",
     auth: NatsIdentities | None = None,
     tls: Issued | None = None,
+    edge_clusters: Sequence[str] = (),
 ) -> ServerProcess:
     """nats-server with JetStream on loopback; with `auth`, every client but the hub is
     admitted by the hub's auth callout (see natsauth.py); with `tls`, clients must speak TLS
     (the server presents that certificate).
 
     With `leafnode_port` (0 picks one) it also accepts leaf node connections from edge sites
-    (`start_nats_leaf`), on the same host. A leaf connection never carries the plain JetStream
-    API (`$JS.API.>`: nats-server denies it across every leaf connection of a normal account),
+    (`start_nats_leaf`), on the same host; with `auth`, the site links as a user held to the
+    subjects of `edge_clusters`, its agents' clusters (no site links without them). A leaf
+    connection never carries the plain JetStream API (`$JS.API.>`: nats-server denies it across
+    every leaf connection of a normal account),
     so the hub's JetStream also gets a domain, `jetstream_domain` (default HUB_JS_DOMAIN): its
     API then answers on `$JS.<domain>.API.>` too, and that does cross.
     """
@@ -278,20 +279,15 @@ def start_nats(
         'server_name: "fedplane"',
         f"listen: {_q(f'{host}:{port}')}",
         f"jetstream {{ {jetstream} }}",
-        *(auth.server_config() if auth is not None else []),
+        *(auth.server_config(edge_clusters, domain) if auth is not None else []),
     ]
     if tls is not None:
         config.append(f"tls {{ cert_file: {_q(str(tls.cert_file))}, key_file: {_q(str(tls.key_file))} }}")
     if leaf_port:
         # no_advertise: a hub gossips its leaf node address to the leaves, which then dial it
         # directly; behind a proxy or NAT (or a test's CutLink) they must keep the address given.
+        # With `auth`, an edge site's leaf node links as the site's user (natsauth.py).
         leaf_auth = ""
-        if auth is not None:
-            # Each edge site's leaf node authenticates as the site, into the hub's account.
-            leaf_auth = (
-                f", authorization {{ users: [ {{ user: {_q(LEAF_USER)}, password: {_q(auth.leaf_password)},"
-                f" account: {auth.account} }} ] }}"
-            )
         if tls is not None:
             leaf_auth += f", tls {{ cert_file: {_q(str(tls.cert_file))}, key_file: {_q(str(tls.key_file))} }}"
         config.append(f"leafnodes {{ listen: {_q(f'{host}:{leaf_port}')}, no_advertise: true{leaf_auth} }}")
