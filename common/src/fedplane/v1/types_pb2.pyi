@@ -476,11 +476,22 @@ class JobSpec(_message.Message):
     WORKLOAD_FIELD_NUMBER: _builtins.int
     MAX_RUN_SECONDS_FIELD_NUMBER: _builtins.int
     DISCONNECT_FIELD_NUMBER: _builtins.int
+    PRIORITY_CLASS_FIELD_NUMBER: _builtins.int
+    MIN_RUN_SECONDS_FIELD_NUMBER: _builtins.int
+    FAIL_ON_PREEMPTION_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     name: _builtins.str
     priority: _builtins.int
     max_run_seconds: _builtins.int
     """Maximum run time in seconds once running; 0 = unlimited."""
+    priority_class: _builtins.str
+    """A priority class by name (PriorityClass): the job's priority is the class's value, and the
+    class says whether it may preempt and whether it is interruptible. Empty: `priority` as given.
+    """
+    min_run_seconds: _builtins.int
+    """Once running, the job is not preempted for this long (seconds; 0: it may be at any time)."""
+    fail_on_preemption: _builtins.bool
+    """Preempted: fail instead of going back to the queue."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -508,10 +519,13 @@ class JobSpec(_message.Message):
         workload: Global___Workload | None = ...,
         max_run_seconds: _builtins.int = ...,
         disconnect: Global___DisconnectPolicy | None = ...,
+        priority_class: _builtins.str = ...,
+        min_run_seconds: _builtins.int = ...,
+        fail_on_preemption: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "disconnect", b"disconnect", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "datasets", b"datasets", "disconnect", b"disconnect", "labels", b"labels", "max_run_seconds", b"max_run_seconds", "name", b"name", "pod_sets", b"pod_sets", "priority", b"priority", "queue", b"queue", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "datasets", b"datasets", "disconnect", b"disconnect", "fail_on_preemption", b"fail_on_preemption", "labels", b"labels", "max_run_seconds", b"max_run_seconds", "min_run_seconds", b"min_run_seconds", "name", b"name", "pod_sets", b"pod_sets", "priority", b"priority", "priority_class", b"priority_class", "queue", b"queue", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,6 +635,8 @@ class JobStatus(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     PLACEMENT_SCORE_FIELD_NUMBER: _builtins.int
+    FLAVOR_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     cluster: _builtins.str
     """The cluster holding the job at `generation`; empty when not dispatched."""
@@ -628,6 +644,10 @@ class JobStatus(_message.Message):
     """Incremented on every dispatch; commands and status updates carry it."""
     reason: _builtins.str
     message: _builtins.str
+    flavor: _builtins.str
+    """The resource flavor whose quota the job holds while dispatched (empty: its queue has no quotas)."""
+    attempts: _builtins.int
+    """How many times the job was admitted and then evicted (preempted, or a gang timeout)."""
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transition]: ...
     @_builtins.property
@@ -656,10 +676,12 @@ class JobStatus(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         assignments: _abc.Iterable[Global___NodeAssignment] | None = ...,
         placement_score: Global___ScoreBreakdown | None = ...,
+        flavor: _builtins.str = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "placement_score", b"placement_score", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cluster", b"cluster", "finish_time", b"finish_time", "generation", b"generation", "history", b"history", "message", b"message", "placement_score", b"placement_score", "reason", b"reason", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "attempts", b"attempts", "cluster", b"cluster", "finish_time", b"finish_time", "flavor", b"flavor", "generation", b"generation", "history", b"history", "message", b"message", "placement_score", b"placement_score", "reason", b"reason", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
