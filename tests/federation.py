@@ -58,14 +58,15 @@ def sim_agent_config(
 
 def hub_config(etcd: embedded.ServerProcess, nats: embedded.ServerProcess, **settings: Any) -> HubConfig:
     """A hub on these servers as the tests run it (clusters quickly unknown, a short batch
-    window), answering nats-server's auth callout when it runs one; `settings` on top."""
+    window, jobs may name queues nobody defined), answering nats-server's auth callout when it
+    runs one; `settings` on top."""
     config = HubConfig(
         listen="127.0.0.1:0",
         etcd_endpoint=etcd.address,
         nats_url=f"nats://{nats.address}",
         cluster_unknown_after_seconds=3.0,
         batch_window_seconds=0.01,
-        **settings,
+        **{"implicit_queues": True, **settings},
     )
     return nats.identities.hub_config(config) if nats.identities is not None else config
 

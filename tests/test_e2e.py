@@ -90,6 +90,7 @@ def daemons(
                 "cluster_unknown_after_seconds": 5,
                 # NATS is authenticated here (the agents are admitted by key); gRPC and etcd are not.
                 "insecure": True,
+                "implicit_queues": True,
                 "nats_auth": identities.hub_settings(),
                 "telemetry": {"exporter": "console"},
             }

@@ -33,6 +33,7 @@ class SecureEtcd:
     def hub_config(self, **changes: Any) -> HubConfig:
         config = HubConfig(
             listen="127.0.0.1:0",
+            implicit_queues=True,
             nats_url=f"nats://{self.nats.address}",
             cluster_unknown_after_seconds=3.0,
             batch_window_seconds=0.01,

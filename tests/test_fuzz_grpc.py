@@ -86,6 +86,7 @@ async def fed(
     etcd, nats = servers
     config = HubConfig(
         listen="127.0.0.1:0",
+        implicit_queues=True,
         etcd_endpoint=etcd.address,
         nats_url=f"nats://{nats.address}",
         batch_window_seconds=0.01,

@@ -203,6 +203,7 @@ async def rig(
     etcd, nats_server = servers
     config = HubConfig(
         listen="127.0.0.1:0",
+        implicit_queues=True,
         etcd_endpoint=etcd.address,
         nats_url=f"nats://{nats_server.address}",
         batch_window_seconds=0.01,

@@ -91,7 +91,11 @@ def _jwks(path: Path, keys: dict[str, ec.EllipticCurvePrivateKey]) -> None:
 def _hub_config(servers: Servers, **settings: Any) -> HubConfig:
     etcd, nats = servers
     config = HubConfig(
-        listen="127.0.0.1:0", etcd_endpoint=etcd.address, nats_url=f"nats://{nats.address}", **settings
+        listen="127.0.0.1:0",
+        etcd_endpoint=etcd.address,
+        nats_url=f"nats://{nats.address}",
+        implicit_queues=True,
+        **settings,
     )
     return nats.identities.hub_config(config) if nats.identities is not None else config
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fedplane.core.model import ClusterView, JobRequest, NodeView, PodSetRequest
 from fedplane.core.pending import PendingQueue
-from fedplane.core.placement import Weights, deduct, place_batch
+from fedplane.core.placement import Decision, Weights, deduct, place_batch
 from tests.core.test_placement_properties import (
     JOB_SHAPES,
     PROPERTIES,
@@ -94,7 +94,7 @@ def test_a_shape_that_fits_nowhere_is_not_tried_again_until_unblocked() -> None:
     # The big shape was tried once, not 1000 times; the small job behind it was not held up.
     assert [d.job_id for _, d in placed] == ["small"]
     misfit = queue.misfit("big999")
-    assert misfit is not None and misfit.job_id == "big0"
+    assert isinstance(misfit, Decision) and misfit.job_id == "big0"
     assert "insufficient capacity" in misfit.summary()
     # Nothing changed: the next cycle does not look at the blocked shape at all.
     assert queue.cycle(cluster, Weights(), limit=100) == []

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from fedplane.client import context as context_file
 from fedplane.client import display
+from fedplane.client import objects as queue_objects
 from fedplane.client.sdk import FedplaneClient, FedplaneError, Tls
 from fedplane.client.spec import SpecError, load_file
 from fedplane.runtime import entry
@@ -198,6 +199,8 @@ def _load_specs(files: Sequence[Path]) -> list[tuple[str, pb.JobSpec]]:
             loaded = load_file(path)
         except SpecError as exc:
             _fail(str(exc))
+        if not loaded:
+            _fail(f"{path}: no job specs, only queue objects (apply them with fedplane apply -f {path})")
         specs.extend((f"{path}[{i}]", spec) for i, spec in enumerate(loaded))
     return specs
 
@@ -539,6 +542,107 @@ def uncordon(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Clust
     """Allow new placements on a cluster again."""
     result = _run(ctx, lambda c: c.uncordon(name))
     typer.echo(f"cluster {result.name} uncordoned")
+
+
+# -- queues -------------------------------------------------------------------------------------
+
+
+def _apply_outcome(kind: str, item: Any, before: pb.QueueObjects) -> str:
+    """created, configured or unchanged: `item` against the object of its kind and name before."""
+    old = next((o for o in getattr(before, queue_objects.KINDS[kind]) if o.name == item.name), None)
+    if old is None:
+        return "created"
+    return "unchanged" if old == item else "configured"
+
+
+@app.command()
+def apply(
+    ctx: typer.Context,
+    files: Annotated[
+        list[Path],
+        typer.Option(
+            "--filename",
+            "-f",
+            help="YAML file of queues, cohorts, flavors and priority classes (repeatable).",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check everything and show the outcome; change nothing.")
+    ] = False,
+) -> None:
+    """Create or replace queues, cohorts, resource flavors and priority classes from YAML: all of
+    them or, if anything is wrong, none."""
+    try:
+        objects = queue_objects.load_files(files)
+    except queue_objects.ObjectsError as exc:
+        _fail(str(exc))
+
+    async def go(client: FedplaneClient) -> tuple[pb.QueueObjects, pb.QueueObjects]:
+        for attempt in range(3):
+            # The revision listed is the one applied to, so "created" and "configured" are exact.
+            before = await client.queue_objects()
+            try:
+                after = await client.apply_queue_objects(
+                    objects, dry_run=dry_run, expected_revision=before.revision
+                )
+            except FedplaneError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == 2:
+                    raise
+                continue
+            return before, after
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    before, _ = _run(ctx, go)
+    suffix = " (dry run)" if dry_run else ""
+    for kind, field in queue_objects.KINDS.items():
+        for item in getattr(objects, field):
+            typer.echo(f"{kind} {item.name} {_apply_outcome(kind, item, before)}{suffix}")
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    kind: Annotated[str, typer.Argument(help="Queue, Cohort, ResourceFlavor or PriorityClass.")],
+    name: Annotated[str, typer.Argument(help="The object's name.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check only; delete nothing.")] = False,
+) -> None:
+    """Delete a queue (only once it holds no unfinished jobs), cohort, flavor or priority class."""
+    try:
+        canonical = queue_objects.kind_of(kind)
+    except ValueError as exc:
+        _fail(str(exc))
+    _run(ctx, lambda c: c.delete_queue_objects([(canonical, name)], dry_run=dry_run))
+    typer.echo(f"{canonical} {name} deleted{' (dry run)' if dry_run else ''}")
+
+
+@app.command()
+def queues(ctx: typer.Context, output: OutputOption = Output.table) -> None:
+    """The cohort tree and its queues: weight, share, usage against quota, jobs; with -o yaml,
+    every queue object as YAML that `fedplane apply -f` takes back."""
+    if output is Output.yaml:
+        objects = _run(ctx, lambda c: c.queue_objects())
+        typer.echo(queue_objects.dump_yaml(objects), nl=False)
+        return
+    view = _run(ctx, lambda c: c.queue_view())
+    _emit(view, output, lambda: display.queue_view_table(view))
+
+
+queue_app = typer.Typer(help="One queue: hold or release it.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("hold")
+def hold_queue(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
+    """Admit no new jobs from a queue (it still takes submits; its running jobs stay)."""
+    _run(ctx, lambda c: c.set_queue_held(name, True))
+    typer.echo(f"queue {name} held")
+
+
+@queue_app.command("release")
+def release_queue(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
+    """Admit jobs from a held queue again."""
+    _run(ctx, lambda c: c.set_queue_held(name, False))
+    typer.echo(f"queue {name} released")
 
 
 # -- daemons ------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "format_time",
     "job_detail",
     "job_table",
+    "queue_view_table",
     "score_text",
     "state_name",
     "state_text",
@@ -498,4 +499,70 @@ def hub_status_table(status: hub_pb2.HubStatus) -> Table:
             format_time(replica.started),
             replica.version,
         )
+    return table
+
+
+def _tree_order(rows: Iterable[pb.QueueViewRow]) -> list[tuple[int, pb.QueueViewRow]]:
+    """(depth, row) with each row under its parent: cohorts before queues, then by name. A
+    row whose parent is not shown (a viewer sees only its queues) is a root."""
+    rows = list(rows)
+    cohorts = {r.name for r in rows if r.kind == "cohort"}
+    children: dict[str, list[pb.QueueViewRow]] = {}
+    for row in rows:
+        children.setdefault(row.parent if row.parent in cohorts else "", []).append(row)
+    out: list[tuple[int, pb.QueueViewRow]] = []
+    seen: set[tuple[str, str]] = set()
+    stack = [(0, r) for r in sorted(children.get("", []), key=_tree_key, reverse=True)]
+    while stack:
+        depth, row = stack.pop()
+        if (row.kind, row.name) in seen:
+            continue  # a cycle cannot be stored, but a table must never loop
+        seen.add((row.kind, row.name))
+        out.append((depth, row))
+        if row.kind == "cohort":
+            below = sorted(children.get(row.name, []), key=_tree_key, reverse=True)
+            stack.extend((depth + 1, child) for child in below)
+    return out
+
+
+def _tree_key(row: pb.QueueViewRow) -> tuple[bool, str]:
+    return row.kind != "cohort", row.name
+
+
+def _usage_line(usage: pb.QueueResourceUsage) -> str:
+    """ "gpu-h100 gpu 12/16 +4 borrowed" : usage over nominal, and what is borrowed and lent."""
+    resource = usage.resource
+
+    def amount(value: int) -> str:
+        return quantity.format_quantity(resource, value)
+
+    name = _SHORT_RESOURCES.get(resource, resource)
+    line = f"{usage.flavor} {name} {amount(usage.usage)}/{amount(usage.nominal)}"
+    if usage.borrowed:
+        line += f" +{amount(usage.borrowed)} borrowed"
+    if usage.lent:
+        line += f" {amount(usage.lent)} lent"
+    return line
+
+
+def queue_view_table(view: pb.QueueView) -> Table:
+    """`fedplane queues`: the cohort tree with its queues, each with its weight and share, its
+    usage of every flavor and resource against its nominal quota, and its jobs."""
+    table = Table(header_style="bold")
+    for column in ("NAME", "KIND", "WEIGHT", "SHARE", "USAGE/NOMINAL", "PENDING", "ADMITTED", "STATUS"):
+        justify: JustifyMethod = "right" if column in ("WEIGHT", "SHARE", "PENDING", "ADMITTED") else "left"
+        table.add_column(column, justify=justify, overflow="fold")
+    for depth, row in _tree_order(view.rows):
+        table.add_row(
+            "  " * depth + row.name,
+            row.kind,
+            f"{row.weight:g}",
+            f"{row.share:.2f}",
+            "\n".join(_usage_line(u) for u in row.resources) or Text("no quota", style="dim"),
+            str(row.pending),
+            str(row.admitted),
+            Text("HELD", style="bold yellow") if row.held else "",
+        )
+    if not view.rows:
+        table.caption = "no queues: create them with fedplane apply -f FILE"
     return table

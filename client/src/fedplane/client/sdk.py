@@ -115,6 +115,7 @@ class FedplaneClient:
         self._jobs: hub_pb2_grpc.JobServiceAsyncStub | None = None
         self._clusters: hub_pb2_grpc.ClusterServiceAsyncStub | None = None
         self._hubs: hub_pb2_grpc.HubServiceAsyncStub | None = None
+        self._queues: hub_pb2_grpc.QueueServiceAsyncStub | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -131,6 +132,7 @@ class FedplaneClient:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             self._jobs = self._clusters = self._hubs = None
+            self._queues = None
             # Cancels every call; bounded, so a stream that never acknowledges its
             # cancellation cannot keep a CLI command (say, watch after Ctrl-C) from exiting.
             with contextlib.suppress(TimeoutError):
@@ -152,6 +154,9 @@ class FedplaneClient:
                 "hub_pb2_grpc.ClusterServiceAsyncStub", hub_pb2_grpc.ClusterServiceStub(self._channel)
             )
             self._hubs = cast("hub_pb2_grpc.HubServiceAsyncStub", hub_pb2_grpc.HubServiceStub(self._channel))
+            self._queues = cast(
+                "hub_pb2_grpc.QueueServiceAsyncStub", hub_pb2_grpc.QueueServiceStub(self._channel)
+            )
 
     @property
     def _job_stub(self) -> hub_pb2_grpc.JobServiceAsyncStub:
@@ -170,6 +175,12 @@ class FedplaneClient:
         self._connect()
         assert self._hubs is not None
         return self._hubs
+
+    @property
+    def _queue_stub(self) -> hub_pb2_grpc.QueueServiceAsyncStub:
+        self._connect()
+        assert self._queues is not None
+        return self._queues
 
     async def _call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
         """One unary call, retried with backoff while the hub is UNAVAILABLE."""
@@ -490,3 +501,63 @@ class FedplaneClient:
     async def hub_status(self) -> hub_pb2.HubStatus:
         """Which replica leads, since when, and every replica's role (any replica answers)."""
         return await self._call(self._hub_stub.GetHubStatus, hub_pb2.GetHubStatusRequest())
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    async def queue_objects(self) -> pb.QueueObjects:
+        """Every queue the caller may see, and every cohort, flavor and priority class."""
+        return await self._call(self._queue_stub.ListQueueObjects, hub_pb2.ListQueueObjectsRequest())
+
+    async def apply_queue_objects(
+        self,
+        objects: pb.QueueObjects,
+        deletes: Iterable[tuple[str, str]] = (),
+        *,
+        dry_run: bool = False,
+        expected_revision: int = 0,
+    ) -> pb.QueueObjects:
+        """Create or replace `objects` and delete `deletes` ((kind, name) pairs), all or none;
+        the whole configuration after it. With `expected_revision`, only if nobody changed the
+        configuration since that revision (ABORTED otherwise)."""
+        request = hub_pb2.ApplyQueueObjectsRequest(
+            objects=objects,
+            deletes=[hub_pb2.ObjectRef(kind=kind, name=name) for kind, name in deletes],
+            dry_run=dry_run,
+            expected_revision=expected_revision,
+        )
+        return await self._call(self._queue_stub.Apply, request)
+
+    async def delete_queue_objects(
+        self, refs: Iterable[tuple[str, str]], *, dry_run: bool = False, expected_revision: int = 0
+    ) -> pb.QueueObjects:
+        """Delete (kind, name) objects, all or none."""
+        request = hub_pb2.DeleteQueueObjectsRequest(
+            refs=[hub_pb2.ObjectRef(kind=kind, name=name) for kind, name in refs],
+            dry_run=dry_run,
+            expected_revision=expected_revision,
+        )
+        return await self._call(self._queue_stub.Delete, request)
+
+    async def set_queue_held(self, name: str, held: bool, attempts: int = 5) -> pb.Queue:
+        """Hold (no new admissions) or release a queue: its stored object with `held` changed,
+        applied only if nothing else changed meanwhile (re-read and retried when it did)."""
+        for attempt in range(attempts):
+            objects = await self.queue_objects()
+            queue = next((q for q in objects.queues if q.name == name), None)
+            if queue is None:
+                raise FedplaneError(grpc.StatusCode.NOT_FOUND, f"queue {name!r} not found")
+            queue.held = held
+            try:
+                result = await self.apply_queue_objects(
+                    pb.QueueObjects(queues=[queue]), expected_revision=objects.revision
+                )
+            except FedplaneError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == attempts - 1:
+                    raise
+                continue
+            return next(q for q in result.queues if q.name == name)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def queue_view(self) -> pb.QueueView:
+        """Each queue's and cohort's usage, borrowing, lending, share and job counts."""
+        return await self._call(self._queue_stub.GetQueueView, hub_pb2.GetQueueViewRequest())

@@ -23,7 +23,9 @@ __all__ = [
     "SpecError",
     "default_manifest",
     "dump_yaml",
+    "exact_quantity",
     "format_duration",
+    "is_queue_object",
     "load_file",
     "load_text",
     "parse_duration",
@@ -34,6 +36,8 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_QUEUE = "default"
+# The `kind`s of queue objects: documents a job spec file may hold, which are not specs.
+QUEUE_OBJECT_KINDS = frozenset({"Queue", "Cohort", "ResourceFlavor", "PriorityClass"})
 DEFAULT_IMAGE = "busybox"
 
 _TOP_KEYS = {
@@ -41,7 +45,10 @@ _TOP_KEYS = {
     "queue",
     "labels",
     "priority",
+    "priorityClass",
     "maxRunTime",
+    "minRunTime",
+    "failOnPreemption",
     "podSets",
     "constraints",
     "datasets",
@@ -322,6 +329,15 @@ def _manifest_json(value: object, path: str) -> str:
     return json.dumps(value, default=reject, separators=(",", ":"))
 
 
+def _whole_seconds(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        _fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        _fail(path, str(exc))
+
+
 def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
     """Convert one parsed YAML document; errors carry the field path (without file context)."""
     doc = _mapping(data, path, _TOP_KEYS)
@@ -335,14 +351,14 @@ def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
         spec.labels.update(_string_map(doc["labels"], _join(path, "labels")))
     if "priority" in doc:
         spec.priority = _int32(doc["priority"], _join(path, "priority"))
+    if "priorityClass" in doc:
+        spec.priority_class = _str(doc["priorityClass"], _join(path, "priorityClass"))
     if "maxRunTime" in doc:
-        raw = doc["maxRunTime"]
-        if isinstance(raw, bool) or not isinstance(raw, int | str):
-            _fail(_join(path, "maxRunTime"), f"{raw!r} is not a duration (examples: 90s, 30m, 1h30m)")
-        try:
-            spec.max_run_seconds = parse_duration(raw)
-        except ValueError as exc:
-            _fail(_join(path, "maxRunTime"), str(exc))
+        spec.max_run_seconds = _whole_seconds(doc["maxRunTime"], _join(path, "maxRunTime"))
+    if "minRunTime" in doc:
+        spec.min_run_seconds = _whole_seconds(doc["minRunTime"], _join(path, "minRunTime"))
+    if "failOnPreemption" in doc:
+        spec.fail_on_preemption = _bool(doc["failOnPreemption"], _join(path, "failOnPreemption"))
     if "podSets" in doc:
         pod_sets_path = _join(path, "podSets")
         for i, item in enumerate(_list(doc["podSets"], pod_sets_path)):
@@ -360,9 +376,17 @@ def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
     return spec
 
 
+def is_queue_object(document: object) -> bool:
+    """Whether a YAML document is a queue object (objects.py: `fedplane apply -f`), which a
+    file may hold beside job specs."""
+    return isinstance(document, Mapping) and document.get("kind") in QUEUE_OBJECT_KINDS
+
+
 def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
-    """Every spec in a (possibly multi-document) YAML text; empty documents are skipped."""
+    """Every spec in a (possibly multi-document) YAML text; empty documents and queue objects
+    are skipped (a file of queue objects only has no specs, and is no error)."""
     specs: list[pb.JobSpec] = []
+    queue_objects = 0
     docs = yaml.safe_load_all(text)
     index = 0
     while True:
@@ -377,7 +401,9 @@ def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
             raise SpecError(f"{source}[{index}]: invalid YAML{at}: {problem}") from None
         except RecursionError:
             raise SpecError(f"{source}[{index}]: {_TOO_DEEP}") from None
-        if doc is not None:
+        if is_queue_object(doc):
+            queue_objects += 1
+        elif doc is not None:
             try:
                 specs.append(spec_from_dict(doc))
             except _FieldError as exc:
@@ -386,7 +412,7 @@ def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
             except RecursionError:
                 raise SpecError(f"{source}[{index}]: {_TOO_DEEP}") from None
         index += 1
-    if not specs:
+    if not specs and not queue_objects:
         raise SpecError(f"{source}: no job specs found")
     return specs
 
@@ -407,8 +433,8 @@ def load_file(path: str | Path) -> list[pb.JobSpec]:
 # -- JobSpec -> YAML ---------------------------------------------------------------------------
 
 
-def _format_exact(resource: str, amount: int) -> str | int:
-    """Like quantity.format_quantity, but never rounds, so a dump loads back to the same spec."""
+def exact_quantity(resource: str, amount: int) -> str | int:
+    """Like quantity.format_quantity, but never rounds, so a dump loads back to the same value."""
     if resource == quantity.CPU:
         return str(amount // 1000) if amount % 1000 == 0 else f"{amount}m"
     if resource == quantity.MEMORY or resource.endswith("storage"):
@@ -426,7 +452,7 @@ def _short_name(resource: str) -> str:
 
 
 def _k8s_quantity(resource: str, amount: int) -> str:
-    value = _format_exact(resource, amount)
+    value = exact_quantity(resource, amount)
     return value if isinstance(value, str) else str(value)
 
 
@@ -437,8 +463,14 @@ def spec_to_dict(spec: pb.JobSpec) -> dict[str, Any]:
         out["labels"] = dict(spec.labels)
     if spec.priority:
         out["priority"] = spec.priority
+    if spec.priority_class:
+        out["priorityClass"] = spec.priority_class
     if spec.max_run_seconds:
         out["maxRunTime"] = format_duration(spec.max_run_seconds)
+    if spec.min_run_seconds:
+        out["minRunTime"] = format_duration(spec.min_run_seconds)
+    if spec.fail_on_preemption:
+        out["failOnPreemption"] = True
     if spec.pod_sets:
         pod_sets = []
         for ps in spec.pod_sets:
@@ -449,7 +481,7 @@ def spec_to_dict(spec: pb.JobSpec) -> dict[str, Any]:
                 item["gpuType"] = ps.gpu_type
             if ps.requests.quantities:
                 item["requests"] = {
-                    _short_name(k): _format_exact(k, v) for k, v in sorted(ps.requests.quantities.items())
+                    _short_name(k): exact_quantity(k, v) for k, v in sorted(ps.requests.quantities.items())
                 }
             pod_sets.append(item)
         out["podSets"] = pod_sets
@@ -481,7 +513,7 @@ def spec_to_dict(spec: pb.JobSpec) -> dict[str, Any]:
         for d in spec.datasets:
             ref: dict[str, Any] = {"id": d.id}
             if d.size_bytes:
-                ref["size"] = _format_exact(quantity.MEMORY, d.size_bytes)
+                ref["size"] = exact_quantity(quantity.MEMORY, d.size_bytes)
             if d.required:
                 ref["required"] = True
             datasets.append(ref)

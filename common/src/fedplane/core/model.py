@@ -298,6 +298,8 @@ class JobRequest:
     groups: tuple[ClusterGroup, ...] = ()
     strict_groups: bool = False
     datasets: tuple[DatasetRequest, ...] = ()
+    # The queue it waits in (not part of its shape: placement does not look at it).
+    queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,19 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from fedplane.core.model import ClusterView, JobRequest
 from fedplane.core.placement import BatchPlacement, Decision, Weights, shape_of
 
 # (-priority, seq, job id): heap order is placement order.
 _Entry = tuple[int, int, str]
+
+
+class Misfit(Protocol):
+    """Why a shape's jobs wait: placement's Decision, or their queue's quota (quota.QuotaMisfit)."""
+
+    def summary(self) -> str: ...
 
 
 def _as(template: JobRequest, job_id: str, priority: int, seq: int) -> JobRequest:
@@ -37,6 +44,7 @@ def _as(template: JobRequest, job_id: str, priority: int, seq: int) -> JobReques
         groups=t.groups,
         strict_groups=t.strict_groups,
         datasets=t.datasets,
+        queue=t.queue,
     )
 
 
@@ -50,7 +58,7 @@ class _Shape:
     blocked: bool = False
     # The last misfit (kept across unblock() until a job of the shape is placed): every
     # job of the shape is pending for its reasons.
-    misfit: Decision | None = None
+    misfit: Misfit | None = None
 
 
 class PendingQueue:
@@ -90,10 +98,19 @@ class PendingQueue:
             del self._shapes[key]
         return True
 
-    def misfit(self, job_id: str) -> Decision | None:
+    def misfit(self, job_id: str) -> Misfit | None:
         """Why the job's shape fit nowhere in the last cycle that tried it, if it did not."""
         found = self._jobs.get(job_id)
         return self._shapes[found[0]].misfit if found else None
+
+    def position(self, job_id: str) -> int | None:
+        """How many queued jobs go before this one (priority, then submission); None if not
+        queued. It counts every job, so it is for explaining one job, not for a cycle."""
+        found = self._jobs.get(job_id)
+        if found is None:
+            return None
+        entry = found[1]
+        return sum(1 for _, other in self._jobs.values() if other < entry)
 
     def unblock(self) -> None:
         """Capacity or clusters changed: every shape is worth another look."""
@@ -124,33 +141,108 @@ class PendingQueue:
         is screened once per cycle (`BatchPlacement`), so the caller's views are never modified.
         """
         batch = BatchPlacement(clusters, weights)
-        heads: list[tuple[_Entry, int, Hashable]] = []
-        for order, (key, shape) in enumerate(self._shapes.items()):
-            if not shape.blocked:
-                entry = self._head(shape)
-                if entry is not None:
-                    heads.append((entry, order, key))
-        heapq.heapify(heads)
+        cursor = self.cursor()
         placed: list[tuple[JobRequest, Decision]] = []
-        while heads and len(placed) < limit:
-            entry, order, key = heapq.heappop(heads)
-            shape = self._shapes[key]
-            priority, seq, job_id = entry
-            job = _as(shape.template, job_id, -priority, seq)
+        while len(placed) < limit:
+            head = cursor.peek()
+            if head is None:
+                break
+            job, key = head
             decision = batch.place(job, key)
             if decision.cluster is None:
-                shape.blocked = True
-                shape.misfit = decision
+                cursor.block(decision)
                 continue
             placed.append((job, decision))
-            shape.misfit = None
-            heapq.heappop(shape.heap)
-            self.discard(job_id)
-            if shape.queued:
-                following = self._head(shape)
-                if following is not None:
-                    heapq.heappush(heads, (following, order, key))
+            cursor.take()
         return placed
+
+    def cursor(self, strict: bool = False) -> Cursor:
+        """A walk over the queued jobs in placement order, for one cycle (see Cursor)."""
+        return Cursor(self, strict)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._jobs)
+
+
+class Cursor:
+    """One cycle's walk over a pending queue in placement order (priority, then submission),
+    skipping blocked shapes: `peek` the next job, then either `take` it (placed: it leaves the
+    queue) or `block` its shape with the reason it fits nowhere.
+
+    Strict (a strict-FIFO queue): the walk stops at the first job whose shape is blocked,
+    so that nothing behind the head overtakes it.
+    """
+
+    __slots__ = ("_heads", "_peeked", "_queue", "_strict")
+
+    def __init__(self, queue: PendingQueue, strict: bool) -> None:
+        self._queue = queue
+        self._strict = strict
+        heads: list[tuple[_Entry, int, Hashable]] = []
+        for order, (key, shape) in enumerate(queue._shapes.items()):
+            if strict or not shape.blocked:
+                entry = queue._head(shape)
+                if entry is not None:
+                    heads.append((entry, order, key))
+        heapq.heapify(heads)
+        self._heads = heads
+        self._peeked: tuple[JobRequest, _Entry, int, Hashable] | None = None
+
+    def peek(self) -> tuple[JobRequest, Hashable] | None:
+        """The next job and its shape's key, or None when the walk is over."""
+        if self._peeked is not None:
+            return self._peeked[0], self._peeked[3]
+        queue = self._queue
+        while self._heads:
+            entry, order, key = self._heads[0]
+            shape = queue._shapes.get(key)
+            found = queue._jobs.get(entry[2])
+            if shape is None or found is None or found[1] != entry:
+                # The job left the queue since the walk began: go on with its shape's next.
+                heapq.heappop(self._heads)
+                if shape is not None:
+                    self._push_head(shape, order, key)
+                continue
+            if shape.blocked:
+                if self._strict:
+                    self._heads.clear()
+                    return None
+                heapq.heappop(self._heads)
+                continue
+            priority, seq, job_id = entry
+            job = _as(shape.template, job_id, -priority, seq)
+            self._peeked = (job, entry, order, key)
+            return job, key
+        return None
+
+    def take(self) -> JobRequest:
+        """The peeked job was placed: it leaves the queue, and its shape's next job comes up."""
+        assert self._peeked is not None, "take() without peek()"
+        job, _, order, key = self._peeked
+        self._peeked = None
+        queue = self._queue
+        shape = queue._shapes[key]
+        shape.misfit = None
+        heapq.heappop(self._heads)
+        queue.discard(job.id)
+        if shape.queued:
+            self._push_head(shape, order, key)
+        return job
+
+    def block(self, why: Misfit) -> None:
+        """The peeked job fits nowhere: block its shape (until `unblock`) with the reason."""
+        assert self._peeked is not None, "block() without peek()"
+        key = self._peeked[3]
+        self._peeked = None
+        shape = self._queue._shapes[key]
+        shape.blocked = True
+        shape.misfit = why
+        if self._strict:
+            self._heads.clear()
+        else:
+            heapq.heappop(self._heads)
+
+    def _push_head(self, shape: _Shape, order: int, key: Hashable) -> None:
+        following = self._queue._head(shape)
+        if following is not None:
+            heapq.heappush(self._heads, (following, order, key))

@@ -157,7 +157,6 @@ def demand_of(pod_sets: tuple[tuple[int, Mapping[str, int]], ...]) -> dict[str, 
     return total
 
 
-
 @dataclass(frozen=True, slots=True)
 class ResourceUsage:
     """One (flavor, resource) of a queue or cohort as the queue view shows it."""

@@ -194,6 +194,9 @@ class HubConfig:
     # (the fault is more likely on the hub's side); Kubernetes' unhealthy-zone threshold.
     lost_disruption_fraction: float = 0.55
     queue_disconnect: dict[str, DisconnectConfig] = dataclasses.field(default_factory=dict)
+    # Take jobs that name a queue nobody created, as queues without quota (development and
+    # tests); without it such a job is refused. Queues are created with `fedplane apply`.
+    implicit_queues: bool = False
     # Events arriving within this window are placed in one batch.
     batch_window_seconds: float = 0.0
     # At most this many jobs are dispatched per placement cycle (the next cycle follows at once),

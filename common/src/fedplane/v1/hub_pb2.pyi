@@ -638,3 +638,117 @@ class RemoveClusterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveClusterResponse: _TypeAlias = RemoveClusterResponse  # noqa: Y015
+
+@_typing.final
+class ObjectRef(_message.Message):
+    """A queue object by kind ("Queue", "Cohort", "ResourceFlavor" or "PriorityClass") and name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectRef: _TypeAlias = ObjectRef  # noqa: Y015
+
+@_typing.final
+class ApplyQueueObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTS_FIELD_NUMBER: _builtins.int
+    DELETES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Check and answer with the result, change nothing."""
+    expected_revision: _builtins.int
+    """Refuse (ABORTED) unless the stored configuration is at this revision (0: whatever it is)."""
+    @_builtins.property
+    def objects(self) -> _types_pb2.QueueObjects:
+        """Created, or replaced whole (objects.revision is ignored)."""
+
+    @_builtins.property
+    def deletes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectRef]: ...
+    def __init__(
+        self,
+        *,
+        objects: _types_pb2.QueueObjects | None = ...,
+        deletes: _abc.Iterable[Global___ObjectRef] | None = ...,
+        dry_run: _builtins.bool = ...,
+        expected_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "dry_run", b"dry_run", "expected_revision", b"expected_revision", "objects", b"objects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyQueueObjectsRequest: _TypeAlias = ApplyQueueObjectsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteQueueObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    expected_revision: _builtins.int
+    @_builtins.property
+    def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectRef]: ...
+    def __init__(
+        self,
+        *,
+        refs: _abc.Iterable[Global___ObjectRef] | None = ...,
+        dry_run: _builtins.bool = ...,
+        expected_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "expected_revision", b"expected_revision", "refs", b"refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteQueueObjectsRequest: _TypeAlias = DeleteQueueObjectsRequest  # noqa: Y015
+
+@_typing.final
+class ListQueueObjectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueueObjectsRequest: _TypeAlias = ListQueueObjectsRequest  # noqa: Y015
+
+@_typing.final
+class GetQueueViewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueViewRequest: _TypeAlias = GetQueueViewRequest  # noqa: Y015

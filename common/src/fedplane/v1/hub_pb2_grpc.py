@@ -696,6 +696,222 @@ class ClusterService:
             _registered_method=True)
 
 
+class QueueServiceStub:
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Apply = channel.unary_unary(
+                '/fedplane.v1.QueueService/Apply',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.ApplyQueueObjectsRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/fedplane.v1.QueueService/Delete',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.DeleteQueueObjectsRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+                _registered_method=True)
+        self.ListQueueObjects = channel.unary_unary(
+                '/fedplane.v1.QueueService/ListQueueObjects',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.ListQueueObjectsRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+                _registered_method=True)
+        self.GetQueueView = channel.unary_unary(
+                '/fedplane.v1.QueueService/GetQueueView',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.GetQueueViewRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.QueueView.FromString,
+                _registered_method=True)
+
+
+class QueueServiceServicer:
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    def Apply(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Apply with deletes only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueueObjects(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueView(self, request, context):
+        """Each queue's and cohort's usage, borrowing, lending, share and job counts, as the
+        answering replica sees them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QueueServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.ApplyQueueObjectsRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.DeleteQueueObjectsRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.SerializeToString,
+            ),
+            'ListQueueObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueueObjects,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.ListQueueObjectsRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.QueueObjects.SerializeToString,
+            ),
+            'GetQueueView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueView,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.GetQueueViewRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.QueueView.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedplane.v1.QueueService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedplane.v1.QueueService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class QueueService:
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.QueueService/Apply',
+            fedplane_dot_v1_dot_hub__pb2.ApplyQueueObjectsRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.QueueService/Delete',
+            fedplane_dot_v1_dot_hub__pb2.DeleteQueueObjectsRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueueObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.QueueService/ListQueueObjects',
+            fedplane_dot_v1_dot_hub__pb2.ListQueueObjectsRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.QueueObjects.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.QueueService/GetQueueView',
+            fedplane_dot_v1_dot_hub__pb2.GetQueueViewRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.QueueView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class HubServiceStub:
     """The hub replicas themselves: which one leads.
     """

@@ -215,6 +215,85 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class QueueServiceStub:
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> QueueServiceAsyncStub: ...
+    Apply: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ApplyQueueObjectsRequest, _types_pb2.QueueObjects]
+    Delete: _grpc.UnaryUnaryMultiCallable[_hub_pb2.DeleteQueueObjectsRequest, _types_pb2.QueueObjects]
+    """Apply with deletes only."""
+    ListQueueObjects: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListQueueObjectsRequest, _types_pb2.QueueObjects]
+    GetQueueView: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetQueueViewRequest, _types_pb2.QueueView]
+    """Each queue's and cohort's usage, borrowing, lending, share and job counts, as the
+    answering replica sees them.
+    """
+
+@_typing.type_check_only
+class QueueServiceAsyncStub(QueueServiceStub):
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Apply: _aio.UnaryUnaryMultiCallable[_hub_pb2.ApplyQueueObjectsRequest, _types_pb2.QueueObjects]  # type: ignore[assignment]
+    Delete: _aio.UnaryUnaryMultiCallable[_hub_pb2.DeleteQueueObjectsRequest, _types_pb2.QueueObjects]  # type: ignore[assignment]
+    """Apply with deletes only."""
+    ListQueueObjects: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListQueueObjectsRequest, _types_pb2.QueueObjects]  # type: ignore[assignment]
+    GetQueueView: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetQueueViewRequest, _types_pb2.QueueView]  # type: ignore[assignment]
+    """Each queue's and cohort's usage, borrowing, lending, share and job counts, as the
+    answering replica sees them.
+    """
+
+class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Queues, cohorts, resource flavors and priority classes. Apply is the one way to change
+    them: every object it names is created or replaced whole, every ref in deletes is deleted,
+    and the resulting tree is checked, all or nothing. Administrators only; every caller may
+    list (seeing only the queues it is granted, and every cohort, flavor and priority class).
+    """
+
+    @_abc_1.abstractmethod
+    def Apply(
+        self,
+        request: _hub_pb2.ApplyQueueObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.QueueObjects, _abc.Awaitable[_types_pb2.QueueObjects]]: ...
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _hub_pb2.DeleteQueueObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.QueueObjects, _abc.Awaitable[_types_pb2.QueueObjects]]:
+        """Apply with deletes only."""
+
+    @_abc_1.abstractmethod
+    def ListQueueObjects(
+        self,
+        request: _hub_pb2.ListQueueObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.QueueObjects, _abc.Awaitable[_types_pb2.QueueObjects]]: ...
+
+    @_abc_1.abstractmethod
+    def GetQueueView(
+        self,
+        request: _hub_pb2.GetQueueViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.QueueView, _abc.Awaitable[_types_pb2.QueueView]]:
+        """Each queue's and cohort's usage, borrowing, lending, share and job counts, as the
+        answering replica sees them.
+        """
+
+def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class HubServiceStub:
     """The hub replicas themselves: which one leads."""
 

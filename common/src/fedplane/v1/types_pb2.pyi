@@ -150,6 +150,100 @@ cluster's. It may ask to join again (a new request, approved like the first).
 """
 Global___ClusterAdmission: _TypeAlias = ClusterAdmission  # noqa: Y015
 
+class _QueueingStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QueueingStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QueueingStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUEUEING_STRATEGY_UNSPECIFIED: _QueueingStrategy.ValueType  # 0
+    """BEST_EFFORT_FIFO."""
+    STRICT_FIFO: _QueueingStrategy.ValueType  # 1
+    """A head that does not fit blocks the queue until it fits."""
+    BEST_EFFORT_FIFO: _QueueingStrategy.ValueType  # 2
+    """A head that does not fit is passed over; the next job that fits goes."""
+
+class QueueingStrategy(_QueueingStrategy, metaclass=_QueueingStrategyEnumTypeWrapper):
+    """How a queue orders its jobs when its head cannot be admitted."""
+
+QUEUEING_STRATEGY_UNSPECIFIED: QueueingStrategy.ValueType  # 0
+"""BEST_EFFORT_FIFO."""
+STRICT_FIFO: QueueingStrategy.ValueType  # 1
+"""A head that does not fit blocks the queue until it fits."""
+BEST_EFFORT_FIFO: QueueingStrategy.ValueType  # 2
+"""A head that does not fit is passed over; the next job that fits goes."""
+Global___QueueingStrategy: _TypeAlias = QueueingStrategy  # noqa: Y015
+
+class _FlavorFungibility:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FlavorFungibilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FlavorFungibility.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FLAVOR_FUNGIBILITY_UNSPECIFIED: _FlavorFungibility.ValueType  # 0
+    """FUNGIBILITY_BORROW."""
+    FUNGIBILITY_BORROW: _FlavorFungibility.ValueType  # 1
+    """Take the first flavor that fits, borrowing if it must."""
+    FUNGIBILITY_TRY_NEXT_FLAVOR: _FlavorFungibility.ValueType  # 2
+    """Try the later flavors for one that fits within the queue's own nominal quota first."""
+
+class FlavorFungibility(_FlavorFungibility, metaclass=_FlavorFungibilityEnumTypeWrapper):
+    """What a queue does when a flavor fits only by borrowing (Kueue's whenCanBorrow)."""
+
+FLAVOR_FUNGIBILITY_UNSPECIFIED: FlavorFungibility.ValueType  # 0
+"""FUNGIBILITY_BORROW."""
+FUNGIBILITY_BORROW: FlavorFungibility.ValueType  # 1
+"""Take the first flavor that fits, borrowing if it must."""
+FUNGIBILITY_TRY_NEXT_FLAVOR: FlavorFungibility.ValueType  # 2
+"""Try the later flavors for one that fits within the queue's own nominal quota first."""
+Global___FlavorFungibility: _TypeAlias = FlavorFungibility  # noqa: Y015
+
+class _PreemptWithinQueue:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PreemptWithinQueueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PreemptWithinQueue.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREEMPT_WITHIN_QUEUE_UNSPECIFIED: _PreemptWithinQueue.ValueType  # 0
+    """WITHIN_QUEUE_LOWER_PRIORITY."""
+    WITHIN_QUEUE_NEVER: _PreemptWithinQueue.ValueType  # 1
+    WITHIN_QUEUE_LOWER_PRIORITY: _PreemptWithinQueue.ValueType  # 2
+
+class PreemptWithinQueue(_PreemptWithinQueue, metaclass=_PreemptWithinQueueEnumTypeWrapper):
+    """Whom a pending job may preempt in its own queue."""
+
+PREEMPT_WITHIN_QUEUE_UNSPECIFIED: PreemptWithinQueue.ValueType  # 0
+"""WITHIN_QUEUE_LOWER_PRIORITY."""
+WITHIN_QUEUE_NEVER: PreemptWithinQueue.ValueType  # 1
+WITHIN_QUEUE_LOWER_PRIORITY: PreemptWithinQueue.ValueType  # 2
+Global___PreemptWithinQueue: _TypeAlias = PreemptWithinQueue  # noqa: Y015
+
+class _ReclaimWithinCohort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReclaimWithinCohortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReclaimWithinCohort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECLAIM_WITHIN_COHORT_UNSPECIFIED: _ReclaimWithinCohort.ValueType  # 0
+    """RECLAIM_LOWER_PRIORITY."""
+    RECLAIM_NEVER: _ReclaimWithinCohort.ValueType  # 1
+    RECLAIM_LOWER_PRIORITY: _ReclaimWithinCohort.ValueType  # 2
+    """Borrowers' jobs of lower priority than the preemptor."""
+    RECLAIM_ANY: _ReclaimWithinCohort.ValueType  # 3
+    """Any borrower's job."""
+
+class ReclaimWithinCohort(_ReclaimWithinCohort, metaclass=_ReclaimWithinCohortEnumTypeWrapper):
+    """Whom a queue reclaiming its nominal quota may preempt among its cohort's borrowers."""
+
+RECLAIM_WITHIN_COHORT_UNSPECIFIED: ReclaimWithinCohort.ValueType  # 0
+"""RECLAIM_LOWER_PRIORITY."""
+RECLAIM_NEVER: ReclaimWithinCohort.ValueType  # 1
+RECLAIM_LOWER_PRIORITY: ReclaimWithinCohort.ValueType  # 2
+"""Borrowers' jobs of lower priority than the preemptor."""
+RECLAIM_ANY: ReclaimWithinCohort.ValueType  # 3
+"""Any borrower's job."""
+Global___ReclaimWithinCohort: _TypeAlias = ReclaimWithinCohort  # noqa: Y015
+
 @_typing.final
 class Resources(_message.Message):
     """A resource quantity list in canonical integer units:
@@ -1085,3 +1179,459 @@ class Cluster(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cluster: _TypeAlias = Cluster  # noqa: Y015
+
+@_typing.final
+class ResourceQuota(_message.Message):
+    """---------------------------------------------------------------------------- queues
+    Queues, cohorts, resource flavors and priority classes (QueueService). The hub stores them
+    together, as one QueueObjects, so that every change keeps the cohort tree consistent.
+
+    One resource of one flavor, in the canonical units of Resources.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOMINAL_FIELD_NUMBER: _builtins.int
+    BORROWING_LIMIT_FIELD_NUMBER: _builtins.int
+    LENDING_LIMIT_FIELD_NUMBER: _builtins.int
+    nominal: _builtins.int
+    borrowing_limit: _builtins.int
+    """How much beyond `nominal` the queue (or cohort) may borrow from its cohort; unset: no limit."""
+    lending_limit: _builtins.int
+    """How much of its unused `nominal` others may borrow; unset: all of it."""
+    def __init__(
+        self,
+        *,
+        nominal: _builtins.int = ...,
+        borrowing_limit: _builtins.int | None = ...,
+        lending_limit: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit", "_lending_limit", b"_lending_limit", "borrowing_limit", b"borrowing_limit", "lending_limit", b"lending_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit", "_lending_limit", b"_lending_limit", "borrowing_limit", b"borrowing_limit", "lending_limit", b"lending_limit", "nominal", b"nominal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__borrowing_limit: _TypeAlias = _typing.Literal["borrowing_limit"]  # noqa: Y015
+    _WhichOneofArgType__borrowing_limit: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit"]  # noqa: Y015
+    _WhichOneofReturnType__lending_limit: _TypeAlias = _typing.Literal["lending_limit"]  # noqa: Y015
+    _WhichOneofArgType__lending_limit: _TypeAlias = _typing.Literal["_lending_limit", b"_lending_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__borrowing_limit) -> _WhichOneofReturnType__borrowing_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lending_limit) -> _WhichOneofReturnType__lending_limit | None: ...
+
+Global___ResourceQuota: _TypeAlias = ResourceQuota  # noqa: Y015
+
+@_typing.final
+class FlavorQuotas(_message.Message):
+    """A queue's (or cohort's) quotas in one flavor, by resource name (e.g. "cpu", "nvidia.com/gpu")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ResourceQuota: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ResourceQuota | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FLAVOR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    flavor: _builtins.str
+    @_builtins.property
+    def resources(self) -> _containers.MessageMap[_builtins.str, Global___ResourceQuota]: ...
+    def __init__(
+        self,
+        *,
+        flavor: _builtins.str = ...,
+        resources: _abc.Mapping[_builtins.str, Global___ResourceQuota] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flavor", b"flavor", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlavorQuotas: _TypeAlias = FlavorQuotas  # noqa: Y015
+
+@_typing.final
+class QueuePreemption(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHIN_QUEUE_FIELD_NUMBER: _builtins.int
+    RECLAIM_WITHIN_COHORT_FIELD_NUMBER: _builtins.int
+    FAIR_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    within_queue: Global___PreemptWithinQueue.ValueType
+    reclaim_within_cohort: Global___ReclaimWithinCohort.ValueType
+    fair_share: _builtins.bool
+    """Preempt borrowers of a queue whose share would stay at least the preemptor's (Kueue's
+    LessThanOrEqualToFinalShare).
+    """
+    max_per_minute: _builtins.float
+    """At most this many jobs evicted per minute on the queue's behalf (0: no limit)."""
+    def __init__(
+        self,
+        *,
+        within_queue: Global___PreemptWithinQueue.ValueType = ...,
+        reclaim_within_cohort: Global___ReclaimWithinCohort.ValueType = ...,
+        fair_share: _builtins.bool = ...,
+        max_per_minute: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fair_share", b"fair_share", "max_per_minute", b"max_per_minute", "reclaim_within_cohort", b"reclaim_within_cohort", "within_queue", b"within_queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuePreemption: _TypeAlias = QueuePreemption  # noqa: Y015
+
+@_typing.final
+class Queue(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    WHEN_CAN_BORROW_FIELD_NUMBER: _builtins.int
+    PREEMPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A DNS label; jobs name it in JobSpec.queue."""
+    cohort: _builtins.str
+    """The cohort it shares unused quota with (empty: none)."""
+    weight: _builtins.float
+    """Fair-share weight; unset: 1 (0: served last, preempted first)."""
+    strategy: Global___QueueingStrategy.ValueType
+    held: _builtins.bool
+    """No new admissions; submits are still accepted (the jobs wait) and running jobs stay."""
+    when_can_borrow: Global___FlavorFungibility.ValueType
+    @_builtins.property
+    def quotas(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlavorQuotas]:
+        """The flavors its jobs may take, tried in this order. A resource no flavor names is not limited."""
+
+    @_builtins.property
+    def preemption(self) -> Global___QueuePreemption: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        cohort: _builtins.str = ...,
+        weight: _builtins.float | None = ...,
+        quotas: _abc.Iterable[Global___FlavorQuotas] | None = ...,
+        strategy: Global___QueueingStrategy.ValueType = ...,
+        held: _builtins.bool = ...,
+        when_can_borrow: Global___FlavorFungibility.ValueType = ...,
+        preemption: Global___QueuePreemption | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "preemption", b"preemption", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "cohort", b"cohort", "held", b"held", "name", b"name", "preemption", b"preemption", "quotas", b"quotas", "strategy", b"strategy", "weight", b"weight", "when_can_borrow", b"when_can_borrow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+
+Global___Queue: _TypeAlias = Queue  # noqa: Y015
+
+@_typing.final
+class Cohort(_message.Message):
+    """A node of the cohort tree: queues and cohorts under it share its quota and their unused quota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    parent: _builtins.str
+    """The parent cohort (empty: a root)."""
+    weight: _builtins.float
+    """Fair-share weight among its siblings; unset: 1."""
+    @_builtins.property
+    def quotas(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlavorQuotas]:
+        """The cohort's own quota, shared with everything under it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        quotas: _abc.Iterable[Global___FlavorQuotas] | None = ...,
+        weight: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "name", b"name", "parent", b"parent", "quotas", b"quotas", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+
+Global___Cohort: _TypeAlias = Cohort  # noqa: Y015
+
+@_typing.final
+class ResourceFlavor(_message.Message):
+    """A kind of capacity: the clusters that offer it and, for GPUs, the product."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ClusterLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CLUSTER_LABELS_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    gpu_type: _builtins.str
+    """Nodes labelled nvidia.com/gpu.product with this value (empty: any node)."""
+    @_builtins.property
+    def cluster_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Clusters carrying every one of these labels offer the flavor (empty: every cluster)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        cluster_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        gpu_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_labels", b"cluster_labels", "gpu_type", b"gpu_type", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceFlavor: _TypeAlias = ResourceFlavor  # noqa: Y015
+
+@_typing.final
+class PriorityClass(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    NEVER_PREEMPT_FIELD_NUMBER: _builtins.int
+    INTERRUPTIBLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A DNS label; jobs name it in JobSpec.priority_class."""
+    value: _builtins.int
+    """The priority of its jobs (higher goes first)."""
+    never_preempt: _builtins.bool
+    """Its jobs only wait, never preempt (unset: they may preempt lower priorities)."""
+    interruptible: _builtins.bool
+    """Runs only on capacity nobody else claims, and is the first to go."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.int = ...,
+        never_preempt: _builtins.bool = ...,
+        interruptible: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interruptible", b"interruptible", "name", b"name", "never_preempt", b"never_preempt", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorityClass: _TypeAlias = PriorityClass  # noqa: Y015
+
+@_typing.final
+class QueueObjects(_message.Message):
+    """The hub's whole queue configuration, each kind sorted by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    COHORTS_FIELD_NUMBER: _builtins.int
+    FLAVORS_FIELD_NUMBER: _builtins.int
+    PRIORITY_CLASSES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The etcd revision of this configuration (0: never written); Apply's expected_revision."""
+    updated_by: _builtins.str
+    """Who last changed it, and when (output only)."""
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___Queue]: ...
+    @_builtins.property
+    def cohorts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cohort]: ...
+    @_builtins.property
+    def flavors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceFlavor]: ...
+    @_builtins.property
+    def priority_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityClass]: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___Queue] | None = ...,
+        cohorts: _abc.Iterable[Global___Cohort] | None = ...,
+        flavors: _abc.Iterable[Global___ResourceFlavor] | None = ...,
+        priority_classes: _abc.Iterable[Global___PriorityClass] | None = ...,
+        revision: _builtins.int = ...,
+        updated_by: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohorts", b"cohorts", "flavors", b"flavors", "priority_classes", b"priority_classes", "queues", b"queues", "revision", b"revision", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueObjects: _TypeAlias = QueueObjects  # noqa: Y015
+
+@_typing.final
+class QueueResourceUsage(_message.Message):
+    """One (flavor, resource) of a queue or cohort in the queue view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLAVOR_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    NOMINAL_FIELD_NUMBER: _builtins.int
+    BORROWING_LIMIT_FIELD_NUMBER: _builtins.int
+    LENDING_LIMIT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    BORROWED_FIELD_NUMBER: _builtins.int
+    LENT_FIELD_NUMBER: _builtins.int
+    flavor: _builtins.str
+    resource: _builtins.str
+    nominal: _builtins.int
+    borrowing_limit: _builtins.int
+    lending_limit: _builtins.int
+    usage: _builtins.int
+    """What its admitted jobs hold (a cohort: its whole subtree's)."""
+    borrowed: _builtins.int
+    """How much of `usage` is beyond its own nominal quota, borrowed from its cohort."""
+    lent: _builtins.int
+    """How much of its unused nominal quota others hold now."""
+    def __init__(
+        self,
+        *,
+        flavor: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        nominal: _builtins.int = ...,
+        borrowing_limit: _builtins.int | None = ...,
+        lending_limit: _builtins.int | None = ...,
+        usage: _builtins.int = ...,
+        borrowed: _builtins.int = ...,
+        lent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit", "_lending_limit", b"_lending_limit", "borrowing_limit", b"borrowing_limit", "lending_limit", b"lending_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit", "_lending_limit", b"_lending_limit", "borrowed", b"borrowed", "borrowing_limit", b"borrowing_limit", "flavor", b"flavor", "lending_limit", b"lending_limit", "lent", b"lent", "nominal", b"nominal", "resource", b"resource", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__borrowing_limit: _TypeAlias = _typing.Literal["borrowing_limit"]  # noqa: Y015
+    _WhichOneofArgType__borrowing_limit: _TypeAlias = _typing.Literal["_borrowing_limit", b"_borrowing_limit"]  # noqa: Y015
+    _WhichOneofReturnType__lending_limit: _TypeAlias = _typing.Literal["lending_limit"]  # noqa: Y015
+    _WhichOneofArgType__lending_limit: _TypeAlias = _typing.Literal["_lending_limit", b"_lending_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__borrowing_limit) -> _WhichOneofReturnType__borrowing_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lending_limit) -> _WhichOneofReturnType__lending_limit | None: ...
+
+Global___QueueResourceUsage: _TypeAlias = QueueResourceUsage  # noqa: Y015
+
+@_typing.final
+class QueueViewRow(_message.Message):
+    """A queue or a cohort in the queue view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    ADMITTED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """"queue" or "cohort"."""
+    parent: _builtins.str
+    """A queue's cohort, a cohort's parent (empty: none)."""
+    share: _builtins.float
+    """Weighted dominant share (fair sharing): lower is served first."""
+    pending: _builtins.int
+    admitted: _builtins.int
+    held: _builtins.bool
+    weight: _builtins.float
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueResourceUsage]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        resources: _abc.Iterable[Global___QueueResourceUsage] | None = ...,
+        share: _builtins.float = ...,
+        pending: _builtins.int = ...,
+        admitted: _builtins.int = ...,
+        held: _builtins.bool = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted", b"admitted", "held", b"held", "kind", b"kind", "name", b"name", "parent", b"parent", "pending", b"pending", "resources", b"resources", "share", b"share", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueViewRow: _TypeAlias = QueueViewRow  # noqa: Y015
+
+@_typing.final
+class QueueView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueViewRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___QueueViewRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueView: _TypeAlias = QueueView  # noqa: Y015

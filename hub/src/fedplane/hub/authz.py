@@ -44,6 +44,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 
 _JOBS = "/fedplane.v1.JobService/"
 _CLUSTERS = "/fedplane.v1.ClusterService/"
+_QUEUES = "/fedplane.v1.QueueService/"
 METHODS: dict[str, Permission] = {
     f"{_JOBS}SubmitJob": Permission.SUBMIT,
     f"{_JOBS}SubmitJobs": Permission.SUBMIT,
@@ -59,6 +60,11 @@ METHODS: dict[str, Permission] = {
     f"{_CLUSTERS}UncordonCluster": Permission.MANAGE_CLUSTERS,
     f"{_CLUSTERS}ApproveCluster": Permission.MANAGE_CLUSTERS,
     f"{_CLUSTERS}RemoveCluster": Permission.MANAGE_CLUSTERS,
+    f"{_QUEUES}Apply": Permission.MANAGE_QUEUES,
+    f"{_QUEUES}Delete": Permission.MANAGE_QUEUES,
+    # Every caller sees the queues it is granted, and every cohort, flavor and priority class.
+    f"{_QUEUES}ListQueueObjects": Permission.AUTHENTICATED,
+    f"{_QUEUES}GetQueueView": Permission.AUTHENTICATED,
     "/fedplane.v1.HubService/GetHubStatus": Permission.AUTHENTICATED,
     "/grpc.health.v1.Health/Check": Permission.OPEN,
     "/grpc.health.v1.Health/Watch": Permission.OPEN,
@@ -76,6 +82,8 @@ MUTATING = frozenset(
         f"{_CLUSTERS}UncordonCluster",
         f"{_CLUSTERS}ApproveCluster",
         f"{_CLUSTERS}RemoveCluster",
+        f"{_QUEUES}Apply",
+        f"{_QUEUES}Delete",
     }
 )
 

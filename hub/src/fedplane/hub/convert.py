@@ -36,6 +36,7 @@ def job_request(job: pb.Job, seq: int) -> model.JobRequest:
         ),
         strict_groups=c.strict_groups,
         datasets=tuple(model.DatasetRequest(d.id, d.size_bytes, d.required) for d in spec.datasets),
+        queue=spec.queue,
     )
 
 

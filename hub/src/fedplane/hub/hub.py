@@ -17,6 +17,7 @@ and beside the cluster registry (clusters.py); each concern is a driver over the
   api.py        reads and administration (get, list, stats, cancel, explain, cordon, watch)
   admission.py  which agents take part: the NATS auth callout, approving and removing clusters
   leader.py     leadership among replicas: the leader lease, and the fence of its writes
+  queuebook.py  queues, cohorts, flavors and priority classes: one etcd document, followed
 
 Every replica takes submits, serves reads from its watch-fed table, and accepts cancels; only
 the leading replica places, applies statuses and deletes finished jobs, each write fenced.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Weights
+from fedplane.core.queues import QueueConfig
 from fedplane.hub import convert
 from fedplane.hub.admission import ClusterAdmission
 from fedplane.hub.api import HubApi
@@ -45,6 +47,7 @@ from fedplane.hub.intake import Intake
 from fedplane.hub.leader import Leadership, default_replica_id, hub_status
 from fedplane.hub.liveness import Liveness
 from fedplane.hub.lost import LostClusterJobs
+from fedplane.hub.queuebook import QueueBook, unfinished_jobs
 from fedplane.hub.reports import ClusterReports
 from fedplane.hub.retention import Retention
 from fedplane.hub.scheduler import Scheduler
@@ -85,7 +88,11 @@ class Hub:
         self.registry = ClusterRegistry(health_thresholds(config))
         self.events = EventLog(EVENT_BUFFER)
         self.commands = CommandSender(js)
-        self.intake = Intake(self.table, clock)
+        self.queue_book = QueueBook(store, lambda queue: unfinished_jobs(self.table.counts, queue), clock)
+        self.intake = Intake(self.table, clock, lambda: self.queue_book.config, config.implicit_queues)
+        # Every replica's queueing cycle follows the queue configuration in etcd; a change
+        # (quota raised, queue released from hold) is worth a placement round at once.
+        self.queue_book.subscribe(self._queues_changed)
         self.scheduler = Scheduler(self.table, self.registry, self.commands, clock, config)
         self.admission = ClusterAdmission(config, self.registry, self.table, store, clock)
         admitted = self.admission.admitted
@@ -140,6 +147,10 @@ class Hub:
         await hub._recover()
         return hub
 
+    def _queues_changed(self, config: QueueConfig) -> None:
+        self.table.queue.configure(config)
+        self.table.wake.set()
+
     async def _recover(self) -> None:
         """Load every job and cluster, then run: the parts every replica runs at once, and the
         leader's parts whenever this replica leads (see leader.py)."""
@@ -153,6 +164,8 @@ class Hub:
         for item in stored:
             table.add(JobRecord.stored(item))
         log.info("hub recovered", jobs=len(stored), pending=len(table.queue), revision=revision)
+        # Before taking submits: they are checked against the queues.
+        await self.queue_book.start()
         stopping = self._is_stopping
         # Every replica: take submits, follow etcd into the table, hear the clusters, send the
         # commands it queues (a cancel's delete), and campaign.
@@ -255,6 +268,7 @@ class Hub:
         # Commands not yet stored would be re-sent after a restart anyway; this only saves the wait.
         await tasks.bounded(self.commands.sent(), 2, "command publish")
         await tasks.cancel_all(self._tasks)
+        await tasks.bounded(self.queue_book.stop(), 2, "queue book")
         self.intake.close(HubError("UNAVAILABLE", "the hub is shutting down; submit again"))
         for sub in self._subs:
             await tasks.bounded(bus.unsubscribe(sub), 2, "unsubscribe")

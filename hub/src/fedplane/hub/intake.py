@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from fedplane.core.queues import QueueConfig
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.table import JobRecord, JobTable, NewJob
-from fedplane.hub.validation import refusal, validate_spec
+from fedplane.hub.validation import queue_problems, refusal, validate_spec
 from fedplane.runtime import logs, telemetry, timestamps
 from fedplane.v1 import types_pb2 as pb
 
@@ -30,9 +31,20 @@ def new_job_id(now: float) -> str:
 
 
 class Intake:
-    def __init__(self, table: JobTable, clock: Clock) -> None:
+    def __init__(
+        self,
+        table: JobTable,
+        clock: Clock,
+        queues: Callable[[], QueueConfig] | None = None,
+        implicit_queues: bool = False,
+    ) -> None:
+        """`queues` gives the queue configuration jobs are checked against (their queue and
+        priority class must exist; unknown queues are let in with `implicit_queues`); None:
+        no such checks."""
         self.table = table
         self.clock = clock
+        self.queues = queues
+        self.implicit_queues = implicit_queues
         # Submits waiting for the next transaction, each with the future its caller awaits.
         self._waiting: list[tuple[list[NewJob], asyncio.Future[_Stored]]] = []
         self._ready = asyncio.Event()
@@ -46,9 +58,13 @@ class Intake:
         `submitted_by` is the caller's name ("" without authentication); idempotency keys are
         scoped to it, so another caller's key never finds (nor reveals) this caller's job."""
         problems: list[str] = []
+        config = self.queues() if self.queues is not None else None
         for i, (spec, key) in enumerate(items):
             where = f"jobs[{i}]." if batch else ""
-            problems += validate_spec(spec, f"{where}spec")
+            spec_problems = validate_spec(spec, f"{where}spec")
+            if config is not None and not spec_problems:
+                spec_problems = queue_problems(spec, config, self.implicit_queues, f"{where}spec")
+            problems += spec_problems
             if len(key) > MAX_IDEMPOTENCY_KEY:
                 problems.append(f"{where}idempotency_key: longer than {MAX_IDEMPOTENCY_KEY} characters")
             if "\x00" in key:
@@ -80,6 +96,9 @@ class Intake:
                 submitted_by=submitted_by,
             )
             job.spec.queue = job.spec.queue or "default"
+            if config is not None and spec.priority_class:
+                # The class's value is the job's priority from now on, even if the class goes.
+                job.spec.priority = config.priority_classes[spec.priority_class].value
             if key:
                 first_by_key[key] = len(new_jobs)
             answer.append(len(new_jobs))

@@ -40,6 +40,8 @@ def record_into(new: pb.JobStatus, transition: Transition, now: float) -> pb.Job
     new.cluster = transition.cluster
     new.generation = transition.generation
     if transition.replaces_placement:
+        # A dispatch's flavor is set by the scheduler after this; a requeue holds no quota.
+        new.flavor = ""
         del new.assignments[:]
         if transition.assignments:
             new.assignments.extend(convert.assignments_pb(transition.assignments))

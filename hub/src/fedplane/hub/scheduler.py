@@ -19,7 +19,7 @@ from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
 from fedplane.hub.lost import DisconnectPolicies
 from fedplane.hub.store import FenceLost
-from fedplane.hub.table import JobTable, StatusWrite
+from fedplane.hub.table import HOLDING, JobTable, StatusWrite
 from fedplane.runtime import logs, telemetry
 from fedplane.runtime.config import HubConfig
 from fedplane.v1 import types_pb2 as pb
@@ -88,7 +88,8 @@ class Scheduler:
         # The job, parsed once: its status to record the dispatch in, then its spec for the command.
         chosen: dict[str, tuple[JobRequest, Decision, pb.Job]] = {}
         jobs = table.jobs
-        for request, decision in placed:
+        for admitted in placed:
+            decision = admitted.decision
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
             record = jobs[decision.job_id]
@@ -97,17 +98,21 @@ class Scheduler:
             transition = sm.dispatch(record.dispatch_state, verdict)
             job = record.job
             records.record_into(job.status, transition, now)
+            job.status.flavor = admitted.flavor
             writes.append(StatusWrite.of(decision.job_id, job.status, record.revision))
-            chosen[decision.job_id] = (request, decision, job)
+            chosen[decision.job_id] = (admitted.job, decision, job)
         if not writes:
             return
         for write, written in zip(writes, await table.write(writes), strict=True):
             request, decision, job = chosen[write.job_id]
             if written is None:
-                # Raced with another writer (a cancel): decide again if the job still waits.
+                # Raced with another writer (a cancel): decide again if the job still waits,
+                # and give back the quota it was admitted with unless it is on a cluster anyway.
                 current = jobs.get(write.job_id)
                 if current is not None and current.state == S.PENDING:
                     table.requeue(request)
+                elif current is None or current.state not in HOLDING:
+                    queue.release(write.job_id)
                 continue
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None

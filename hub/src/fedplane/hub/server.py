@@ -14,7 +14,7 @@ from fedplane.hub import decoding
 from fedplane.hub.gatekeeper import AuthInterceptor
 from fedplane.hub.hub import Hub
 from fedplane.hub.identity import Authenticator, ConfigFileError
-from fedplane.hub.service import ClusterService, HubService, JobService
+from fedplane.hub.service import ClusterService, HubService, JobService, QueueService
 from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
 from fedplane.runtime.config import ConfigError, HubConfig, StartupError, TlsConfig, load_hub, unsecured
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
@@ -24,6 +24,7 @@ SERVICE_NAMES = [
     hub_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     hub_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
     hub_pb2.DESCRIPTOR.services_by_name["HubService"].full_name,
+    hub_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
 ]
 
 
@@ -75,6 +76,7 @@ class HubServer:
         decoding.register(hub_pb2_grpc.add_JobServiceServicer_to_server, JobService(hub), server)
         decoding.register(hub_pb2_grpc.add_ClusterServiceServicer_to_server, ClusterService(hub), server)
         decoding.register(hub_pb2_grpc.add_HubServiceServicer_to_server, HubService(hub), server)
+        decoding.register(hub_pb2_grpc.add_QueueServiceServicer_to_server, QueueService(hub), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

@@ -3,12 +3,12 @@ status codes, nothing more."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from fedplane.hub import audit, identity, scoping
+from fedplane.hub import audit, identity, queuebook, scoping
 from fedplane.hub.api import JobFilter
 from fedplane.hub.authz import Permission
 from fedplane.hub.errors import HubError
@@ -217,3 +217,45 @@ class HubService(hub_pb2_grpc.HubServiceServicer):
 
     async def GetHubStatus(self, request: hub_pb.GetHubStatusRequest, context: Any) -> hub_pb.HubStatus:
         return await _call(context, self.hub.status)
+
+
+class QueueService(hub_pb2_grpc.QueueServiceServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def _apply(
+        self,
+        context: Any,
+        objects: pb.QueueObjects,
+        deletes: Sequence[hub_pb.ObjectRef],
+        dry_run: bool,
+        expected_revision: int,
+    ) -> pb.QueueObjects:
+        async def run() -> pb.QueueObjects:
+            audit.note(**queuebook.describe(objects, deletes), dry_run=dry_run)
+            return await self.hub.queue_book.apply(
+                objects, deletes, dry_run, expected_revision, by=identity.current().name
+            )
+
+        return await _call(context, run)
+
+    async def Apply(self, request: hub_pb.ApplyQueueObjectsRequest, context: Any) -> pb.QueueObjects:
+        return await self._apply(
+            context, request.objects, request.deletes, request.dry_run, request.expected_revision
+        )
+
+    async def Delete(self, request: hub_pb.DeleteQueueObjectsRequest, context: Any) -> pb.QueueObjects:
+        if not request.refs:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refs: name at least one object to delete")
+        return await self._apply(
+            context, pb.QueueObjects(), request.refs, request.dry_run, request.expected_revision
+        )
+
+    async def ListQueueObjects(
+        self, request: hub_pb.ListQueueObjectsRequest, context: Any
+    ) -> pb.QueueObjects:
+        return queuebook.visible_objects(self.hub.queue_book.objects, scoping.readable())
+
+    async def GetQueueView(self, request: hub_pb.GetQueueViewRequest, context: Any) -> pb.QueueView:
+        view = queuebook.view_pb(self.hub.table.queue.report(), self.hub.queue_book.config)
+        return queuebook.visible_view(view, scoping.readable())

@@ -6,6 +6,7 @@ Keyspace (under the configured prefix, default /fedplane):
   /idem/<sha256(key)>  job id, created in the same transaction as the job (idempotent submit)
   /clusters/<name>     Cluster administrative record (cordon, lost time), created on first contact
   /alive/<name>        JSON (liveness.AliveRecord) bound to the cluster's own lease: there while it lives
+  /queues/config       QueueObjects: every queue, cohort, flavor and priority class (queuebook.py)
 
 Every status write compares the key's mod revision with the one the writer read, so two
 writers (a restarted hub racing its old self, a cancel racing a dispatch) cannot both win.
@@ -594,6 +595,43 @@ class Store:
         prefix = f"{self.prefix}/clusters/".encode()
         async for _, kv in self._watch(prefix, from_revision, deletes=False):
             yield int(kv.mod_revision), kv.key[len(prefix) :].decode(), kv.value
+
+    # documents: one key holding a whole configuration (the queues: hub/queuebook.py), changed
+    # only by compare-and-swap on its mod revision, from any replica (no fence).
+    def document_key(self, name: str) -> bytes:
+        return f"{self.prefix}/{name}".encode()
+
+    async def read_document(self, name: str) -> tuple[bytes | None, int, int]:
+        """(the document, None if absent; its mod revision, 0 if absent; etcd's revision then, to
+        watch from)."""
+        read = _Txn()
+        read.get(self.document_key(name))
+        response = await self._txn(read)
+        kvs = response.responses[0].response_range.kvs
+        if not kvs:
+            return None, 0, int(response.header.revision)
+        return kvs[0].value, int(kvs[0].mod_revision), int(response.header.revision)
+
+    async def swap_document(self, name: str, blob: bytes, expected_revision: int) -> int | None:
+        """Write the document if its mod revision is still `expected_revision` (0: if it does not
+        exist); the new mod revision, or None when another writer changed it first."""
+        key = self.document_key(name)
+        txn = _Txn()
+        if expected_revision:
+            txn.modified_at(key, expected_revision)
+        else:
+            txn.created_never(key)
+        txn.put(key, blob)
+        response = await self._txn(txn)
+        return int(response.header.revision) if response.succeeded else None
+
+    async def watch_document(self, name: str, from_revision: int) -> AsyncIterator[tuple[int, bytes | None]]:
+        """(mod revision, document; None when deleted) of every change after `from_revision`;
+        raises RevisionCompacted when that history is gone."""
+        key = self.document_key(name)
+        async for deleted, kv in self._watch(key, from_revision):
+            if kv.key == key:
+                yield int(kv.mod_revision), None if deleted else kv.value
 
     # cluster leases
     #

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
-from fedplane.core.pending import PendingQueue
+from fedplane.core.queueing import Queues, demand
 from fedplane.hub import convert
 from fedplane.hub.store import NO_FENCE, Fence, FenceLost, JobStore, StoredJob
 from fedplane.v1 import types_pb2 as pb
@@ -33,7 +33,7 @@ def _nothing() -> None:
 
 
 # States in which a job holds (or is about to hold) capacity in its cluster.
-_HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
+HOLDING = sm.ON_CLUSTER | {S.CANCELLING}
 
 
 def stored_idempotency_key(submitted_by: str, key: str) -> str:
@@ -67,6 +67,8 @@ class JobRecord:
     queue: str
     # As etcd holds it: scoped to the submitter (see stored_idempotency_key).
     idempotency_key: str
+    # The flavor whose quota the job holds while on a cluster ("" for none).
+    flavor: str = ""
 
     @classmethod
     def of(cls, job: pb.Job, seq: int, revision: int, spec_blob: bytes, status_blob: bytes) -> JobRecord:
@@ -82,6 +84,7 @@ class JobRecord:
             status.generation,
             job.spec.queue,
             stored_idempotency_key(job.submitted_by, job.idempotency_key),
+            status.flavor,
         )
 
     @classmethod
@@ -118,6 +121,7 @@ class JobRecord:
         self.state = status.state
         self.cluster = status.cluster
         self.generation = status.generation
+        self.flavor = status.flavor
 
 
 @dataclass(slots=True)
@@ -185,8 +189,9 @@ class JobTable:
         self.fence = fence
         self.fence_lost: Callable[[], None] = _nothing
         self.jobs: dict[str, JobRecord] = {}
-        # Jobs waiting for a cluster, by shape: what each placement round works on.
-        self.queue = PendingQueue()
+        # Jobs waiting for a cluster, by queue and shape, and the quota admitted jobs hold:
+        # what each placement round works on.
+        self.queue = Queues()
         # Jobs per (queue, state) and active jobs per cluster, kept as statuses change.
         self.counts: Counter[tuple[str, int]] = Counter()
         self.active: Counter[str] = Counter()
@@ -207,16 +212,28 @@ class JobTable:
         self._count(record, 1)
         if record.state == S.PENDING:
             self.queue.add(request or convert.job_request(record.spec_record, record.seq))
+        elif record.state in HOLDING:
+            self._charge(record, request)
         return record
 
     def forget(self, record: JobRecord) -> None:
         if self.jobs.pop(record.id, None) is not None:
             self._count(record, -1)
             self.queue.discard(record.id)
+            self.queue.release(record.id)
+
+    def _charge(self, record: JobRecord, request: JobRequest | None = None) -> None:
+        """Count a job on a cluster against its queue's quota, unless it is already (the
+        leader's own dispatches are charged when admitted; this is for what the table learns
+        otherwise: on start, and another replica's dispatches)."""
+        if self.queue.charged(record.id):
+            return
+        request = request or convert.job_request(record.spec_record, record.seq)
+        self.queue.charge(record.id, record.queue, record.flavor, demand(request))
 
     def _count(self, record: JobRecord, delta: int) -> None:
         self.counts[(record.queue, record.state)] += delta
-        if record.cluster and record.state in _HOLDING:
+        if record.cluster and record.state in HOLDING:
             self.active[record.cluster] += delta
 
     def merge(
@@ -233,12 +250,19 @@ class JobTable:
         if revision > record.revision:
             self._count(record, -1)
             was_pending = record.state == S.PENDING
+            was_holding = record.state in HOLDING
             record.set_status(status, revision, blob)
             self._count(record, 1)
             if was_pending and record.state != S.PENDING:
                 self.queue.discard(job_id)
             elif record.state == S.PENDING and not was_pending:
+                # Joining the queue again gives its quota back (Queues.add).
                 self.queue.add(convert.job_request(record.spec_record, record.seq))
+                self.wake.set()
+            if record.state in HOLDING:
+                if not was_holding:
+                    self._charge(record)
+            elif was_holding and self.queue.release(job_id):
                 self.wake.set()
         return record
 

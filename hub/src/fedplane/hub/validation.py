@@ -22,6 +22,8 @@ from typing import Any
 from google.protobuf.message import Message
 
 from fedplane.core.model import TAINT_EFFECTS
+from fedplane.core.queues import QueueConfig
+from fedplane.hub.authz import DEFAULT_QUEUE
 from fedplane.hub.errors import HubError
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
@@ -49,6 +51,10 @@ MAX_PAGE_TOKEN = 128
 MAX_WATCH_JOB_IDS = 1000
 MAX_STATE_FILTERS = 16
 MAX_PUBLIC_KEY = 128
+# A job is shielded from preemption for at most this long once running.
+MAX_MIN_RUN_SECONDS = 7 * 24 * 3600
+# Objects deleted by one queue Apply or Delete.
+MAX_QUEUE_DELETES = 1000
 # Of a refused value, at most this many characters are echoed back; of a refusal's problems,
 # at most this many are listed (gRPC sends the message in trailers, 8 KiB by default).
 MAX_SHOWN = 80
@@ -86,6 +92,11 @@ def refusal(problems: Sequence[str]) -> HubError:
 def is_name(value: str) -> bool:
     """A DNS label: job, pod set, queue and cluster names."""
     return len(value) <= 63 and _NAME.fullmatch(value) is not None
+
+
+def is_resource_name(value: str) -> bool:
+    """A resource name as Kubernetes writes them: "cpu", "nvidia.com/gpu"."""
+    return len(value) <= 253 and _RESOURCE.fullmatch(value) is not None
 
 
 def qualified_name_problem(key: str) -> str | None:
@@ -152,10 +163,43 @@ def validate_spec(spec: pb.JobSpec, where: str = "spec") -> list[str]:
         _datasets(spec.datasets, bad)
     if spec.max_run_seconds < 0:
         bad("max_run_seconds", f"must not be negative (got {spec.max_run_seconds})")
+    if not 0 <= spec.min_run_seconds <= MAX_MIN_RUN_SECONDS:
+        bad(
+            "min_run_seconds",
+            f"must be between 0 and {MAX_MIN_RUN_SECONDS} (a week; got {spec.min_run_seconds})",
+        )
+    if spec.priority_class and not is_name(spec.priority_class):
+        bad("priority_class", f"{shown(spec.priority_class)} is not a priority class name (a DNS label)")
     if spec.HasField("disconnect"):
         _disconnect(spec.disconnect, bad)
     if spec.workload.manifest_json:
         _manifest(spec.workload.manifest_json, bad)
+    return problems
+
+
+def queue_problems(
+    spec: pb.JobSpec, config: QueueConfig, implicit_queues: bool, where: str = "spec"
+) -> list[str]:
+    """What in a (valid) spec names a queue or priority class the hub does not hold. A spec
+    without a queue goes to queue "default"; with `implicit_queues`, an unknown queue is one
+    without quota (development and tests)."""
+    problems: list[str] = []
+    queue = spec.queue or DEFAULT_QUEUE
+    if queue not in config.queues and not implicit_queues:
+        hint = f'; a job without a queue goes to "{DEFAULT_QUEUE}"' if not spec.queue else ""
+        problems.append(f'{where}.queue: queue "{queue}" does not exist (fedplane queues lists them){hint}')
+    if spec.priority_class:
+        cls = config.priority_classes.get(spec.priority_class)
+        if cls is None:
+            problems.append(
+                f'{where}.priority_class: priority class "{spec.priority_class}" does not exist'
+                " (fedplane queues -o yaml lists them)"
+            )
+        elif spec.priority and spec.priority != cls.value:
+            problems.append(
+                f"{where}.priority: {spec.priority} contradicts priority class {spec.priority_class!r}"
+                f" (value {cls.value}); give one or the other"
+            )
     return problems
 
 
@@ -183,7 +227,7 @@ def _pod_set(pod_set: pb.PodSet, path: str, seen: set[str], bad: _Bad) -> None:
     if not _bounded(requests, MAX_RESOURCES, f"{path}.requests", "resources", bad):
         return
     for resource, amount in requests.items():
-        if len(resource) > 253 or not _RESOURCE.fullmatch(resource):
+        if not is_resource_name(resource):
             bad(f"{path}.requests.{clipped(resource)}", "not a valid resource name")
         if amount < 0:
             bad(f"{path}.requests.{clipped(resource)}", f"must not be negative (got {amount})")
@@ -361,6 +405,17 @@ def _explain_job(request: hub_pb.ExplainJobRequest) -> list[str]:
     return _length(request.job_id, "job_id", MAX_JOB_ID)  # a spec is validated as a submitted one
 
 
+def _refs(refs: Sequence[hub_pb.ObjectRef], field: str) -> list[str]:
+    """Queue object references: bounded in number, and names no longer than a DNS label's
+    (the queue book names whatever else is wrong with them)."""
+    if len(refs) > MAX_QUEUE_DELETES:
+        return [f"{field}: {len(refs)} objects; at most {MAX_QUEUE_DELETES} allowed"]
+    problems: list[str] = []
+    for i, ref in enumerate(refs):
+        problems += _length(ref.kind, f"{field}[{i}].kind", 63) + _length(ref.name, f"{field}[{i}].name", 63)
+    return problems
+
+
 _REQUEST_LIMITS: dict[str, Callable[[Any], list[str]]] = {
     "fedplane.v1.GetJobRequest": lambda r: _length(r.job_id, "job_id", MAX_JOB_ID),
     "fedplane.v1.ListJobsRequest": _list_jobs,
@@ -373,6 +428,8 @@ _REQUEST_LIMITS: dict[str, Callable[[Any], list[str]]] = {
     "fedplane.v1.CordonClusterRequest": lambda r: reason_problems(r.reason),
     "fedplane.v1.RemoveClusterRequest": lambda r: reason_problems(r.reason),
     "fedplane.v1.ApproveClusterRequest": lambda r: _length(r.public_key, "public_key", MAX_PUBLIC_KEY),
+    "fedplane.v1.ApplyQueueObjectsRequest": lambda r: _refs(r.deletes, "deletes"),
+    "fedplane.v1.DeleteQueueObjectsRequest": lambda r: _refs(r.refs, "refs"),
 }
 
 

@@ -330,6 +330,7 @@ class Federation:
             "listen": f"{HOST}:{port}",
             "replica_id": name,
             "insecure": True,
+            "implicit_queues": True,
             "etcd_endpoint": self.etcd.address,
             "nats_url": self.nats_url,
             "leader_lease_seconds": lease,

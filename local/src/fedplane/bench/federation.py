@@ -364,7 +364,7 @@ async def _bench(
     run_id = f"b{int(time.time() * 1000):x}"
     say(f"starting etcd and NATS in {root}" + (" (secured)" if params.secure else ""))
     security = LocalSecurity.create(root / "security") if params.secure else None
-    settings: dict[str, Any] = {"insecure": True}
+    settings: dict[str, Any] = {"insecure": True, "implicit_queues": True}
     if security is not None:
         etcd, secured = security.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)

@@ -59,7 +59,12 @@ async def bench_e2e(args: argparse.Namespace) -> None:
     etcd = embedded.start_etcd(root / "etcd")
     nats = embedded.start_nats(root / "nats")
     hub = await HubServer.start(
-        HubConfig(listen="127.0.0.1:0", etcd_endpoint=etcd.address, nats_url=f"nats://{nats.address}")
+        HubConfig(
+            listen="127.0.0.1:0",
+            etcd_endpoint=etcd.address,
+            nats_url=f"nats://{nats.address}",
+            implicit_queues=True,
+        )
     )
     agents = []
     try:

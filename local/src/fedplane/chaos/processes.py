@@ -286,6 +286,7 @@ class Harness:
             "replica_id": name,
             # A chaos run exercises faults, not credentials: its own loopback servers, no auth.
             "insecure": True,
+            "implicit_queues": True,
             "etcd_endpoint": self.etcd_endpoint,
             "etcd_prefix": self.settings.prefix,
             "nats_url": self.nats_url,

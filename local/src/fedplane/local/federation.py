@@ -197,6 +197,7 @@ async def run(
         listen_port = embedded.free_port() if not _port_free(50051) else 50051
         config = HubConfig(
             listen=f"127.0.0.1:{listen_port}",
+            implicit_queues=True,
             nats_url=f"nats://{nats.address}",
             cluster_unknown_after_seconds=5.0,
             edge_cluster_unknown_after_seconds=10.0,
