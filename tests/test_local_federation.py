@@ -19,11 +19,22 @@ pytestmark = pytest.mark.e2e
 
 JOB = """
 name: quick
+queue: team
 podSets: [{name: main, count: 1, requests: {cpu: "1"}}]
 workload:
   apiVersion: batch/v1
   kind: Job
   metadata: {name: quick, annotations: {fedplane.io/simulated-duration: "0.5s"}}
+"""
+
+# Beside the jobs, `up` applies their queues (queues.yaml) as an administrator would.
+QUEUES = """
+kind: ResourceFlavor
+name: cpu
+---
+kind: Queue
+name: team
+quotas: [{flavor: cpu, resources: {cpu: {nominal: "4"}}}]
 """
 
 
@@ -45,6 +56,7 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     (jobs / "quick.yaml").write_text(JOB)
+    (jobs / "queues.yaml").write_text(QUEUES)
     data = tmp_path / "data"
     proc = subprocess.Popen(
         [
@@ -85,6 +97,10 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [*cli, "clusters", "-o", "json"], env=env, capture_output=True, text=True, timeout=60
     )
     assert listed.returncode == 0 and "gpu-eu" in listed.stdout, listed.stderr
+    queues = subprocess.run(
+        [*cli, "queues", "-o", "yaml"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert queues.returncode == 0 and "name: team" in queues.stdout, queues.stderr
     admin = context.load(tmp_path / "config" / "fedplane" / "context.yaml")
     assert admin.ca_file and admin.token
     tokenless = tmp_path / "tokenless.yaml"

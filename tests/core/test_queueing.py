@@ -107,6 +107,8 @@ def test_a_held_queue_admits_nothing_until_released() -> None:
     held = QueueSpec("q", held=True)
     queues = queues_with(config(held), job("j", "q", 1))
     assert admitted_ids(queues, [cluster("c")]) == []
+    misfit = queues.misfit("j")
+    assert misfit is not None and "queue q is held" in misfit.summary()
     queues.configure(config(QueueSpec("q")))
     assert admitted_ids(queues, [cluster("c")]) == ["j"]
 

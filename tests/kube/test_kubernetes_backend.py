@@ -24,6 +24,7 @@ from fedplane.agent.backend import BackendError, CreateRequest, WorkloadEvent, W
 from fedplane.agent.daemon import Agent
 from fedplane.agent.daemon import make_backend as make_agent_backend
 from fedplane.agent.kubernetes_backend import (
+    ANNOTATION_GANG_PODS,
     ANNOTATION_JOB,
     KUEUE_QUEUE_LABEL,
     LABEL_GENERATION,
@@ -35,6 +36,7 @@ from fedplane.agent.kubernetes_backend import (
     job_label_value,
     object_name,
     pod_requests,
+    project_workload,
 )
 from fedplane.client.spec import default_manifest
 from fedplane.runtime.config import AgentConfig, ConfigError, from_mapping
@@ -333,6 +335,34 @@ def test_names_labels_and_quantities() -> None:
     }
     # max(app 1 + sidecar 0.1, init 3 + sidecar 0.1) + overhead
     assert pod_requests(spec) == {"cpu": 3110, "memory": 2 * GiB, "pods": 1}
+
+
+def test_a_batch_job_runs_once_its_gang_is_ready() -> None:
+    """RUNNING, which the hub's gang timeout trusts, needs the gang's required pods ready (or
+    done), not the Job controller's startTime or one active pod."""
+    labels = {LABEL_JOB: "j1", LABEL_GENERATION: "1", LABEL_HUB: "h"}
+
+    def started(status: dict[str, Any], gang_pods: str | None = "3", **spec: Any) -> bool:
+        annotations = {ANNOTATION_JOB: "j1"} | ({ANNOTATION_GANG_PODS: gang_pods} if gang_pods else {})
+        obj = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "j1-g1", "labels": labels, "annotations": annotations},
+            "spec": {"parallelism": 4, "completions": 4} | spec,
+            "status": status,
+        }
+        part = project_workload(obj, "h", kueue=False)
+        assert part is not None
+        return part.started
+
+    now = _now()
+    assert not started({"startTime": now, "active": 4, "ready": 0})
+    assert not started({"startTime": now, "active": 4, "ready": 2})
+    assert started({"startTime": now, "active": 4, "ready": 3})
+    assert started({"startTime": now, "active": 2, "ready": 1, "succeeded": 2})  # fast pods count
+    assert not started({"startTime": now, "active": 4, "ready": 3}, gang_pods=None)  # all 4 then
+    assert started({"startTime": now, "active": 1, "ready": 1}, parallelism=1)  # at most what runs at once
+    assert started({"startTime": now, "active": 3})  # a cluster without `ready` (before 1.24)
 
 
 # ------------------------------------------------------------------------------ inventory & datasets
@@ -679,6 +709,28 @@ async def test_multi_pod_set_list_pins_each_job_and_aggregates(
     assert pb.SUCCEEDED not in harness.states(job_id)
     complete_job(admin, namespace, object_name(job_id, 1, 1))
     await harness.wait_state(job_id, pb.SUCCEEDED)
+
+
+async def test_running_waits_for_the_gangs_required_pods(
+    make_backend: Make, admin: Admin, namespace: str
+) -> None:
+    harness = await make_backend()
+    job_id = new_job_id()
+    request = create_request(
+        job_id, job_manifest(parallelism=4, completions=4), assignments=[("main", "node-a", 2)]
+    )
+    request.spec.pod_sets[0].count, request.spec.pod_sets[0].min_count = 4, 2
+    await harness.backend.create(request)
+    name = object_name(job_id, 1)
+    assert admin.get(jobs_path(namespace, name))["metadata"]["annotations"][ANNOTATION_GANG_PODS] == "2"
+    # The Job controller has made every pod; one is ready.
+    admin.patch(
+        jobs_path(namespace, name) + "/status", {"status": {"startTime": _now(), "active": 4, "ready": 1}}
+    )
+    await asyncio.sleep(0.5)
+    assert harness.states(job_id) == [pb.ADMITTED]
+    admin.patch(jobs_path(namespace, name) + "/status", {"status": {"active": 4, "ready": 2}})
+    await harness.wait_state(job_id, pb.RUNNING)
 
 
 async def test_kueue_admission_is_reported_when_unsuspended(

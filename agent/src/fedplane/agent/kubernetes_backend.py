@@ -66,6 +66,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ANNOTATION_JOB = "fedplane.io/job-id"
 # How many objects make up the workload (a v1 List manifest creates one object per item).
 ANNOTATION_PARTS = "fedplane.io/parts"
+# How many of an object's pods the gang needs running (its pod sets' min_count, else count): a
+# batch/v1 Job is RUNNING once that many are ready, not at its first pod.
+ANNOTATION_GANG_PODS = "fedplane.io/gang-pods"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 _TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
@@ -388,6 +391,9 @@ def project_workload(obj: Mapping[str, Any], hub_id: str, kueue: bool) -> _Part 
     suspended = bool(spec.get("suspend")) or bool((spec.get("runPolicy") or {}).get("suspend"))
     conditions = {str(c.get("type")): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     started = bool(status.get("startTime")) or int(status.get("active") or 0) > 0 or "Running" in conditions
+    api_version, kind = str(obj.get("apiVersion", "")), str(obj.get("kind", ""))
+    if (api_version, kind) == JOBS.key:
+        started = _job_gang_running(meta, spec, status)
     outcome: pb.JobState.ValueType | None = None
     reason = message = ""
     ray_status = str(status.get("jobStatus") or "")
@@ -410,7 +416,6 @@ def project_workload(obj: Mapping[str, Any], hub_id: str, kueue: bool) -> _Part 
         parts = max(1, int((meta.get("annotations") or {}).get(ANNOTATION_PARTS, "1")))
     except ValueError:
         parts = 1
-    api_version, kind = str(obj.get("apiVersion", "")), str(obj.get("kind", ""))
     return _Part(
         job_id=key[0],
         generation=key[1],
@@ -425,6 +430,32 @@ def project_workload(obj: Mapping[str, Any], hub_id: str, kueue: bool) -> _Part 
         message=message,
         deleting=bool(meta.get("deletionTimestamp")),
     )
+
+
+def _count(value: Any, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _job_gang_running(meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Whether a batch/v1 Job's gang runs: its required pods ready or already succeeded, as
+    Kueue's PodsReady counts them. Not `startTime`, which the Job controller sets before any pod
+    is scheduled, nor one active pod: the gang timeout (hub/gangs.py) trusts RUNNING to mean the
+    whole gang started. The required pods are the object's `fedplane.io/gang-pods` (its pod
+    sets' min_count), at most the pods the Job runs at once (parallelism, capped by
+    completions); a cluster without the Job's `ready` count (before Kubernetes 1.24) counts
+    active pods instead."""
+    pods = _count(spec.get("parallelism"), 1)
+    completions = spec.get("completions")
+    if completions is not None:
+        pods = min(pods, _count(completions, pods))
+    wanted = _count((meta.get("annotations") or {}).get(ANNOTATION_GANG_PODS), pods)
+    required = max(1, min(wanted, pods))
+    ready = status.get("ready")
+    running = _count(ready if ready is not None else status.get("active"), 0)
+    return running + _count(status.get("succeeded"), 0) >= required
 
 
 # ------------------------------------------------------------------------------ manifests
@@ -521,6 +552,7 @@ def render_workload(request: CreateRequest, config: KubernetesBackendConfig) -> 
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise BackendError("workload List has no objects", permanent=True, reason="InvalidWorkload")
     pod_sets = [p.name for p in request.spec.pod_sets]
+    gang_pods = {p.name: p.min_count or p.count for p in request.spec.pod_sets}
     all_nodes = sorted({a.node for a in request.assignments})
     tolerations = [_toleration(t) for t in request.spec.constraints.tolerations]
     label = job_label_value(request.job_id)
@@ -561,6 +593,10 @@ def render_workload(request: CreateRequest, config: KubernetesBackendConfig) -> 
             _set_suspend(obj)
         # A List made from pod sets has one item per pod set, in order.
         item_pod_set = pod_sets[index] if len(items) > 1 and len(items) == len(pod_sets) else None
+        if item_pod_set is not None:
+            meta["annotations"][ANNOTATION_GANG_PODS] = str(gang_pods[item_pod_set])
+        elif len(items) == 1 and gang_pods:
+            meta["annotations"][ANNOTATION_GANG_PODS] = str(sum(gang_pods.values()))
         templates = list(_pod_templates(obj.get("spec")))
         for hint, template in templates:
             tmeta = template.setdefault("metadata", {})
@@ -1184,7 +1220,8 @@ class KubernetesBackend(Backend):
         if state.terminal or state.deleting:
             return
         expected = max(p.parts for p in parts)
-        started = any(p.started for p in parts)
+        # The gang runs when every part does (a part that already ended has run).
+        started = len(parts) >= expected and all(p.started or p.outcome is not None for p in parts)
         admitted = started or (len(parts) >= expected and all(p.admitted for p in parts))
         failed = next((p for p in parts if p.outcome == pb.FAILED), None)
         succeeded = len(parts) >= expected and all(p.outcome == pb.SUCCEEDED for p in parts)

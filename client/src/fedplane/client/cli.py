@@ -402,6 +402,24 @@ def cancel(
 
 
 @app.command()
+def priority(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    to: Annotated[
+        str, typer.Argument(metavar="CLASS_OR_VALUE", help="A priority class's name, or a priority value.")
+    ],
+) -> None:
+    """Change a job's priority while it waits (its place in its queue) or runs (who may preempt it)."""
+    value = int(to) if to.lstrip("-").isdigit() else None
+    result = _run(
+        ctx, lambda c: c.set_priority(job, priority=value, priority_class="" if value is not None else to)
+    )
+    status = result.status
+    shown = status.priority if status.HasField("priority") else result.spec.priority
+    typer.echo(f"job {result.id} ({result.spec.name}): priority {shown}, {display.state_name(status.state)}")
+
+
+@app.command()
 def explain(
     ctx: typer.Context,
     target: Annotated[
@@ -789,6 +807,21 @@ def bench(
             help="Run as production must: gRPC TLS and a token, etcd TLS and RBAC, NATS admission by key.",
         ),
     ] = False,
+    queues: Annotated[
+        int,
+        typer.Option(
+            "--queues",
+            help="Spread the jobs round-robin over this many queues of a cohort tree applied first "
+            "(0: one implicit queue).",
+        ),
+    ] = 0,
+    queue_quota: Annotated[
+        str,
+        typer.Option(
+            "--queue-quota",
+            help="With --queues: generous (quota never blocks) or tight (jobs wait for quota).",
+        ),
+    ] = "generous",
 ) -> None:
     """Benchmark a local federation on real etcd and NATS: throughput, latency, hub CPU and memory."""
     # Imported here: the benchmark pulls in the agent and the servers, which other commands never need.
@@ -812,6 +845,8 @@ def bench(
         drain_seconds=drain_seconds,
         timeout=timeout,
         secure=secure,
+        queues=queues,
+        queue_quota=queue_quota,
     )
     problems = params.problems()
     if problems:

@@ -409,6 +409,11 @@ def explanation_table(explanation: pb.Explanation, title: str | None = None) -> 
     parts: list[RenderableType] = [table, verdict]
     if explanation.summary:
         parts.append(Text(explanation.summary))
+    if explanation.queue:
+        ahead = explanation.queue_position
+        parts.append(
+            Text(f"waiting in queue {explanation.queue}: {ahead} job{'s' if ahead != 1 else ''} ahead of it")
+        )
     return Group(*parts)
 
 

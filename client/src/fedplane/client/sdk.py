@@ -233,6 +233,17 @@ class FedplaneClient:
             self._job_stub.CancelJob, hub_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         )
 
+    async def set_priority(
+        self, job_id: str, *, priority: int | None = None, priority_class: str = ""
+    ) -> pb.Job:
+        """Change a job's priority while it waits or runs: to a value, or to a class's value."""
+        request = hub_pb2.SetJobPriorityRequest(job_id=job_id)
+        if priority_class:
+            request.priority_class = priority_class
+        elif priority is not None:
+            request.priority = priority
+        return await self._call(self._job_stub.SetJobPriority, request)
+
     async def list_page(
         self,
         *,

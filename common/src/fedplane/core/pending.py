@@ -103,6 +103,19 @@ class PendingQueue:
         found = self._jobs.get(job_id)
         return self._shapes[found[0]].misfit if found else None
 
+    def blocked_head(self) -> tuple[JobRequest, Misfit] | None:
+        """The queue's first job (priority, then submission) when its shape is blocked, with
+        why: the job a preemption would be for. O(shapes)."""
+        best: tuple[_Entry, _Shape] | None = None
+        for shape in self._shapes.values():
+            entry = self._head(shape)
+            if entry is not None and (best is None or entry < best[0]):
+                best = (entry, shape)
+        if best is None or not best[1].blocked or best[1].misfit is None:
+            return None
+        priority, seq, job_id = best[0]
+        return _as(best[1].template, job_id, -priority, seq), best[1].misfit
+
     def position(self, job_id: str) -> int | None:
         """How many queued jobs go before this one (priority, then submission); None if not
         queued. It counts every job, so it is for explaining one job, not for a cycle."""

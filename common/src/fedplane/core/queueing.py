@@ -27,11 +27,19 @@ from collections import Counter
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from fedplane.core import fairshare
+from fedplane.core import fairshare, preemption
 from fedplane.core.model import ClusterView, JobRequest
 from fedplane.core.pending import Cursor, Misfit, PendingQueue
 from fedplane.core.placement import BatchPlacement, Decision, Weights
-from fedplane.core.queues import QueueConfig, QueueSpec, QueueStatus, Strategy, demand_of
+from fedplane.core.queues import (
+    QueueConfig,
+    QueueSpec,
+    QueueStatus,
+    ReclaimWithinCohort,
+    Strategy,
+    WithinQueue,
+    demand_of,
+)
 from fedplane.core.quota import FlavorChoice, QuotaMisfit, QuotaTree
 
 
@@ -49,6 +57,16 @@ class _Charge:
     queue: str
     flavor: str
     demand: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A held queue's jobs wait for its release."""
+
+    queue: str
+
+    def summary(self) -> str:
+        return f"queue {self.queue} is held: no new admissions until it is released"
 
 
 def demand(job: JobRequest) -> dict[str, int]:
@@ -111,10 +129,14 @@ class Queues:
         return True
 
     def misfit(self, job_id: str) -> Misfit | None:
-        """Why the job waits after the last cycle that looked at it: its quota or placement."""
+        """Why the job waits after the last cycle that looked at it: its queue is held, or its
+        quota, or placement."""
         queue = self._queue_of.get(job_id)
         if queue is None:
             return None
+        spec = self.config.queues.get(queue)
+        if spec is not None and spec.held:
+            return Held(queue)
         return self._pending[queue].misfit(job_id)
 
     def queue_of(self, job_id: str) -> str | None:
@@ -246,6 +268,137 @@ class Queues:
             )
         constrained = replace(job, cluster_selector=selector, pod_sets=pod_sets)
         return batch.place(constrained, (key, choice.flavor))
+
+    # ------------------------------------------------------------------ preemption
+    def blocked_heads(self) -> list[JobRequest]:
+        """Each queue's first job when it waits (quota or placement), for queues that are not
+        held: the jobs a preemption round considers, highest priority first."""
+        heads = []
+        for name, pending in self._pending.items():
+            spec = self.config.queues.get(name)
+            if spec is None or spec.held:
+                continue
+            blocked = pending.blocked_head()
+            if blocked is not None:
+                heads.append(blocked[0])
+        heads.sort(key=lambda j: (-j.priority, j.seq, j.id))
+        return heads
+
+    def preempt(
+        self,
+        job: JobRequest,
+        clusters: Sequence[ClusterView],
+        running: preemption.RunningIndex,
+        now: float,
+        *,
+        may_preempt: bool = True,
+        interruptible: bool = False,
+        budget: int = 1_000_000,
+    ) -> preemption.Plan | None:
+        """Whom to evict, on one cluster, so that `job` (a waiting queue's head) runs: the
+        queue's preemption policy decides who may go (`_victim_reason`), the quota tree whether
+        the job's quota fits once they are gone, and `preemption.plan` the fewest and lowest.
+
+        `interruptible_jobs`: running jobs of the interruptible tier, whom any job that is not
+        interruptible itself may evict."""
+        spec = self.config.queues.get(job.queue)
+        if spec is None or not may_preempt:
+            return None
+        wanted = demand(job)
+        within_nominal = self._within_nominal(spec, wanted)
+        shares: dict[str, tuple[float, float]] = {}
+        capacity = _capacity(clusters) if spec.preemption.fair_share else {}
+
+        def may_evict(victim: preemption.RunningJob) -> preemption.Reason | None:
+            if victim.job_id == job.id:
+                return None
+            if victim.interruptible and not interruptible:
+                return preemption.Reason.INTERRUPTIBLE
+            return self._victim_reason(spec, job, wanted, within_nominal, victim, capacity, shares)
+
+        def quota_fits_after(victims: Sequence[preemption.RunningJob]) -> bool:
+            held = [self._charges[v.job_id] for v in victims if v.job_id in self._charges]
+            for charge in held:
+                self.tree.release(charge.queue, charge.flavor, charge.demand)
+            try:
+                return not isinstance(self.tree.assign(job.queue, wanted), QuotaMisfit)
+            finally:
+                for charge in held:
+                    self.tree.charge(charge.queue, charge.flavor, charge.demand)
+
+        candidate = preemption.Candidate(job, job.queue, may_preempt)
+        return preemption.plan(
+            candidate, clusters, running, may_evict, quota_fits_after, now, lambda _queue: budget
+        )
+
+    def _victim_reason(
+        self,
+        spec: QueueSpec,
+        job: JobRequest,
+        wanted: Mapping[str, int],
+        within_nominal: bool,
+        victim: preemption.RunningJob,
+        capacity: Mapping[str, int],
+        shares: dict[str, tuple[float, float]],
+    ) -> preemption.Reason | None:
+        """Kueue's rules: within the queue, a lower priority; across the cohort, only jobs their
+        queue holds beyond its nominal quota, reclaimed by a queue that would stay within its
+        own, or (fair sharing) taken from a queue whose share stays at least the preemptor's."""
+        policy = spec.preemption
+        if victim.queue == job.queue:
+            if policy.within_queue == WithinQueue.LOWER_PRIORITY and victim.priority < job.priority:
+                return preemption.Reason.PRIORITY
+            return None
+        charge = self._charges.get(victim.job_id)
+        if charge is None or not self._same_tree(job.queue, victim.queue):
+            return None
+        if not self._borrowing(charge):
+            return None
+        reclaim = policy.reclaim_within_cohort
+        if within_nominal and (
+            reclaim == ReclaimWithinCohort.ANY
+            or (reclaim == ReclaimWithinCohort.LOWER_PRIORITY and victim.priority < job.priority)
+        ):
+            return preemption.Reason.RECLAIM
+        if policy.fair_share:
+            mine, theirs_after = shares.get(victim.queue) or self._shares(job, wanted, charge, capacity)
+            shares[victim.queue] = (mine, theirs_after)
+            if preemption.fair_share_allows(mine, 0.0, theirs_after):
+                return preemption.Reason.FAIR_SHARE
+        return None
+
+    def _within_nominal(self, spec: QueueSpec, wanted: Mapping[str, int]) -> bool:
+        """Whether some flavor of the queue takes `wanted` within the queue's own nominal quota."""
+        for flavor in spec.quotas:
+            named = [r for r in flavor.resources if wanted.get(r, 0) > 0]
+            if named and all(
+                self.tree.usage(spec.name, flavor.flavor, r) + wanted[r] <= flavor.resources[r].nominal
+                for r in named
+            ):
+                return True
+        return False
+
+    def _borrowing(self, charge: _Charge) -> bool:
+        return any(self.tree.borrowed(charge.queue, charge.flavor, r) > 0 for r in charge.demand)
+
+    def _same_tree(self, a: str, b: str) -> bool:
+        path_a, path_b = self._path(a), self._path(b)
+        return len(path_a) > 1 and len(path_b) > 1 and path_a[0] == path_b[0]
+
+    def _shares(
+        self, job: JobRequest, wanted: Mapping[str, int], victim: _Charge, capacity: Mapping[str, int]
+    ) -> tuple[float, float]:
+        """The preemptor's queue's share with the job, and the victim's queue's without one
+        such victim (Kueue's LessThanOrEqualToFinalShare compares these)."""
+        choice = self.tree.assign(job.queue, wanted)
+        flavor = choice.flavor if isinstance(choice, FlavorChoice) else victim.flavor
+        mine = fairshare.share(self.tree, job.queue, capacity, (flavor, wanted))
+        self.tree.release(victim.queue, victim.flavor, victim.demand)
+        try:
+            theirs = fairshare.share(self.tree, victim.queue, capacity)
+        finally:
+            self.tree.charge(victim.queue, victim.flavor, victim.demand)
+        return mine, theirs
 
     # ------------------------------------------------------------------ the queue view
     def report(self) -> list[QueueStatus]:

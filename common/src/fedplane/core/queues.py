@@ -93,7 +93,9 @@ class Preemption:
     """Whom a queue's pending jobs may preempt, and how often."""
 
     within_queue: WithinQueue = WithinQueue.LOWER_PRIORITY
-    reclaim_within_cohort: ReclaimWithinCohort = ReclaimWithinCohort.LOWER_PRIORITY
+    # A queue's nominal quota is its own: by default it takes back what others borrowed of it,
+    # whatever their priority (Kueue's default, Never, is what its users complain about).
+    reclaim_within_cohort: ReclaimWithinCohort = ReclaimWithinCohort.ANY
     # Preempt borrowers of a queue whose share would stay at least the preemptor's after the
     # preemption (Kueue's LessThanOrEqualToFinalShare).
     fair_share: bool = False

@@ -197,6 +197,16 @@ class HubConfig:
     # Take jobs that name a queue nobody created, as queues without quota (development and
     # tests); without it such a job is refused. Queues are created with `fedplane apply`.
     implicit_queues: bool = False
+    # A waiting queue head may preempt at most once per this many seconds (preemptor.py).
+    preemption_interval_seconds: float = 1.0
+    # A job whose gang is not RUNNING this long after its dispatch is evicted and requeued with
+    # backoff (Kueue's waitForPodsReady); 0 turns it off (hub/gangs.py).
+    gang_timeout_seconds: float = 0.0
+    # The requeued job waits backoff x 2^(attempts - 1), at most the max, before it is placed again.
+    requeue_backoff_seconds: float = 60.0
+    requeue_backoff_max_seconds: float = 3600.0
+    # A gang that times out on its this-many-th dispatch FAILS (reason GangTimeout); 0: never.
+    max_attempts: int = 0
     # Events arriving within this window are placed in one batch.
     batch_window_seconds: float = 0.0
     # At most this many jobs are dispatched per placement cycle (the next cycle follows at once),
@@ -308,6 +318,12 @@ _RANGES: dict[str, tuple[float, bool, float]] = {
     "requeue_after_seconds": (0, False, math.inf),
     "lost_disruption_fraction": (0, True, 1),
     "batch_window_seconds": (0, False, math.inf),
+    "gang_timeout_seconds": (0, False, math.inf),
+    # A backoff's end is a timestamp in the job's status: a year at most.
+    "requeue_backoff_seconds": (0, False, 365 * 24 * 3600),
+    "requeue_backoff_max_seconds": (0, False, 365 * 24 * 3600),
+    "max_attempts": (0, False, math.inf),
+    "preemption_interval_seconds": (0, False, 3600),
     "max_dispatch_per_cycle": (1, False, math.inf),
     # A job's create is up to 3 operations (spec, status, idempotency key) in one transaction.
     "etcd_max_txn_ops": (3, False, math.inf),
@@ -499,6 +515,11 @@ def check_hub(config: HubConfig) -> HubConfig:
             problems.append(
                 f"{where}.action: {policy.action!r} is not one of {', '.join(DISCONNECT_ACTIONS)}"
             )
+    if config.requeue_backoff_max_seconds < config.requeue_backoff_seconds:
+        problems.append(
+            f"requeue_backoff_max_seconds: {config.requeue_backoff_max_seconds:g} must be at least"
+            f" requeue_backoff_seconds ({config.requeue_backoff_seconds:g})"
+        )
     tls = config.tls
     if bool(tls.cert_file) != bool(tls.key_file):
         problems.append("tls: cert_file and key_file go together")

@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=fedplane_dot_v1_dot_hub__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=fedplane_dot_v1_dot_types__pb2.Job.FromString,
                 _registered_method=True)
+        self.SetJobPriority = channel.unary_unary(
+                '/fedplane.v1.JobService/SetJobPriority',
+                request_serializer=fedplane_dot_v1_dot_hub__pb2.SetJobPriorityRequest.SerializeToString,
+                response_deserializer=fedplane_dot_v1_dot_types__pb2.Job.FromString,
+                _registered_method=True)
         self.WatchJobs = channel.unary_stream(
                 '/fedplane.v1.JobService/WatchJobs',
                 request_serializer=fedplane_dot_v1_dot_hub__pb2.WatchJobsRequest.SerializeToString,
@@ -113,6 +118,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetJobPriority(self, request, context):
+        """Change a job's priority while it waits or runs: its place in its queue, whom it may
+        preempt and who may preempt it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJobs(self, request, context):
         """Stream job changes. Resume after a disconnect with from_revision = last seen revision.
         """
@@ -160,6 +173,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=fedplane_dot_v1_dot_hub__pb2.CancelJobRequest.FromString,
+                    response_serializer=fedplane_dot_v1_dot_types__pb2.Job.SerializeToString,
+            ),
+            'SetJobPriority': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetJobPriority,
+                    request_deserializer=fedplane_dot_v1_dot_hub__pb2.SetJobPriorityRequest.FromString,
                     response_serializer=fedplane_dot_v1_dot_types__pb2.Job.SerializeToString,
             ),
             'WatchJobs': grpc.unary_stream_rpc_method_handler(
@@ -312,6 +330,33 @@ class JobService:
             target,
             '/fedplane.v1.JobService/CancelJob',
             fedplane_dot_v1_dot_hub__pb2.CancelJobRequest.SerializeToString,
+            fedplane_dot_v1_dot_types__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetJobPriority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedplane.v1.JobService/SetJobPriority',
+            fedplane_dot_v1_dot_hub__pb2.SetJobPriorityRequest.SerializeToString,
             fedplane_dot_v1_dot_types__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -41,6 +41,10 @@ class JobServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetJobRequest, _types_pb2.Job]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListJobsRequest, _hub_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.CancelJobRequest, _types_pb2.Job]
+    SetJobPriority: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SetJobPriorityRequest, _types_pb2.Job]
+    """Change a job's priority while it waits or runs: its place in its queue, whom it may
+    preempt and who may preempt it.
+    """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_hub_pb2.WatchJobsRequest, _hub_pb2.JobEvent]
     """Stream job changes. Resume after a disconnect with from_revision = last seen revision."""
     ExplainJob: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ExplainJobRequest, _types_pb2.Explanation]
@@ -60,6 +64,10 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetJobRequest, _types_pb2.Job]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListJobsRequest, _hub_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.CancelJobRequest, _types_pb2.Job]  # type: ignore[assignment]
+    SetJobPriority: _aio.UnaryUnaryMultiCallable[_hub_pb2.SetJobPriorityRequest, _types_pb2.Job]  # type: ignore[assignment]
+    """Change a job's priority while it waits or runs: its place in its queue, whom it may
+    preempt and who may preempt it.
+    """
     WatchJobs: _aio.UnaryStreamMultiCallable[_hub_pb2.WatchJobsRequest, _hub_pb2.JobEvent]  # type: ignore[assignment]
     """Stream job changes. Resume after a disconnect with from_revision = last seen revision."""
     ExplainJob: _aio.UnaryUnaryMultiCallable[_hub_pb2.ExplainJobRequest, _types_pb2.Explanation]  # type: ignore[assignment]
@@ -106,6 +114,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hub_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Job, _abc.Awaitable[_types_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def SetJobPriority(
+        self,
+        request: _hub_pb2.SetJobPriorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Job, _abc.Awaitable[_types_pb2.Job]]:
+        """Change a job's priority while it waits or runs: its place in its queue, whom it may
+        preempt and who may preempt it.
+        """
 
     @_abc_1.abstractmethod
     def WatchJobs(

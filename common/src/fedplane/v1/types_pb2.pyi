@@ -225,7 +225,7 @@ class _ReclaimWithinCohort:
 class _ReclaimWithinCohortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReclaimWithinCohort.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RECLAIM_WITHIN_COHORT_UNSPECIFIED: _ReclaimWithinCohort.ValueType  # 0
-    """RECLAIM_LOWER_PRIORITY."""
+    """RECLAIM_ANY: a queue's nominal quota is its own, whatever the borrowers' priority."""
     RECLAIM_NEVER: _ReclaimWithinCohort.ValueType  # 1
     RECLAIM_LOWER_PRIORITY: _ReclaimWithinCohort.ValueType  # 2
     """Borrowers' jobs of lower priority than the preemptor."""
@@ -236,7 +236,7 @@ class ReclaimWithinCohort(_ReclaimWithinCohort, metaclass=_ReclaimWithinCohortEn
     """Whom a queue reclaiming its nominal quota may preempt among its cohort's borrowers."""
 
 RECLAIM_WITHIN_COHORT_UNSPECIFIED: ReclaimWithinCohort.ValueType  # 0
-"""RECLAIM_LOWER_PRIORITY."""
+"""RECLAIM_ANY: a queue's nominal quota is its own, whatever the borrowers' priority."""
 RECLAIM_NEVER: ReclaimWithinCohort.ValueType  # 1
 RECLAIM_LOWER_PRIORITY: ReclaimWithinCohort.ValueType  # 2
 """Borrowers' jobs of lower priority than the preemptor."""
@@ -730,7 +730,9 @@ class JobStatus(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     PLACEMENT_SCORE_FIELD_NUMBER: _builtins.int
     FLAVOR_FIELD_NUMBER: _builtins.int
-    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    PRIORITY_CLASS_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     cluster: _builtins.str
     """The cluster holding the job at `generation`; empty when not dispatched."""
@@ -740,8 +742,11 @@ class JobStatus(_message.Message):
     message: _builtins.str
     flavor: _builtins.str
     """The resource flavor whose quota the job holds while dispatched (empty: its queue has no quotas)."""
-    attempts: _builtins.int
-    """How many times the job was admitted and then evicted (preempted, or a gang timeout)."""
+    priority: _builtins.int
+    """The job's priority since it was changed (SetJobPriority), in place of spec.priority; with
+    the class it was changed to, if any (in place of spec.priority_class).
+    """
+    priority_class: _builtins.str
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transition]: ...
     @_builtins.property
@@ -755,6 +760,10 @@ class JobStatus(_message.Message):
     @_builtins.property
     def placement_score(self) -> Global___ScoreBreakdown:
         """Score of the chosen cluster at placement time."""
+
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Requeued with backoff (a gang that did not start in time): not admitted before this time."""
 
     def __init__(
         self,
@@ -771,13 +780,17 @@ class JobStatus(_message.Message):
         assignments: _abc.Iterable[Global___NodeAssignment] | None = ...,
         placement_score: Global___ScoreBreakdown | None = ...,
         flavor: _builtins.str = ...,
-        attempts: _builtins.int = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int | None = ...,
+        priority_class: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "placement_score", b"placement_score", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "finish_time", b"finish_time", "not_before", b"not_before", "placement_score", b"placement_score", "priority", b"priority", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "attempts", b"attempts", "cluster", b"cluster", "finish_time", b"finish_time", "flavor", b"flavor", "generation", b"generation", "history", b"history", "message", b"message", "placement_score", b"placement_score", "reason", b"reason", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "assignments", b"assignments", "cluster", b"cluster", "finish_time", b"finish_time", "flavor", b"flavor", "generation", b"generation", "history", b"history", "message", b"message", "not_before", b"not_before", "placement_score", b"placement_score", "priority", b"priority", "priority_class", b"priority_class", "reason", b"reason", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
@@ -942,10 +955,17 @@ class Explanation(_message.Message):
     CHOSEN_CLUSTER_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     VERDICTS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     chosen_cluster: _builtins.str
     """Empty when no cluster is feasible."""
     summary: _builtins.str
+    queue: _builtins.str
+    """For a waiting job: its queue, and how many of its queue's waiting jobs go before it
+    (higher priority, or the same and submitted earlier).
+    """
+    queue_position: _builtins.int
     @_builtins.property
     def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterVerdict]: ...
     def __init__(
@@ -955,10 +975,12 @@ class Explanation(_message.Message):
         chosen_cluster: _builtins.str = ...,
         summary: _builtins.str = ...,
         verdicts: _abc.Iterable[Global___ClusterVerdict] | None = ...,
+        queue: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen_cluster", b"chosen_cluster", "job_id", b"job_id", "summary", b"summary", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen_cluster", b"chosen_cluster", "job_id", b"job_id", "queue", b"queue", "queue_position", b"queue_position", "summary", b"summary", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,11 +5,12 @@ cancel, explain, clusters, cordon and watch. Reads answer from memory; the write
 from __future__ import annotations
 
 import heapq
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fedplane.core import dispatch as sm
 from fedplane.core.placement import Decision, Weights, evaluate
+from fedplane.core.queues import PriorityClass
 from fedplane.hub import convert, records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
@@ -144,6 +145,48 @@ class HubApi:
             return table.job_out(written)
         raise HubError("ABORTED", f"job {job_id} kept changing; try again")
 
+    async def set_priority(
+        self, job_id: str, priority: int, priority_class: str, classes: Mapping[str, PriorityClass]
+    ) -> pb.Job:
+        """Change a waiting or running job's priority (by value, or to a class's value).
+
+        Any replica may write it, as a cancel: the compare-and-swap on the job's status decides
+        against a racing update. Waiting, the job takes its new place in its queue; running, it
+        is judged by its new priority by the next preemption round."""
+        if priority_class:
+            found = classes.get(priority_class)
+            if found is None:
+                raise HubError(
+                    "INVALID_ARGUMENT",
+                    f"priority_class: {priority_class!r} does not exist (fedplane queues -o yaml)",
+                )
+            priority = found.value
+        table = self.table
+        for _ in range(10):
+            record = table.jobs.get(job_id)
+            if record is None:
+                raise HubError("NOT_FOUND", f"job {job_id!r} not found")
+            if sm.is_terminal(record.state):
+                raise HubError(
+                    "FAILED_PRECONDITION",
+                    f"job {job_id} is {sm.state_name(record.state)}: its priority is final",
+                )
+            status = record.status
+            status.priority = priority
+            status.priority_class = priority_class
+            (written,) = await table.write([StatusWrite.of(job_id, status, record.revision)], NO_FENCE)
+            if written is None:
+                continue  # lost a race with a status update: re-read and decide again
+            log.info(
+                "job priority changed",
+                job_id=job_id,
+                priority=priority,
+                priority_class=priority_class,
+                state=sm.state_name(written.state),
+            )
+            return table.job_out(written)
+        raise HubError("ABORTED", f"job {job_id} kept changing; try again")
+
     def explain(self, job: pb.Job, seq: int | None = None) -> pb.Explanation:
         request = convert.job_request(job, seq if seq is not None else 1 << 62)
         verdicts = evaluate(request, self.registry.views(self.clock.time()), self.weights)
@@ -160,8 +203,14 @@ class HubApi:
             job.id, verdicts[0].cluster if verdicts and verdicts[0].feasible else None, verdicts
         )
         out.chosen_cluster = decision.cluster or ""
-        misfit = self.table.queue.misfit(job.id) if job.id and status.state == S.PENDING else None
-        if misfit is not None:
+        waiting = bool(job.id) and status.state == S.PENDING
+        misfit = self.table.queue.misfit(job.id) if waiting else None
+        if waiting:
+            out.queue = job.spec.queue
+            out.queue_position = self.table.queue.position(job.id) or 0
+        if waiting and job.id in self.table.delayed:
+            out.summary = self.table.backoff_reason(job.id)  # after a gang timeout (gangs.py)
+        elif misfit is not None:
             out.summary = misfit.summary()
         else:
             out.summary = decision.summary()

@@ -51,6 +51,8 @@ METHODS: dict[str, Permission] = {
     f"{_JOBS}GetJob": Permission.READ_JOBS,
     f"{_JOBS}ListJobs": Permission.READ_JOBS,
     f"{_JOBS}CancelJob": Permission.CANCEL,
+    # A submitter to the job's queue may reorder its jobs there.
+    f"{_JOBS}SetJobPriority": Permission.SUBMIT,
     f"{_JOBS}WatchJobs": Permission.READ_JOBS,
     f"{_JOBS}ExplainJob": Permission.READ_JOBS,
     f"{_JOBS}GetJobStats": Permission.READ_JOBS,
@@ -78,6 +80,7 @@ MUTATING = frozenset(
         f"{_JOBS}SubmitJob",
         f"{_JOBS}SubmitJobs",
         f"{_JOBS}CancelJob",
+        f"{_JOBS}SetJobPriority",
         f"{_CLUSTERS}CordonCluster",
         f"{_CLUSTERS}UncordonCluster",
         f"{_CLUSTERS}ApproveCluster",

@@ -13,6 +13,7 @@ and beside the cluster registry (clusters.py); each concern is a driver over the
   retention.py  deleting finished jobs
   liveness.py   cluster leases in etcd: which clusters are alive, and which are lost
   lost.py       the jobs of lost clusters, by their disconnect policy
+  gangs.py      gang timeouts: jobs not running in time, requeued with backoff
   feed.py       the watch on the hub's own status keys, into the table and the event log
   api.py        reads and administration (get, list, stats, cancel, explain, cordon, watch)
   admission.py  which agents take part: the NATS auth callout, approving and removing clusters
@@ -43,6 +44,7 @@ from fedplane.hub.errors import HubError
 from fedplane.hub.etcd import EtcdCredentials, EtcdError
 from fedplane.hub.events import EventLog
 from fedplane.hub.feed import StatusFeed
+from fedplane.hub.gangs import GangTimeouts
 from fedplane.hub.intake import Intake
 from fedplane.hub.leader import Leadership, default_replica_id, hub_status
 from fedplane.hub.liveness import Liveness
@@ -93,7 +95,9 @@ class Hub:
         # Every replica's queueing cycle follows the queue configuration in etcd; a change
         # (quota raised, queue released from hold) is worth a placement round at once.
         self.queue_book.subscribe(self._queues_changed)
-        self.scheduler = Scheduler(self.table, self.registry, self.commands, clock, config)
+        self.scheduler = Scheduler(
+            self.table, self.registry, self.commands, clock, config, lambda: self.queue_book.config
+        )
         self.admission = ClusterAdmission(config, self.registry, self.table, store, clock)
         admitted = self.admission.admitted
         self.statuses = StatusIntake(self.table, self.registry, clock, admitted)
@@ -101,6 +105,7 @@ class Hub:
         self.retention = Retention(self.table, clock, config.finished_job_retention_seconds)
         self.feed = StatusFeed(self.table, self.events)
         self.lost = LostClusterJobs(self.table, self.registry, self.commands, clock, config)
+        self.gangs = GangTimeouts(self.table, self.registry, self.commands, clock, config)
         self.api = HubApi(
             self.table, self.registry, self.commands, self.events, clock, Weights(**vars(config.weights))
         )
@@ -231,6 +236,8 @@ class Hub:
             asyncio.create_task(self.liveness.lead(fence, self.leadership.fence_lost), name="hub-leases"),
             asyncio.create_task(self._handle_lost_clusters(), name="hub-lost"),
         ]
+        if self.config.gang_timeout_seconds > 0:
+            self._leader_tasks.append(asyncio.create_task(self.gangs.run(), name="hub-gangs"))
         table.capacity_changed()
 
     async def _handle_lost_clusters(self) -> None:

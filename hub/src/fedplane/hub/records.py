@@ -42,6 +42,8 @@ def record_into(new: pb.JobStatus, transition: Transition, now: float) -> pb.Job
     if transition.replaces_placement:
         # A dispatch's flavor is set by the scheduler after this; a requeue holds no quota.
         new.flavor = ""
+        # A backoff holds one stay in PENDING: gangs.py sets it after recording its requeue.
+        new.ClearField("not_before")
         del new.assignments[:]
         if transition.assignments:
             new.assignments.extend(convert.assignments_pb(transition.assignments))

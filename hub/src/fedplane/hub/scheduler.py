@@ -9,15 +9,18 @@ idle hub places a job at once and a busy one in large batches.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from fedplane.core import dispatch as sm
 from fedplane.core.model import JobRequest
 from fedplane.core.placement import Decision, Weights
+from fedplane.core.queues import QueueConfig
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
 from fedplane.hub.lost import DisconnectPolicies
+from fedplane.hub.preemptor import Preemptor
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import HOLDING, JobTable, StatusWrite
 from fedplane.runtime import logs, telemetry
@@ -36,6 +39,7 @@ class Scheduler:
         commands: CommandQueue,
         clock: Clock,
         config: HubConfig,
+        queues: Callable[[], QueueConfig] = QueueConfig,
     ) -> None:
         self.table = table
         self.registry = registry
@@ -47,6 +51,9 @@ class Scheduler:
         self.batch_window = config.batch_window_seconds
         # Each create says when a cut-off agent must stop the job (its disconnect policy).
         self.policies = DisconnectPolicies(config)
+        self.preemptor = Preemptor(
+            table, registry, commands, clock, queues, config.preemption_interval_seconds
+        )
 
     async def run(self) -> None:
         """Place as soon as something changed; what changes during a round waits for the next.
@@ -55,7 +62,20 @@ class Scheduler:
         """
         wake = self.table.wake
         while True:
-            await wake.wait()
+            # Jobs backing off after a gang timeout join the queue when their time comes (table.due).
+            next_due = self.table.due(self.clock.time())
+            if next_due is None:
+                await wake.wait()
+            elif not wake.is_set():
+                sleeper = asyncio.ensure_future(self.clock.sleep(next_due - self.clock.time()))
+                woken = asyncio.ensure_future(wake.wait())
+                try:
+                    await asyncio.wait({sleeper, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleeper.cancel()
+                    woken.cancel()
+                if not wake.is_set():
+                    continue  # the next backoff is over: table.due queues it and wakes placement
             # At least one turn of the loop: submits finishing in this same turn join the batch.
             await asyncio.sleep(self.batch_window)
             wake.clear()
@@ -80,8 +100,9 @@ class Scheduler:
         now = self.clock.time()
         round_start = int(now * 1e9)
         limit = self.max_per_round
+        views = self.registry.views(now)
         with telemetry.tracer().start_as_current_span("hub.place_batch", attributes={"queued": len(queue)}):
-            placed = queue.cycle(self.registry.views(now), self.weights, limit)
+            placed = queue.cycle(views, self.weights, limit)
         if len(placed) >= limit:
             table.wake.set()  # more may fit: carry on right after this batch is written
         writes: list[StatusWrite] = []
@@ -102,7 +123,21 @@ class Scheduler:
             writes.append(StatusWrite.of(decision.job_id, job.status, record.revision))
             chosen[decision.job_id] = (admitted.job, decision, job)
         if not writes:
+            # Heads that wait for quota or room may preempt (rate-limited, see preemptor.py).
+            await self.preemptor.round(lambda: views)
             return
+        await self._write(writes, chosen, now, round_start)
+        await self.preemptor.round(lambda: self.registry.views(self.clock.time()))
+
+    async def _write(
+        self,
+        writes: list[StatusWrite],
+        chosen: dict[str, tuple[JobRequest, Decision, pb.Job]],
+        now: float,
+        round_start: int,
+    ) -> None:
+        """Write the round's dispatches in one CAS batch, then reserve, command and log what landed."""
+        table, queue, jobs = self.table, self.table.queue, self.table.jobs
         for write, written in zip(writes, await table.write(writes), strict=True):
             request, decision, job = chosen[write.job_id]
             if written is None:

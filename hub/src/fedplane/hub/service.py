@@ -116,6 +116,23 @@ class JobService(hub_pb2_grpc.JobServiceServicer):
 
         return await _call(context, run)
 
+    async def SetJobPriority(self, request: hub_pb.SetJobPriorityRequest, context: Any) -> pb.Job:
+        async def run() -> pb.Job:
+            _need(request.job_id, "job_id")
+            if request.WhichOneof("to") is None:
+                raise HubError("INVALID_ARGUMENT", "priority_class or priority: one is required")
+            record = self.hub.table.jobs.get(request.job_id)
+            scoping.check_job(record, request.job_id, Permission.SUBMIT)
+            audit.note(job_id=request.job_id, queue=record.queue if record else "")
+            return await self.hub.api.set_priority(
+                request.job_id,
+                request.priority,
+                request.priority_class,
+                self.hub.queue_book.config.priority_classes,
+            )
+
+        return await _call(context, run)
+
     async def WatchJobs(
         self, request: hub_pb.WatchJobsRequest, context: Any
     ) -> AsyncIterator[hub_pb.JobEvent]:

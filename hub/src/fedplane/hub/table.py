@@ -10,9 +10,12 @@ one, whichever source brings it first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from fedplane.core import dispatch as sm
@@ -69,6 +72,8 @@ class JobRecord:
     idempotency_key: str
     # The flavor whose quota the job holds while on a cluster ("" for none).
     flavor: str = ""
+    # Its priority since it was changed (SetJobPriority), in place of its spec's.
+    priority: int | None = None
 
     @classmethod
     def of(cls, job: pb.Job, seq: int, revision: int, spec_blob: bytes, status_blob: bytes) -> JobRecord:
@@ -85,6 +90,7 @@ class JobRecord:
             job.spec.queue,
             stored_idempotency_key(job.submitted_by, job.idempotency_key),
             status.flavor,
+            status.priority if status.HasField("priority") else None,
         )
 
     @classmethod
@@ -122,6 +128,14 @@ class JobRecord:
         self.cluster = status.cluster
         self.generation = status.generation
         self.flavor = status.flavor
+        self.priority = status.priority if status.HasField("priority") else None
+
+    def request(self) -> JobRequest:
+        """What placement and the queues need of the job, at its current priority."""
+        request = convert.job_request(self.spec_record, self.seq)
+        if self.priority is not None and self.priority != request.priority:
+            request = dataclasses.replace(request, priority=self.priority)
+        return request
 
 
 @dataclass(slots=True)
@@ -199,6 +213,11 @@ class JobTable:
         self.creating: dict[str, NewJob] = {}
         # Set when placement has something new to look at: a job to place, capacity or clusters changed.
         self.wake = asyncio.Event()
+        # Gang timeouts (gangs.py; see "backoff" below): PENDING jobs waiting out their backoff
+        # (job id -> not before), a heap of their times, and the driver's dispatch listener.
+        self.delayed: dict[str, float] = {}
+        self._backoffs: list[tuple[float, str]] = []
+        self.on_dispatch: Callable[[str, int, float], None] | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -211,7 +230,8 @@ class JobTable:
         self.jobs[record.id] = record
         self._count(record, 1)
         if record.state == S.PENDING:
-            self.queue.add(request or convert.job_request(record.spec_record, record.seq))
+            if not self._held_back(record):
+                self.queue.add(request or record.request())
         elif record.state in HOLDING:
             self._charge(record, request)
         return record
@@ -221,6 +241,7 @@ class JobTable:
             self._count(record, -1)
             self.queue.discard(record.id)
             self.queue.release(record.id)
+            self.delayed.pop(record.id, None)
 
     def _charge(self, record: JobRecord, request: JobRequest | None = None) -> None:
         """Count a job on a cluster against its queue's quota, unless it is already (the
@@ -228,7 +249,7 @@ class JobTable:
         otherwise: on start, and another replica's dispatches)."""
         if self.queue.charged(record.id):
             return
-        request = request or convert.job_request(record.spec_record, record.seq)
+        request = request or record.request()
         self.queue.charge(record.id, record.queue, record.flavor, demand(request))
 
     def _count(self, record: JobRecord, delta: int) -> None:
@@ -251,14 +272,24 @@ class JobTable:
             self._count(record, -1)
             was_pending = record.state == S.PENDING
             was_holding = record.state in HOLDING
+            generation = record.generation
+            priority = record.priority
             record.set_status(status, revision, blob)
             self._count(record, 1)
             if was_pending and record.state != S.PENDING:
                 self.queue.discard(job_id)
+                self.delayed.pop(job_id, None)
             elif record.state == S.PENDING and not was_pending:
                 # Joining the queue again gives its quota back (Queues.add).
-                self.queue.add(convert.job_request(record.spec_record, record.seq))
+                if not self._held_back(record, status):
+                    self.queue.add(record.request())
                 self.wake.set()
+            elif was_pending and record.priority != priority and self.queue.discard(job_id):
+                # Its priority changed while it waits: it takes its new place in its queue.
+                self.queue.add(record.request())
+                self.wake.set()
+            if record.generation != generation and self.on_dispatch is not None:
+                self._dispatched(record, status)
             if record.state in HOLDING:
                 if not was_holding:
                     self._charge(record)
@@ -319,6 +350,8 @@ class JobTable:
         self.wake.set()
 
     def pending_reason(self, job_id: str) -> str:
+        if job_id in self.delayed:
+            return self.backoff_reason(job_id)
         misfit = self.queue.misfit(job_id)
         return misfit.summary() if misfit is not None else "waiting for the next placement cycle"
 
@@ -330,3 +363,55 @@ class JobTable:
         if job.status.state == S.PENDING:
             job.pending_reason = self.pending_reason(record.id)
         return job
+
+    # ------------------------------------------------------------------ backoff (gang timeouts)
+    # A job that gangs.py requeued after a gang timeout carries `not_before` in its status. Until
+    # then it is PENDING everywhere (counts, lists, cancel) but kept out of the pending queue, in
+    # `delayed`; the scheduler's loop calls `due` to let it in when its time comes.
+
+    def _held_back(self, record: JobRecord, status: pb.JobStatus | None = None) -> bool:
+        """Whether a job entering PENDING waits out a backoff first (then it is in `delayed`).
+
+        Only a requeued job can have one, so a job never dispatched (generation 0: every submit)
+        costs no parse."""
+        if status is None:
+            if record.generation == 0:
+                return False
+            status = record.status
+        if not status.HasField("not_before"):
+            return False
+        at = status.not_before.seconds + status.not_before.nanos / 1e9
+        self.delayed[record.id] = at
+        heapq.heappush(self._backoffs, (at, record.id))
+        return True
+
+    def due(self, now: float) -> float | None:
+        """Queue the delayed jobs whose backoff is over (and wake placement if any); when the next
+        one is due, or None."""
+        backoffs, delayed = self._backoffs, self.delayed
+        moved = False
+        while backoffs and backoffs[0][0] <= now:
+            at, job_id = heapq.heappop(backoffs)
+            if delayed.get(job_id) != at:
+                continue  # it left PENDING meanwhile (cancelled, dispatched by another replica)
+            del delayed[job_id]
+            record = self.jobs[job_id]
+            self.queue.add(record.request())
+            moved = True
+        while backoffs and delayed.get(backoffs[0][1]) != backoffs[0][0]:
+            heapq.heappop(backoffs)
+        if moved:
+            self.wake.set()
+        return backoffs[0][0] if backoffs else None
+
+    def backoff_reason(self, job_id: str) -> str:
+        record = self.jobs.get(job_id)
+        until = datetime.fromtimestamp(self.delayed[job_id], UTC).isoformat(timespec="seconds")
+        attempt = record.generation if record is not None else 0
+        return f"backing off until {until} after a gang timeout (attempt {attempt})"
+
+    def _dispatched(self, record: JobRecord, status: pb.JobStatus) -> None:
+        """Tell the gang-timeout driver of a job that took a new generation and waits for its gang."""
+        if record.state in (S.DISPATCHED, S.ADMITTED) and self.on_dispatch is not None:
+            at = status.update_time.seconds + status.update_time.nanos / 1e9
+            self.on_dispatch(record.id, record.generation, at)

@@ -422,6 +422,9 @@ _REQUEST_LIMITS: dict[str, Callable[[Any], list[str]]] = {
     "fedplane.v1.CancelJobRequest": lambda r: (
         _length(r.job_id, "job_id", MAX_JOB_ID) + reason_problems(r.reason)
     ),
+    "fedplane.v1.SetJobPriorityRequest": lambda r: (
+        _length(r.job_id, "job_id", MAX_JOB_ID) + _length(r.priority_class, "priority_class", 63)
+    ),
     "fedplane.v1.WatchJobsRequest": _watch_jobs,
     "fedplane.v1.ExplainJobRequest": _explain_job,
     "fedplane.v1.GetJobStatsRequest": lambda r: _filter_name(r.queue, "queue", "queue name"),

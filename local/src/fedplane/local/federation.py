@@ -29,6 +29,7 @@ from rich.table import Table
 from fedplane.agent.daemon import Agent
 from fedplane.agent.simulated import SimulatedBackend
 from fedplane.client.display import JobBoard, cluster_table, state_text
+from fedplane.client.objects import load_files as load_queue_files
 from fedplane.client.sdk import FedplaneClient
 from fedplane.client.spec import load_file
 from fedplane.hub.server import HubServer
@@ -259,6 +260,15 @@ async def run(
             await agent.start()
             agents.append(agent)
         async with FedplaneClient(target, tls=security.client_tls, token=security.admin_token) as client:
+            queue_file = jobs_dir / "queues.yaml" if jobs_dir is not None else None
+            if queue_file is not None and queue_file.exists():
+                # The jobs' queues, cohorts and priority classes, as an administrator applies them;
+                # jobs naming other queues still run, in queues without quota (implicit_queues).
+                applied = await client.apply_queue_objects(load_queue_files([queue_file]))
+                console.print(
+                    f"  {len(applied.queues)} queues in {len(applied.cohorts)} cohorts from {queue_file};"
+                    " [cyan]fedplane queues[/] shows their usage"
+                )
             await _wait_ready(client, [a.cluster for a in agents], stop)
             submitted = [job for job, _ in await client.submit_many(specs)] if specs else []
             console.print(f"submitted {len(submitted)} jobs from {jobs_dir or 'nowhere'}")
