@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
+from fedplane.client import fields
 from fedplane.client.spec import exact_quantity
 from fedplane.core import quantity
 from fedplane.v1 import types_pb2 as pb
@@ -35,19 +36,12 @@ __all__ = [
 E = TypeVar("E", bound=int)
 
 
+# What a bad quantity's error shows as valid forms (quotas: whole CPUs and memory first).
+_QUANTITY_EXAMPLES = "8, 500m, 64Gi"
+
+
 class ObjectsError(ValueError):
     """A file that cannot be turned into queue objects; one line for humans."""
-
-
-class _FieldError(Exception):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-def _fail(path: str, message: str) -> NoReturn:
-    raise _FieldError(path, message)
 
 
 # Kind -> the QueueObjects field holding it.
@@ -110,77 +104,17 @@ def kind_of(text: str) -> str:
 # -- typed accessors ------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
-    return (
-        "null" if value is None else "a mapping" if isinstance(value, dict) else names.get(type(value), "?")
-    )
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _mapping(value: object, path: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        _fail(path, f"expected a mapping, got {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            _fail(path, f"keys must be strings, got {key!r}")
-        if allowed is not None and key not in allowed:
-            _fail(_join(path, key), f"unknown field (expected one of: {', '.join(sorted(allowed))})")
-    return value
-
-
-def _str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        _fail(path, f"expected a string, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, f"expected true or false, got {_type_name(value)} {value!r}")
-    return value
-
-
 def _number(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(path, f"expected a number, got {_type_name(value)} {value!r}")
+        fields.fail(path, f"expected a number, got {fields.type_name(value)} {value!r}")
     return float(value)
 
 
-def _int32(value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, f"expected an integer, got {_type_name(value)} {value!r}")
-    if not -(2**31) <= value < 2**31:
-        _fail(path, f"{value} is out of range")
-    return value
-
-
 def _choice(value: object, path: str, choices: Mapping[str, E]) -> E:
-    name = _str(value, path)
+    name = fields.string(value, path)
     if name not in choices:
-        _fail(path, f"{name!r} is not one of: {', '.join(choices)}")
+        fields.fail(path, f"{name!r} is not one of: {', '.join(choices)}")
     return choices[name]
-
-
-def _quantity(resource: str, value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        _fail(path, f"{value!r} is not a quantity (examples: 8, 500m, 64Gi)")
-    try:
-        return quantity.parse(resource, value)
-    except quantity.QuantityError:
-        _fail(path, f"{value!r} is not a quantity (examples: 8, 500m, 64Gi)")
-
-
-def _string_map(value: object, path: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, item in _mapping(value, path).items():
-        if isinstance(item, bool) or not isinstance(item, str | int | float):
-            _fail(f"{path}.{key}", f"expected a string, got {_type_name(item)}")
-        out[key] = str(item)
-    return out
 
 
 # -- YAML -> QueueObjects -------------------------------------------------------------------
@@ -188,36 +122,34 @@ def _string_map(value: object, path: str) -> dict[str, str]:
 
 def _quotas(value: object, path: str) -> list[pb.FlavorQuotas]:
     if not isinstance(value, list):
-        _fail(path, f"expected a list of flavors, got {_type_name(value)}")
+        fields.fail(path, f"expected a list of flavors, got {fields.type_name(value)}")
     out = []
     for i, item in enumerate(value):
         at = f"{path}[{i}]"
-        data = _mapping(item, at, _QUOTA_FIELDS)
+        data = fields.mapping(item, at, _QUOTA_FIELDS)
         if "flavor" not in data:
-            _fail(f"{at}.flavor", "required field is missing")
-        flavor = pb.FlavorQuotas(flavor=_str(data["flavor"], f"{at}.flavor"))
-        for key, amounts in _mapping(data.get("resources", {}), f"{at}.resources").items():
+            fields.fail(f"{at}.flavor", "required field is missing")
+        flavor = pb.FlavorQuotas(flavor=fields.string(data["flavor"], f"{at}.flavor"))
+        for key, amounts in fields.mapping(data.get("resources", {}), f"{at}.resources").items():
             resource = quantity.canonical_name(key)
             where = f"{at}.resources.{key}"
             if resource in flavor.resources:
-                _fail(where, f"resource {resource!r} is given twice")
-            fields = _mapping(amounts, where, _RESOURCE_FIELDS)
-            if "nominal" not in fields:
-                _fail(f"{where}.nominal", "required field is missing")
+                fields.fail(where, f"resource {resource!r} is given twice")
+            limits = fields.mapping(amounts, where, _RESOURCE_FIELDS)
+            if "nominal" not in limits:
+                fields.fail(f"{where}.nominal", "required field is missing")
             quota = flavor.resources[resource]
-            quota.nominal = _quantity(resource, fields["nominal"], f"{where}.nominal")
-            if "borrowing_limit" in fields:
-                quota.borrowing_limit = _quantity(
-                    resource, fields["borrowing_limit"], f"{where}.borrowing_limit"
-                )
-            if "lending_limit" in fields:
-                quota.lending_limit = _quantity(resource, fields["lending_limit"], f"{where}.lending_limit")
+            for field in ("nominal", "borrowing_limit", "lending_limit"):
+                if field in limits:
+                    at_field = f"{where}.{field}"
+                    amount = fields.quantity(resource, limits[field], at_field, examples=_QUANTITY_EXAMPLES)
+                    setattr(quota, field, amount)
         out.append(flavor)
     return out
 
 
 def _preemption(value: object, path: str) -> pb.QueuePreemption:
-    data = _mapping(value, path, _PREEMPTION_FIELDS)
+    data = fields.mapping(value, path, _PREEMPTION_FIELDS)
     out = pb.QueuePreemption()
     if "within_queue" in data:
         out.within_queue = _choice(data["within_queue"], f"{path}.within_queue", _WITHIN_QUEUE)
@@ -226,7 +158,7 @@ def _preemption(value: object, path: str) -> pb.QueuePreemption:
             data["reclaim_within_cohort"], f"{path}.reclaim_within_cohort", _RECLAIM
         )
     if "fair_share" in data:
-        out.fair_share = _bool(data["fair_share"], f"{path}.fair_share")
+        out.fair_share = fields.boolean(data["fair_share"], f"{path}.fair_share")
     if "max_per_minute" in data:
         out.max_per_minute = _number(data["max_per_minute"], f"{path}.max_per_minute")
     return out
@@ -235,7 +167,7 @@ def _preemption(value: object, path: str) -> pb.QueuePreemption:
 def _queue(data: Mapping[str, Any]) -> pb.Queue:
     queue = pb.Queue(name=data["name"])
     if "cohort" in data:
-        queue.cohort = _str(data["cohort"], "cohort")
+        queue.cohort = fields.string(data["cohort"], "cohort")
     if "weight" in data:
         queue.weight = _number(data["weight"], "weight")
     if "quotas" in data:
@@ -243,7 +175,7 @@ def _queue(data: Mapping[str, Any]) -> pb.Queue:
     if "strategy" in data:
         queue.strategy = _choice(data["strategy"], "strategy", _STRATEGIES)
     if "held" in data:
-        queue.held = _bool(data["held"], "held")
+        queue.held = fields.boolean(data["held"], "held")
     if "when_can_borrow" in data:
         queue.when_can_borrow = _choice(data["when_can_borrow"], "when_can_borrow", _WHEN_CAN_BORROW)
     if "preemption" in data:
@@ -254,7 +186,7 @@ def _queue(data: Mapping[str, Any]) -> pb.Queue:
 def _cohort(data: Mapping[str, Any]) -> pb.Cohort:
     cohort = pb.Cohort(name=data["name"])
     if "parent" in data:
-        cohort.parent = _str(data["parent"], "parent")
+        cohort.parent = fields.string(data["parent"], "parent")
     if "weight" in data:
         cohort.weight = _number(data["weight"], "weight")
     if "quotas" in data:
@@ -265,20 +197,22 @@ def _cohort(data: Mapping[str, Any]) -> pb.Cohort:
 def _flavor(data: Mapping[str, Any]) -> pb.ResourceFlavor:
     flavor = pb.ResourceFlavor(name=data["name"])
     if "cluster_labels" in data:
-        flavor.cluster_labels.update(_string_map(data["cluster_labels"], "cluster_labels"))
+        flavor.cluster_labels.update(
+            fields.string_map(data["cluster_labels"], "cluster_labels", booleans=False)
+        )
     if "gpu_type" in data:
-        flavor.gpu_type = _str(data["gpu_type"], "gpu_type")
+        flavor.gpu_type = fields.string(data["gpu_type"], "gpu_type")
     return flavor
 
 
 def _priority_class(data: Mapping[str, Any]) -> pb.PriorityClass:
     if "value" not in data:
-        _fail("value", "required field is missing")
-    cls = pb.PriorityClass(name=data["name"], value=_int32(data["value"], "value"))
+        fields.fail("value", "required field is missing")
+    cls = pb.PriorityClass(name=data["name"], value=fields.int32(data["value"], "value"))
     if "may_preempt" in data:
-        cls.never_preempt = not _bool(data["may_preempt"], "may_preempt")
+        cls.never_preempt = not fields.boolean(data["may_preempt"], "may_preempt")
     if "interruptible" in data:
-        cls.interruptible = _bool(data["interruptible"], "interruptible")
+        cls.interruptible = fields.boolean(data["interruptible"], "interruptible")
     return cls
 
 
@@ -287,18 +221,18 @@ _PARSERS = {"Queue": _queue, "Cohort": _cohort, "ResourceFlavor": _flavor, "Prio
 
 def _document(data: object, into: pb.QueueObjects) -> tuple[str, str]:
     """Add one document's object to `into`; its (kind, name)."""
-    doc = _mapping(data, "")
+    doc = fields.mapping(data, "")
     if "kind" not in doc:
-        _fail("kind", f"required field is missing (one of: {', '.join(KINDS)})")
-    kind = _str(doc["kind"], "kind")
+        fields.fail("kind", f"required field is missing (one of: {', '.join(KINDS)})")
+    kind = fields.string(doc["kind"], "kind")
     if kind not in KINDS:
-        _fail("kind", f"{kind!r} is not a kind (one of: {', '.join(KINDS)})")
-    _mapping(doc, "", _FIELDS[kind])
+        fields.fail("kind", f"{kind!r} is not a kind (one of: {', '.join(KINDS)})")
+    fields.mapping(doc, "", _FIELDS[kind])
     if "name" not in doc:
-        _fail("name", "required field is missing")
-    name = _str(doc["name"], "name")
+        fields.fail("name", "required field is missing")
+    name = fields.string(doc["name"], "name")
     if not name:
-        _fail("name", "must not be empty")
+        fields.fail("name", "must not be empty")
     getattr(into, KINDS[kind]).append(_PARSERS[kind](doc))
     return kind, name
 
@@ -312,7 +246,7 @@ def _objects(documents: Iterable[tuple[str, object]]) -> pb.QueueObjects:
             continue
         try:
             key = _document(data, objects)
-        except _FieldError as exc:
+        except fields.FieldError as exc:
             raise ObjectsError(f"{where}{' ' + exc.path if exc.path else ''}: {exc.message}") from None
         except RecursionError:
             raise ObjectsError(f"{where}: nested too deeply to read") from None

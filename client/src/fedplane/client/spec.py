@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
+from fedplane.client import fields
 from fedplane.core import quantity
 from fedplane.v1 import types_pb2 as pb
 
@@ -80,115 +81,29 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
 _TOO_DEEP = "nested too deeply to read (a workload may nest at most 100 levels)"
 
 
+# What a bad quantity's error shows as valid forms.
+_QUANTITY_EXAMPLES = "500m, 4Gi, 2"
+
+
 class SpecError(ValueError):
     """A spec file that cannot be turned into a JobSpec; the message is one line for humans."""
-
-
-class _FieldError(Exception):
-    """Raised deep in the conversion; `_Doc` adds the file and document index."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.message = message
-
-
-def _fail(path: str, message: str) -> NoReturn:
-    raise _FieldError(path, message)
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
 
 
 # -- typed accessors: each takes the value and its field path -------------------------------
 
 
-def _mapping(value: object, path: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        _fail(path, f"expected a mapping, got {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            _fail(path, f"keys must be strings, got {key!r}")
-        if allowed is not None and key not in allowed:
-            _fail(_join(path, key), f"unknown field (expected one of: {', '.join(sorted(allowed))})")
-    return value
-
-
 def _list(value: object, path: str) -> list[Any]:
     if not isinstance(value, list):
-        _fail(path, f"expected a list, got {_type_name(value)}")
+        fields.fail(path, f"expected a list, got {fields.type_name(value)}")
     return value
-
-
-def _str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        _fail(path, f"expected a string, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _int(value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, f"expected an integer, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _int32(value: object, path: str) -> int:
-    number = _int(value, path)
-    if not -(2**31) <= number < 2**31:
-        _fail(path, f"{number} is out of range")
-    return number
-
-
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, f"expected true or false, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _label_value(value: object, path: str) -> str:
-    """Scalars become strings, so `tier: 1` works as people expect from Kubernetes labels."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return str(value)
-    _fail(path, f"expected a string, got {_type_name(value)}")
-
-
-def _string_map(value: object, path: str) -> dict[str, str]:
-    return {k: _label_value(v, _join(path, k)) for k, v in _mapping(value, path).items()}
 
 
 def _string_list(value: object, path: str) -> list[str]:
-    return [_str(item, _join(path, i)) for i, item in enumerate(_list(value, path))]
+    return [fields.string(item, fields.join(path, i)) for i, item in enumerate(_list(value, path))]
 
 
 def _items(value: object, path: str, convert: Callable[[Any, str], T]) -> list[T]:
-    return [convert(item, _join(path, i)) for i, item in enumerate(_list(value, path))]
-
-
-def _quantity(resource: str, value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        _fail(path, f"{value!r} is not a quantity (examples: 500m, 4Gi, 2)")
-    try:
-        return quantity.parse(resource, value)
-    except quantity.QuantityError:
-        _fail(path, f"{value!r} is not a quantity (examples: 500m, 4Gi, 2)")
+    return [convert(item, fields.join(path, i)) for i, item in enumerate(_list(value, path))]
 
 
 # -- durations ---------------------------------------------------------------------------------
@@ -228,68 +143,72 @@ def format_duration(seconds: int) -> str:
 
 def _requests(value: object, path: str) -> dict[str, int]:
     result: dict[str, int] = {}
-    for key, amount in _mapping(value, path).items():
+    for key, amount in fields.mapping(value, path).items():
         name = quantity.canonical_name(key)
         if name in result:
-            _fail(_join(path, key), f"duplicate resource {name!r}")
-        result[name] = _quantity(name, amount, _join(path, key))
+            fields.fail(fields.join(path, key), f"duplicate resource {name!r}")
+        result[name] = fields.quantity(name, amount, fields.join(path, key), examples=_QUANTITY_EXAMPLES)
     return result
 
 
 def _pod_set(value: object, path: str, index: int) -> pb.PodSet:
-    data = _mapping(value, path, _POD_SET_KEYS)
+    data = fields.mapping(value, path, _POD_SET_KEYS)
     default_name = "main" if index == 0 else f"main-{index}"
-    pod_set = pb.PodSet(name=_str(data.get("name", default_name), _join(path, "name")))
-    pod_set.count = _int32(data.get("count", 1), _join(path, "count"))
+    pod_set = pb.PodSet(name=fields.string(data.get("name", default_name), fields.join(path, "name")))
+    pod_set.count = fields.int32(data.get("count", 1), fields.join(path, "count"))
     if "minCount" in data:
-        pod_set.min_count = _int32(data["minCount"], _join(path, "minCount"))
+        pod_set.min_count = fields.int32(data["minCount"], fields.join(path, "minCount"))
     if "gpuType" in data:
-        pod_set.gpu_type = _str(data["gpuType"], _join(path, "gpuType"))
+        pod_set.gpu_type = fields.string(data["gpuType"], fields.join(path, "gpuType"))
     if "requests" in data:
-        pod_set.requests.quantities.update(_requests(data["requests"], _join(path, "requests")))
+        pod_set.requests.quantities.update(_requests(data["requests"], fields.join(path, "requests")))
     return pod_set
 
 
 def _toleration(value: object, path: str) -> pb.Toleration:
-    data = _mapping(value, path, _TOLERATION_KEYS)
-    return pb.Toleration(**{k: _label_value(v, _join(path, k)) for k, v in data.items()})
+    data = fields.mapping(value, path, _TOLERATION_KEYS)
+    return pb.Toleration(**{k: fields.label_value(v, fields.join(path, k)) for k, v in data.items()})
 
 
 def _group(value: object, path: str) -> pb.ClusterGroup:
-    data = _mapping(value, path, _GROUP_KEYS)
+    data = fields.mapping(value, path, _GROUP_KEYS)
     group = pb.ClusterGroup()
     if "clusters" in data:
-        group.clusters.extend(_string_list(data["clusters"], _join(path, "clusters")))
+        group.clusters.extend(_string_list(data["clusters"], fields.join(path, "clusters")))
     if "matchLabels" in data:
-        group.match_labels.update(_string_map(data["matchLabels"], _join(path, "matchLabels")))
+        group.match_labels.update(fields.string_map(data["matchLabels"], fields.join(path, "matchLabels")))
     return group
 
 
 def _constraints(value: object, path: str) -> pb.ClusterConstraints:
-    data = _mapping(value, path, _CONSTRAINT_KEYS)
+    data = fields.mapping(value, path, _CONSTRAINT_KEYS)
     result = pb.ClusterConstraints()
     if "clusterSelector" in data:
-        result.cluster_selector.update(_string_map(data["clusterSelector"], _join(path, "clusterSelector")))
+        result.cluster_selector.update(
+            fields.string_map(data["clusterSelector"], fields.join(path, "clusterSelector"))
+        )
     if "tolerations" in data:
-        result.tolerations.extend(_items(data["tolerations"], _join(path, "tolerations"), _toleration))
+        result.tolerations.extend(_items(data["tolerations"], fields.join(path, "tolerations"), _toleration))
     if "preferredGroups" in data:
         result.preferred_groups.extend(
-            _items(data["preferredGroups"], _join(path, "preferredGroups"), _group)
+            _items(data["preferredGroups"], fields.join(path, "preferredGroups"), _group)
         )
     if "strictGroups" in data:
-        result.strict_groups = _bool(data["strictGroups"], _join(path, "strictGroups"))
+        result.strict_groups = fields.boolean(data["strictGroups"], fields.join(path, "strictGroups"))
     return result
 
 
 def _dataset(value: object, path: str) -> pb.DatasetRef:
-    data = _mapping(value, path, _DATASET_KEYS)
+    data = fields.mapping(value, path, _DATASET_KEYS)
     if "id" not in data:
-        _fail(_join(path, "id"), "required field is missing")
-    ref = pb.DatasetRef(id=_str(data["id"], _join(path, "id")))
+        fields.fail(fields.join(path, "id"), "required field is missing")
+    ref = pb.DatasetRef(id=fields.string(data["id"], fields.join(path, "id")))
     if "size" in data:
-        ref.size_bytes = _quantity("storage", data["size"], _join(path, "size"))
+        ref.size_bytes = fields.quantity(
+            "storage", data["size"], fields.join(path, "size"), examples=_QUANTITY_EXAMPLES
+        )
     if "required" in data:
-        ref.required = _bool(data["required"], _join(path, "required"))
+        ref.required = fields.boolean(data["required"], fields.join(path, "required"))
     return ref
 
 
@@ -297,80 +216,84 @@ def _seconds(value: object, path: str) -> float:
     """A duration ("5m", "1h30m"), or seconds as a number (fractions allowed here)."""
     if isinstance(value, float) and not isinstance(value, bool):
         if not value >= 0 or value == float("inf"):
-            _fail(path, f"{value!r} is not a duration (must be a finite number, not negative)")
+            fields.fail(path, f"{value!r} is not a duration (must be a finite number, not negative)")
         return value
     if isinstance(value, bool) or not isinstance(value, int | str):
-        _fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
+        fields.fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
     try:
         return float(parse_duration(value))
     except ValueError as exc:
-        _fail(path, str(exc))
+        fields.fail(path, str(exc))
 
 
 def _disconnect(value: object, path: str) -> pb.DisconnectPolicy:
-    data = _mapping(value, path, _DISCONNECT_KEYS)
+    data = fields.mapping(value, path, _DISCONNECT_KEYS)
     policy = pb.DisconnectPolicy()
     if "action" in data:
-        action = _str(data["action"], _join(path, "action"))
+        action = fields.string(data["action"], fields.join(path, "action"))
         if action not in _DISCONNECT_ACTIONS:
-            _fail(_join(path, "action"), f"{action!r} is not one of: {', '.join(_DISCONNECT_ACTIONS)}")
+            fields.fail(
+                fields.join(path, "action"), f"{action!r} is not one of: {', '.join(_DISCONNECT_ACTIONS)}"
+            )
         policy.action = _DISCONNECT_ACTIONS[action]
     if "requeueAfter" in data:
-        policy.requeue_after_seconds = _seconds(data["requeueAfter"], _join(path, "requeueAfter"))
+        policy.requeue_after_seconds = _seconds(data["requeueAfter"], fields.join(path, "requeueAfter"))
     return policy
 
 
 def _manifest_json(value: object, path: str) -> str:
-    _mapping(value, path)
+    fields.mapping(value, path)
 
     def reject(obj: object) -> NoReturn:
-        _fail(path, f"{obj!r} ({type(obj).__name__}) cannot be represented as JSON; quote it")
+        fields.fail(path, f"{obj!r} ({type(obj).__name__}) cannot be represented as JSON; quote it")
 
     return json.dumps(value, default=reject, separators=(",", ":"))
 
 
 def _whole_seconds(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        _fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
+        fields.fail(path, f"{value!r} is not a duration (examples: 90s, 30m, 1h30m)")
     try:
         return parse_duration(value)
     except ValueError as exc:
-        _fail(path, str(exc))
+        fields.fail(path, str(exc))
 
 
 def spec_from_dict(data: object, path: str = "") -> pb.JobSpec:
     """Convert one parsed YAML document; errors carry the field path (without file context)."""
-    doc = _mapping(data, path, _TOP_KEYS)
+    doc = fields.mapping(data, path, _TOP_KEYS)
     if "name" not in doc:
-        _fail(_join(path, "name"), "required field is missing")
-    spec = pb.JobSpec(name=_str(doc["name"], _join(path, "name")))
+        fields.fail(fields.join(path, "name"), "required field is missing")
+    spec = pb.JobSpec(name=fields.string(doc["name"], fields.join(path, "name")))
     if not spec.name:
-        _fail(_join(path, "name"), "must not be empty")
-    spec.queue = _str(doc.get("queue", DEFAULT_QUEUE), _join(path, "queue"))
+        fields.fail(fields.join(path, "name"), "must not be empty")
+    spec.queue = fields.string(doc.get("queue", DEFAULT_QUEUE), fields.join(path, "queue"))
     if "labels" in doc:
-        spec.labels.update(_string_map(doc["labels"], _join(path, "labels")))
+        spec.labels.update(fields.string_map(doc["labels"], fields.join(path, "labels")))
     if "priority" in doc:
-        spec.priority = _int32(doc["priority"], _join(path, "priority"))
+        spec.priority = fields.int32(doc["priority"], fields.join(path, "priority"))
     if "priorityClass" in doc:
-        spec.priority_class = _str(doc["priorityClass"], _join(path, "priorityClass"))
+        spec.priority_class = fields.string(doc["priorityClass"], fields.join(path, "priorityClass"))
     if "maxRunTime" in doc:
-        spec.max_run_seconds = _whole_seconds(doc["maxRunTime"], _join(path, "maxRunTime"))
+        spec.max_run_seconds = _whole_seconds(doc["maxRunTime"], fields.join(path, "maxRunTime"))
     if "minRunTime" in doc:
-        spec.min_run_seconds = _whole_seconds(doc["minRunTime"], _join(path, "minRunTime"))
+        spec.min_run_seconds = _whole_seconds(doc["minRunTime"], fields.join(path, "minRunTime"))
     if "failOnPreemption" in doc:
-        spec.fail_on_preemption = _bool(doc["failOnPreemption"], _join(path, "failOnPreemption"))
+        spec.fail_on_preemption = fields.boolean(
+            doc["failOnPreemption"], fields.join(path, "failOnPreemption")
+        )
     if "podSets" in doc:
-        pod_sets_path = _join(path, "podSets")
+        pod_sets_path = fields.join(path, "podSets")
         for i, item in enumerate(_list(doc["podSets"], pod_sets_path)):
-            spec.pod_sets.append(_pod_set(item, _join(pod_sets_path, i), i))
+            spec.pod_sets.append(_pod_set(item, fields.join(pod_sets_path, i), i))
     if "constraints" in doc:
-        spec.constraints.CopyFrom(_constraints(doc["constraints"], _join(path, "constraints")))
+        spec.constraints.CopyFrom(_constraints(doc["constraints"], fields.join(path, "constraints")))
     if "datasets" in doc:
-        spec.datasets.extend(_items(doc["datasets"], _join(path, "datasets"), _dataset))
+        spec.datasets.extend(_items(doc["datasets"], fields.join(path, "datasets"), _dataset))
     if "disconnect" in doc:
-        spec.disconnect.CopyFrom(_disconnect(doc["disconnect"], _join(path, "disconnect")))
+        spec.disconnect.CopyFrom(_disconnect(doc["disconnect"], fields.join(path, "disconnect")))
     if "workload" in doc:
-        spec.workload.manifest_json = _manifest_json(doc["workload"], _join(path, "workload"))
+        spec.workload.manifest_json = _manifest_json(doc["workload"], fields.join(path, "workload"))
     else:
         spec.workload.manifest_json = json.dumps(default_manifest(spec), separators=(",", ":"))
     return spec
@@ -406,7 +329,7 @@ def load_text(text: str, source: str = "<string>") -> list[pb.JobSpec]:
         elif doc is not None:
             try:
                 specs.append(spec_from_dict(doc))
-            except _FieldError as exc:
+            except fields.FieldError as exc:
                 where = f" {exc.path}" if exc.path else ""
                 raise SpecError(f"{source}[{index}]{where}: {exc.message}") from None
             except RecursionError:
