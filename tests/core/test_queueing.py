@@ -197,3 +197,30 @@ def test_one_unlimited_queue_admits_exactly_what_the_pending_queue_places(
     clusters = [cluster("c1", cores=12), cluster("c2", cores=8)]
     expected = [(d.job_id, d.cluster) for _, d in pending.cycle(clusters, Weights(), 100)]
     assert [(a.job.id, a.decision.cluster) for a in queues.cycle(clusters, Weights(), 100)] == expected
+
+
+def test_a_flavors_node_labels_keep_its_pods_on_its_nodes() -> None:
+    spot = {"cpu": 8000, GPU: 0}
+    mixed = ClusterView(
+        "c",
+        [
+            NodeView("on-demand", dict(spot), dict(spot), labels={"capacity": "on-demand"}),
+            NodeView("spot", dict(spot), dict(spot), labels={"capacity": "spot"}),
+        ],
+    )
+    flavors = (Flavor("spot", node_labels={"capacity": "spot"}),)
+    spec = QueueSpec("q", quotas=(FlavorQuotas("spot", {"cpu": ResourceQuota(64_000)}),))
+    queues = queues_with(config(spec, flavors=flavors), job("a", "q", 1, cores=6), job("b", "q", 2, cores=6))
+    admitted = queues.cycle([mixed], Weights(), 10)
+    assert [
+        (a.job.id, [x.node for x in a.decision.chosen.assignments]) for a in admitted if a.decision.chosen
+    ] == [("a", ["spot"])]
+    misfit = queues.misfit("b")
+    assert (
+        misfit is not None
+        and "nodes unusable" in misfit.summary()
+        and "other node labels" in misfit.summary()
+    )
+    # Without the flavor's labels nothing holds the same job off the on-demand node.
+    open_queues = queues_with(config(QueueSpec("q")), job("b", "q", 2, cores=6))
+    assert [a.decision.cluster for a in open_queues.cycle([mixed], Weights(), 10)] == ["c"]

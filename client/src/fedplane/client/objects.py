@@ -77,7 +77,7 @@ _FIELDS = {
         "preemption",
     },
     "Cohort": {"kind", "name", "parent", "weight", "quotas"},
-    "ResourceFlavor": {"kind", "name", "cluster_labels", "gpu_type"},
+    "ResourceFlavor": {"kind", "name", "cluster_labels", "gpu_type", "node_labels"},
     "PriorityClass": {"kind", "name", "value", "may_preempt", "interruptible"},
 }
 _QUOTA_FIELDS = {"flavor", "resources"}
@@ -202,6 +202,8 @@ def _flavor(data: Mapping[str, Any]) -> pb.ResourceFlavor:
         )
     if "gpu_type" in data:
         flavor.gpu_type = fields.string(data["gpu_type"], "gpu_type")
+    if "node_labels" in data:
+        flavor.node_labels.update(fields.string_map(data["node_labels"], "node_labels", booleans=False))
     return flavor
 
 
@@ -373,6 +375,8 @@ def _flavor_out(flavor: pb.ResourceFlavor) -> dict[str, Any]:
         out["cluster_labels"] = dict(sorted(flavor.cluster_labels.items()))
     if flavor.gpu_type:
         out["gpu_type"] = flavor.gpu_type
+    if flavor.node_labels:
+        out["node_labels"] = dict(sorted(flavor.node_labels.items()))
     return out
 
 

@@ -79,8 +79,10 @@ class NodeIndex:
     position: dict[str, int]
     # GPU products of schedulable nodes: a pod set of another type cannot fit at all.
     products: frozenset[str]
-    # (tolerations, GPU type) -> positions of the nodes such pods may use, filled on demand.
-    usable: dict[tuple[tuple[Toleration, ...], str], list[int]] = field(default_factory=dict)
+    # (tolerations, GPU type, node selector) -> positions of the nodes such pods may use, filled on demand.
+    usable: dict[tuple[tuple[Toleration, ...], str, tuple[tuple[str, str], ...]], list[int]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def of(cls, nodes: list[NodeView]) -> NodeIndex:
@@ -263,6 +265,8 @@ class PodSetRequest:
     min_count: int
     requests: Mapping[str, int]
     gpu_type: str = ""
+    # Node labels its pods need, as (key, value) pairs (a resource flavor's node labels).
+    node_selector: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

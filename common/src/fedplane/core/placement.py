@@ -217,26 +217,28 @@ def fit_gang(job: JobRequest, cluster: ClusterView) -> tuple[list[Assignment], s
     return [Assignment(pod_set, node, count) for (pod_set, node), count in placed.items()], ""
 
 
-_UsableKey = tuple[tuple[Toleration, ...], str]
+_UsableKey = tuple[tuple[Toleration, ...], str, tuple[tuple[str, str], ...]]
 
 
 def _usable_key(job: JobRequest, pod_set: PodSetRequest) -> _UsableKey:
-    """What decides which nodes a pod set may use: its tolerations and GPU type."""
-    return _tolerations(job, pod_set), pod_set.gpu_type
+    """What decides which nodes a pod set may use: its tolerations, GPU type and node selector."""
+    return _tolerations(job, pod_set), pod_set.gpu_type, pod_set.node_selector
 
 
 def _usable_positions(key: _UsableKey, cluster: ClusterView) -> list[int]:
-    """Positions of the nodes pods with these tolerations and GPU type may run on (cached in the index)."""
+    """Positions of the nodes pods with these tolerations, GPU type and node selector may run on
+    (cached in the index)."""
     usable = cluster.index().usable
     positions = usable.get(key)
     if positions is None:
-        tolerations, gpu_type = key
+        tolerations, gpu_type, selector = key
         positions = usable[key] = [
             i
             for i, n in enumerate(cluster.nodes)
             if n.schedulable
             and not (n.taints and untolerated(n.taints, tolerations))
             and (not gpu_type or n.labels.get(GPU_PRODUCT_LABEL, "") == gpu_type)
+            and all(n.labels.get(k) == v for k, v in selector)
         ]
     return positions
 
@@ -305,15 +307,17 @@ def _shortfall(
         )
         have = ", ".join(products) if products else "no GPUs"
         return f"pod set {pod_set.name}: no node has GPU type {pod_set.gpu_type} (cluster has {have})"
+    selector = pod_set.node_selector
+    if selector and not any(all(n.labels.get(k) == v for k, v in selector) for n in cluster.nodes):
+        wanted = ", ".join(f"{k}={v}" for k, v in selector)
+        return f"pod set {pod_set.name}: no node has the labels {wanted}"
     # Only nodes the pod set may use count: capacity on tainted or cordoned nodes is no help.
     excluded = len(cluster.nodes) - len(usable)
+    causes = ["unschedulable", "untolerated taint"]
+    causes += ["other GPU type"] if pod_set.gpu_type else []
+    causes += ["other node labels"] if pod_set.node_selector else []
     note = (
-        f"; {excluded} of {len(cluster.nodes)} nodes unusable: "
-        + (
-            "unschedulable, untolerated taint or other GPU type"
-            if pod_set.gpu_type
-            else "unschedulable or untolerated taint"
-        )
+        f"; {excluded} of {len(cluster.nodes)} nodes unusable: {', '.join(causes[:-1])} or {causes[-1]}"
         if excluded
         else ""
     )
@@ -776,7 +780,7 @@ def shape_of(job: JobRequest) -> Hashable:
     """Everything about a job that placement looks at, except who it is and when it came."""
     return (
         tuple(
-            (p.name, p.count, p.min_count, tuple(sorted(p.requests.items())), p.gpu_type)
+            (p.name, p.count, p.min_count, tuple(sorted(p.requests.items())), p.gpu_type, p.node_selector)
             for p in job.pod_sets
         ),
         tuple(sorted(job.cluster_selector.items())),

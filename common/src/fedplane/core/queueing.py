@@ -255,7 +255,7 @@ class Queues:
         return admitted
 
     def _place(self, batch: BatchPlacement, job: JobRequest, key: Hashable, choice: FlavorChoice) -> Decision:
-        """Place `job` restricted to its flavor's clusters and GPU product."""
+        """Place `job` restricted to its flavor's clusters, GPU product and node labels."""
         flavor = self.config.flavors.get(choice.flavor) if choice.flavor else None
         if flavor is None:
             return batch.place(job, key)
@@ -265,6 +265,11 @@ class Queues:
             pod_sets = tuple(
                 replace(p, gpu_type=flavor.gpu_type) if not p.gpu_type and _wants_gpu(p.requests) else p
                 for p in pod_sets
+            )
+        if flavor.node_labels:
+            nodes = tuple(sorted(flavor.node_labels.items()))
+            pod_sets = tuple(
+                replace(p, node_selector=tuple(sorted({*p.node_selector, *nodes}))) for p in pod_sets
             )
         constrained = replace(job, cluster_selector=selector, pod_sets=pod_sets)
         return batch.place(constrained, (key, choice.flavor))

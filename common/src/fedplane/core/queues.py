@@ -86,6 +86,8 @@ class Flavor:
     cluster_labels: Mapping[str, str] = field(default_factory=dict)
     # Nodes labelled nvidia.com/gpu.product with this value (empty: any node).
     gpu_type: str = ""
+    # The flavor's nodes carry all of these labels (empty: any node of its clusters).
+    node_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

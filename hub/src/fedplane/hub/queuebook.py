@@ -154,7 +154,10 @@ def config_core(objects: pb.QueueObjects) -> QueueConfig:
             )
             for c in objects.cohorts
         },
-        flavors={f.name: Flavor(f.name, dict(f.cluster_labels), f.gpu_type) for f in objects.flavors},
+        flavors={
+            f.name: Flavor(f.name, dict(f.cluster_labels), f.gpu_type, dict(f.node_labels))
+            for f in objects.flavors
+        },
         priority_classes={
             c.name: PriorityClass(c.name, c.value, not c.never_preempt, c.interruptible)
             for c in objects.priority_classes
@@ -216,7 +219,10 @@ def objects_pb(config: QueueConfig) -> pb.QueueObjects:
     for flavor in sorted(config.flavors.values(), key=lambda f: f.name):
         out.flavors.append(
             pb.ResourceFlavor(
-                name=flavor.name, cluster_labels=dict(flavor.cluster_labels), gpu_type=flavor.gpu_type
+                name=flavor.name,
+                cluster_labels=dict(flavor.cluster_labels),
+                gpu_type=flavor.gpu_type,
+                node_labels=dict(flavor.node_labels),
             )
         )
     for cls in sorted(config.priority_classes.values(), key=lambda c: c.name):
@@ -375,20 +381,19 @@ def _cohort_problems(cohort: pb.Cohort, where: str) -> list[str]:
 
 def _flavor_problems(flavor: pb.ResourceFlavor, where: str) -> list[str]:
     problems = _name_problems(flavor.name, where)
-    if len(flavor.cluster_labels) > MAX_LABELS:
-        return [
-            *problems,
-            f"{where}.cluster_labels: {len(flavor.cluster_labels)} labels; at most {MAX_LABELS}",
-        ]
-    for key, value in flavor.cluster_labels.items():
-        problem = qualified_name_problem(key)
-        if problem is not None:
-            problems.append(f"{where}.cluster_labels.{clipped(key)}: not a valid label key: {problem}")
-        problem = label_value_problem(value)
-        if problem is not None:
-            problems.append(
-                f"{where}.cluster_labels.{clipped(key)}: {shown(value)} is not a label value: {problem}"
-            )
+    for field, labels in (("cluster_labels", flavor.cluster_labels), ("node_labels", flavor.node_labels)):
+        if len(labels) > MAX_LABELS:
+            problems.append(f"{where}.{field}: {len(labels)} labels; at most {MAX_LABELS}")
+            continue
+        for key, value in labels.items():
+            problem = qualified_name_problem(key)
+            if problem is not None:
+                problems.append(f"{where}.{field}.{clipped(key)}: not a valid label key: {problem}")
+            problem = label_value_problem(value)
+            if problem is not None:
+                problems.append(
+                    f"{where}.{field}.{clipped(key)}: {shown(value)} is not a label value: {problem}"
+                )
     problem = label_value_problem(flavor.gpu_type)
     if problem is not None:
         problems.append(f"{where}.gpu_type: {shown(flavor.gpu_type)} is not a label value: {problem}")
