@@ -279,6 +279,20 @@ def test_a_prebuilt_index_gives_the_same_plan() -> None:
     assert plan(candidate, clusters, RunningIndex(jobs), may_evict, always, 0.0) == from_sequence
 
 
+def test_an_index_built_on_the_last_rounds_sees_what_changed_since() -> None:
+    jobs = [running(f"j{i}", f"c{i % 3}", {"n1": 1}, 2, priority=i % 4, seq=i) for i in range(6)]
+    clusters = [cluster(f"c{i}", {"n1": 4}, jobs) for i in range(3)]
+    candidate = Candidate(gang("urgent", 1, 4, priority=10), "team")
+    may_evict = same_queue_lower_priority(candidate)
+    first = RunningIndex(jobs)
+    assert victims(plan(candidate, clusters, first, may_evict, always, 0.0)) == ["j4", "j1"]
+    # j4 moved on to two nodes of c1 since (a new RunningJob): c1 is no longer the cheapest.
+    moved = [*jobs[:4], running("j4", "c1", {"n1": 1, "n2": 1}, 2, priority=0, seq=4), jobs[5]]
+    clusters = [cluster("c0", {"n1": 4}, moved), cluster("c1", {"n1": 4, "n2": 4}, moved), clusters[2]]
+    again = plan(candidate, clusters, RunningIndex(moved, first), may_evict, always, 0.0)
+    assert again == plan(candidate, clusters, moved, may_evict, always, 0.0)
+
+
 def test_messages_say_who_preempted_and_why() -> None:
     assert (
         Eviction("low", "c1", Reason.PRIORITY, "X", priority=5, preemptor_priority=10).message()

@@ -155,16 +155,28 @@ class RunningIndex:
     jobs are grouped by cluster here, and what a cluster's jobs hold is worked out the first
     time a plan looks at that cluster, then kept, so a plan costs the clusters it looks at.
     Treat the jobs as fixed once indexed.
+
+    With `previous`, the index of an earlier round, what a job gives back node by node is
+    taken from it for every job that is the very same RunningJob object (the caller keeps
+    one per job until it changes), so that a round over 100,000 running jobs does not work
+    them all out again.
     """
 
-    __slots__ = ("_holdings", "by_cluster")
+    __slots__ = ("_by_job", "_holdings", "by_cluster")
 
-    def __init__(self, running: Iterable[RunningJob]) -> None:
+    def __init__(self, running: Iterable[RunningJob], previous: RunningIndex | None = None) -> None:
         by_cluster: dict[str, list[RunningJob]] = {}
+        # Carried over from `previous`: only the jobs still running, unchanged.
+        kept: dict[str, _Holding] = {}
+        earlier: dict[str, _Holding] = previous._by_job if previous is not None else {}
         for job in running:
             by_cluster.setdefault(job.cluster, []).append(job)
+            holding = earlier.get(job.job_id)
+            if holding is not None and holding.job is job:
+                kept[job.job_id] = holding
         self.by_cluster: Mapping[str, Sequence[RunningJob]] = by_cluster
         self._holdings: dict[str, tuple[list[_Holding], dict[str, int]]] = {}
+        self._by_job: dict[str, _Holding] = kept
 
     def held(self, cluster: str) -> Mapping[str, int]:
         """What the cluster's running jobs hold together, by resource."""
@@ -174,7 +186,13 @@ class RunningIndex:
         """The cluster's jobs' holdings and their sum, worked out on first use."""
         cached = self._holdings.get(cluster)
         if cached is None:
-            holdings = [_Holding.of(job) for job in self.by_cluster.get(cluster, ())]
+            known = self._by_job
+            holdings = []
+            for job in self.by_cluster.get(cluster, ()):
+                holding = known.get(job.job_id)
+                if holding is None or holding.job is not job:
+                    holding = known[job.job_id] = _Holding.of(job)
+                holdings.append(holding)
             total: dict[str, int] = {}
             for holding in holdings:
                 for resource, amount in holding.usage.items():

@@ -30,6 +30,8 @@ S = sm.S
 PREEMPTED = "Preempted"
 # Heads considered per round: each plan costs a pass over its clusters' running jobs.
 MAX_CANDIDATES = 8
+# A head that found no plan is not tried again for this long unless the running jobs change.
+NO_PLAN_MEMORY_SECONDS = 30.0
 
 
 class RateLimit:
@@ -72,6 +74,13 @@ class Preemptor:
         self.limits = RateLimit(clock.time)
         self._last = -float("inf")
         self._retry = False
+        self._index: preemption.RunningIndex | None = None
+        # What the last round saw (see round()), and the heads it found no plan for.
+        self._situation: tuple[int, int, int] = (0, 0, 0)
+        self._no_plan: set[str] = set()
+        self._since = 0.0
+        # The sum of the running jobs' status revisions: changes with any of their statuses.
+        self._revisions = 0
         # job id -> (the record's revision, the job as preemption sees it)
         self._running: dict[str, tuple[int, preemption.RunningJob]] = {}
 
@@ -92,10 +101,18 @@ class Preemptor:
         self._last = now
         views = views_now()
         config = self.config()
-        index = preemption.RunningIndex(self._running_jobs(config))
+        running = self._running_jobs(config)
+        index = self._index = preemption.RunningIndex(running, self._index)
+        # Heads that found no plan wait until the jobs on clusters or the configuration change
+        # (or a while: minimum run times run out on their own).
+        situation = (len(running), self._revisions, id(config))
+        if situation != self._situation or now - self._since > NO_PLAN_MEMORY_SECONDS:
+            self._situation, self._no_plan, self._since = situation, set(), now
         evicted = 0
         taken: set[str] = set()
         for head in heads:
+            if head.id in self._no_plan:
+                continue
             spec = config.queues[head.queue]
             pclass = config.priority_classes.get(self._priority_class(head.id))
             budget = self.limits.allowance(head.queue, spec.preemption.max_per_minute)
@@ -111,7 +128,10 @@ class Preemptor:
                 interruptible=pclass is not None and pclass.interruptible,
                 budget=budget,
             )
-            if plan is None or any(e.job_id in taken for e in plan.evictions):
+            if plan is None:
+                self._no_plan.add(head.id)
+                continue
+            if any(e.job_id in taken for e in plan.evictions):
                 continue
             taken.update(e.job_id for e in plan.evictions)
             done = await self._evict(plan, head.id, now)
@@ -133,6 +153,7 @@ class Preemptor:
         """Every job holding capacity, as preemption sees it; parsed once per status change."""
         running: list[preemption.RunningJob] = []
         fresh: dict[str, tuple[int, preemption.RunningJob]] = {}
+        revisions = 0
         for record in self.table.jobs.values():
             if record.state not in HOLDING or not record.cluster or record.state == S.CANCELLING:
                 continue
@@ -141,7 +162,9 @@ class Preemptor:
                 cached = (record.revision, _running_job(record, config))
             fresh[record.id] = cached
             running.append(cached[1])
+            revisions += record.revision
         self._running = fresh
+        self._revisions = revisions
         return running
 
     async def _evict(self, plan: preemption.Plan, preemptor: str, now: float) -> int:
