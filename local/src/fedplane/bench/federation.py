@@ -53,6 +53,10 @@ __all__ = ["BenchError", "BenchParams", "bounded", "run", "run_async"]
 # Big transactions and a big database: the benchmark must not measure etcd's default limits.
 ETCD_ARGS = ("--quota-backend-bytes=8589934592", "--max-txn-ops=1024")
 BACKLOG_QUEUE = "bench-backlog"
+# `--queues`: at most the hub's limit on queues; the tree's one flavor (every cluster's cpus).
+MAX_QUEUES = 1000
+QUEUE_QUOTAS = ("generous", "tight")
+BENCH_FLAVOR = "bench-cpu"
 BACKLOG_PRIORITY = -1
 BACKLOG_BATCH = 1000
 BACKLOG_CONCURRENCY = 4
@@ -100,6 +104,12 @@ class BenchParams:
     # Run as production must: TLS and a token on gRPC, etcd over TLS with RBAC, agents
     # admitted by key through the hub's NATS auth callout (what security costs is measured so).
     secure: bool = False
+    # 0: every job in one implicit queue (the hub runs with implicit_queues). N: the jobs go
+    # round-robin to N queues of a cohort tree applied first (`queue_objects`).
+    queues: int = 0
+    # The tree's quotas: "generous" never blocks (the figure is the queueing layer's cost);
+    # "tight" holds half the measured jobs' pods, so jobs also wait for quota.
+    queue_quota: str = "generous"
 
     @property
     def capacity_cpus(self) -> int:
@@ -122,6 +132,7 @@ class BenchParams:
             gangs=self.gangs,
             duration=self.duration,
             run_id=run_id,
+            queues=self.queues,
             concurrency=self.concurrency,
             max_in_flight=self.max_in_flight,
             timeout=self.timeout,
@@ -139,6 +150,14 @@ class BenchParams:
             out.append(f"--queued: must not be negative (got {self.queued})")
         if not math.isfinite(self.heartbeat) or self.heartbeat <= 0:
             out.append(f"--heartbeat: must be a positive number of seconds (got {self.heartbeat})")
+        if self.queues > MAX_QUEUES:
+            out.append(f"--queues: at most {MAX_QUEUES} (got {self.queues})")
+        if self.queue_quota not in QUEUE_QUOTAS:
+            out.append(f"--queue-quota: one of {', '.join(QUEUE_QUOTAS)} (got {self.queue_quota!r})")
+        if self.queues and self.queued and self.drain_seconds:
+            # The load's jobs are then told apart from the backlog left queued by their queue,
+            # which a run over many queues cannot do (it polls every queue's counts).
+            out.append("--queues: cannot be combined with --queued and --drain-seconds")
         if out:
             return out
         per_cluster = self.nodes * self.node_cpu
@@ -161,6 +180,55 @@ class BenchParams:
 def _pods(jobs: int, gangs: Sequence[int]) -> int:
     whole, rest = divmod(jobs, len(gangs))
     return whole * sum(gangs) + sum(gangs[:rest])
+
+
+def departments(queues: int) -> int:
+    return max(1, round(math.sqrt(queues)))
+
+
+def queue_objects(params: BenchParams) -> pb.QueueObjects:
+    """The cohort tree `--queues N` applies before the load: a root cohort, sqrt(N)
+    departments under it, the N queues the jobs go to (`loadgen.queue_names`) spread over
+    them, and one flavor, every cluster's cpus (the jobs request nothing else).
+
+    generous: each queue's nominal is an Nth of the federation's cpus, without limits, so
+    together the quotas hold every job at once and never block. tight: 80% of half the
+    measured jobs' pods is split over the queues (each lends at most half), 10% over the
+    departments and 10% is the root's, so half the jobs wait for earlier ones to finish.
+    """
+    load = params.load_params("-", "-")
+    names = loadgen.queue_names(load.queue, load.queues)
+    count = len(names)
+    groups = departments(count)
+    millicores = 1000
+    objects = pb.QueueObjects(flavors=[pb.ResourceFlavor(name=BENCH_FLAVOR)])
+
+    def quota(nominal: int, lending: int | None = None) -> list[pb.FlavorQuotas]:
+        flavor = pb.FlavorQuotas(flavor=BENCH_FLAVOR)
+        flavor.resources["cpu"].nominal = nominal
+        if lending is not None:
+            flavor.resources["cpu"].lending_limit = lending
+        return [flavor]
+
+    root = "bench-org"
+    if params.queue_quota == "tight":
+        total = _pods(params.jobs, params.gangs) // 2 * millicores
+        per_queue = max(1, total * 8 // 10 // count)
+        queue_quotas = quota(per_queue, per_queue // 2)
+        objects.cohorts.add(name=root, quotas=quota(total // 10))
+        department_quotas = quota(total // 10 // groups)
+    else:
+        per_queue = -(-params.capacity_cpus * millicores // count)
+        queue_quotas = quota(per_queue)
+        objects.cohorts.add(name=root)
+        department_quotas = []
+    width = len(str(groups - 1))
+    for d in range(groups):
+        objects.cohorts.add(name=f"bench-dept-{d:0{width}d}", parent=root, quotas=department_quotas)
+    for k, name in enumerate(names):
+        dept = f"bench-dept-{k * groups // count:0{width}d}"
+        objects.queues.add(name=name, cohort=dept, quotas=queue_quotas)
+    return objects
 
 
 # -- child processes ------------------------------------------------------------------------------
@@ -415,6 +483,12 @@ async def _bench(
             names = [cluster_name(i) for i in range(params.clusters)]
             await wait_ready(client, names, params.nodes, (hub, fleet))
             say(f"{params.clusters} clusters ready")
+            if params.queues:
+                await client.apply_queue_objects(queue_objects(params))
+                say(
+                    f"applied a cohort tree: {params.queues} queues under "
+                    f"{departments(params.queues)} departments, {params.queue_quota} quotas"
+                )
             backlog = None
             if params.queued:
                 backlog = await _backlog(client, params, names, f"{run_id}-backlog", sampler, hub, say)
@@ -522,6 +596,7 @@ async def _load(
         f"--duration={load.duration}",
         f"--run-id={load.run_id}",
         f"--queue={load.queue}",
+        f"--queues={load.queues}",
         f"--concurrency={load.concurrency}",
         f"--max-in-flight={load.max_in_flight}",
         f"--timeout={load.timeout}",
@@ -547,7 +622,7 @@ async def _load(
         if time.monotonic() >= next_report:
             next_report += PROGRESS_INTERVAL
             with contextlib.suppress(FedplaneError):
-                stats = await client.job_stats(load.queue)
+                stats = await client.job_stats(load.polled_queue)
                 counts = ", ".join(f"{k.lower()} {v:,}" for k, v in sorted(stats.by_state.items()))
                 say(f"{time.monotonic() - started:.0f}s: {stats.total:,} jobs accepted ({counts})")
         await asyncio.sleep(SAMPLE_INTERVAL)

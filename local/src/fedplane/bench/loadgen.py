@@ -64,6 +64,8 @@ class LoadParams:
     duration: float = 30.0
     run_id: str = "bench"
     queue: str = "bench"
+    # 0: every job in `queue`; N: job i in the (i mod N)-th of `queue_names(queue, N)`.
+    queues: int = 0
     # RPCs in flight with --rate 0; 0 picks 64 for single submits, 4 for batches.
     concurrency: int = 0
     # Open loop only: the most RPCs in flight before a send must wait (reported when hit).
@@ -88,6 +90,8 @@ class LoadParams:
         out: list[str] = []
         if self.jobs < 1:
             out.append(f"--jobs: must be at least 1 (got {self.jobs})")
+        if self.queues < 0:
+            out.append(f"--queues: must be 0 (one queue) or more (got {self.queues})")
         if not math.isfinite(self.rate) or self.rate < 0:
             out.append(f"--rate: must be 0 (as fast as the hub accepts) or a positive rate (got {self.rate})")
         if not 1 <= self.batch_size <= MAX_BATCH:
@@ -107,6 +111,21 @@ class LoadParams:
     def gang(self, index: int) -> int:
         """Job `index`'s gang size: the --gangs list, cycled."""
         return self.gangs[index % len(self.gangs)]
+
+    @property
+    def polled_queue(self) -> str:
+        """The queue GetJobStats is asked about: the run's one queue, or "" (every queue) when
+        the jobs are spread over several."""
+        return self.queue if self.queues < 1 else ""
+
+
+def queue_names(base: str, queues: int) -> list[str]:
+    """The queues a run's jobs go to, round-robin: `base` alone (0), or `base-0` ... (`queues`
+    of them, numbered to a common width so that they sort in order)."""
+    if queues < 1:
+        return [base]
+    width = len(str(queues - 1))
+    return [f"{base}-{k:0{width}d}" for k in range(queues)]
 
 
 def parse_gangs(text: str) -> tuple[int, ...]:
@@ -216,14 +235,20 @@ class LoadGenerator:
         self.client = client
         self.params = params
         self.subs = Submissions(params.jobs)
-        self.specs = {g: job_spec(params.run_id, g, params.duration, params.queue) for g in set(params.gangs)}
+        self.queue_names = queue_names(params.queue, params.queues)
+        self.specs = {
+            (g, queue): job_spec(params.run_id, g, params.duration, queue)
+            for g in set(params.gangs)
+            for queue in self.queue_names
+        }
         self.batches = math.ceil(params.jobs / params.batch_size)
 
     def _items(self, batch: int) -> list[tuple[pb.JobSpec, str]]:
         p = self.params
         start = batch * p.batch_size
         end = min(start + p.batch_size, p.jobs)
-        return [(self.specs[p.gang(i)], f"{p.run_id}-{i}") for i in range(start, end)]
+        names = self.queue_names
+        return [(self.specs[p.gang(i), names[i % len(names)]], f"{p.run_id}-{i}") for i in range(start, end)]
 
     async def send(self, batch: int) -> None:
         """One RPC: SubmitJob with --batch-size 1, SubmitJobs otherwise. Failures are counted."""
@@ -308,14 +333,15 @@ class LoadGenerator:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def settle(self, expected: int, deadline: float) -> tuple[bool, float]:
-        """Poll GetJobStats until the queue holds `expected` jobs and none waits to start.
+        """Poll GetJobStats until the queue (every queue, with --queues) holds `expected` jobs
+        and none waits to start.
 
         Returns (settled, wall time of the poll that saw it).
         """
         loop = asyncio.get_running_loop()
         while True:
             try:
-                stats = await self.client.job_stats(self.params.queue)
+                stats = await self.client.job_stats(self.params.polled_queue)
             except FedplaneError:
                 stats = None  # a busy hub may time a poll out; the deadline bounds the wait
             if stats is not None:
@@ -466,6 +492,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
     parser.add_argument("--duration", type=float, default=30.0, help="simulated run time, seconds")
     parser.add_argument("--run-id", default="bench", help="label bench-run and idempotency key prefix")
     parser.add_argument("--queue", default="bench", help="queue of the jobs (holding only this run)")
+    parser.add_argument(
+        "--queues", type=int, default=0, help="spread the jobs round-robin over QUEUE-0... (0: all in QUEUE)"
+    )
     parser.add_argument("--concurrency", type=int, default=0, help="RPCs in flight with --rate 0")
     parser.add_argument("--max-in-flight", type=int, default=5000, help="open-loop safety cap on RPCs")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on submitting and waiting, s")
@@ -486,6 +515,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
         duration=args.duration,
         run_id=args.run_id,
         queue=args.queue,
+        queues=args.queues,
         concurrency=args.concurrency,
         max_in_flight=args.max_in_flight,
         timeout=args.timeout,
