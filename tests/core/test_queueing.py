@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedplane.core.model import ClusterView, JobRequest, NodeView, PodSetRequest
 from fedplane.core.pending import PendingQueue
-from fedplane.core.placement import Decision, Weights
+from fedplane.core.placement import Weights
 from fedplane.core.queueing import Queues
 from fedplane.core.queues import (
     CohortSpec,
@@ -156,7 +156,8 @@ def test_a_requeued_job_gives_its_quota_back_and_a_new_config_keeps_what_is_held
 def test_jobs_that_fit_no_cluster_keep_placements_reason() -> None:
     queues = queues_with(config(QueueSpec("q")), job("huge", "q", 1, cores=1000))
     assert admitted_ids(queues, [cluster("c")]) == []
-    assert isinstance(queues.misfit("huge"), Decision)
+    misfit = queues.misfit("huge")
+    assert misfit is not None and misfit.summary().startswith("no cluster fits: c: pod set w: insufficient")
 
 
 def test_queue_view_counts_pending_and_admitted_up_the_tree() -> None:
@@ -224,3 +225,28 @@ def test_a_flavors_node_labels_keep_its_pods_on_its_nodes() -> None:
     # Without the flavor's labels nothing holds the same job off the on-demand node.
     open_queues = queues_with(config(QueueSpec("q")), job("b", "q", 2, cores=6))
     assert [a.decision.cluster for a in open_queues.cycle([mixed], Weights(), 10)] == ["c"]
+
+
+def test_a_job_whose_flavors_clusters_are_full_runs_in_the_next_flavor_its_quota_takes() -> None:
+    flavors = (Flavor("eu", {"region": "eu"}), Flavor("us", {"region": "us"}))
+    spec = QueueSpec(
+        "q",
+        quotas=(
+            FlavorQuotas("eu", {"cpu": ResourceQuota(64_000)}),
+            FlavorQuotas("us", {"cpu": ResourceQuota(64_000)}),
+        ),
+    )
+    clusters = [
+        cluster("eu-1", cores=8, labels={"region": "eu"}),
+        cluster("us-1", cores=8, labels={"region": "us"}),
+    ]
+    queues = queues_with(config(spec, flavors=flavors), *(job(f"j{i}", "q", i, cores=8) for i in range(3)))
+    admitted = queues.cycle(clusters, Weights(), 10)
+    assert [(a.job.id, a.flavor, a.decision.cluster) for a in admitted] == [
+        ("j0", "eu", "eu-1"),
+        ("j1", "us", "us-1"),
+    ]
+    misfit = queues.misfit("j2")
+    assert misfit is not None and misfit.summary().startswith(
+        "no room in flavors eu, us; in us: no cluster fits"
+    )

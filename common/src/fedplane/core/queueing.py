@@ -60,6 +60,16 @@ class _Charge:
 
 
 @dataclass(frozen=True, slots=True)
+class Unplaced:
+    """Why a shape's jobs fit no cluster, as placement summed it up (explain has the verdicts)."""
+
+    reason: str
+
+    def summary(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True, slots=True)
 class Held:
     """A held queue's jobs wait for its release."""
 
@@ -241,9 +251,11 @@ class Queues:
             if isinstance(choice, QuotaMisfit):
                 cursor.block(choice)
             else:
-                placed = self._place(batch, job, key, choice)
+                placed, choice, why = self._place_in_some_flavor(batch, job, key, choice, wanted)
                 if placed.cluster is None:
-                    cursor.block(placed)
+                    # Only its summary: a decision holds a verdict per cluster, and every blocked
+                    # shape of every queue keeping one made the collector the cycle's main cost.
+                    cursor.block(Unplaced(why))
                 else:
                     cursor.take()
                     self._queue_of.pop(job.id, None)
@@ -253,6 +265,32 @@ class Queues:
         for name in [name for name, pending in self._pending.items() if not len(pending)]:
             del self._pending[name]
         return admitted
+
+    def _place_in_some_flavor(
+        self,
+        batch: BatchPlacement,
+        job: JobRequest,
+        key: Hashable,
+        choice: FlavorChoice,
+        wanted: Mapping[str, int],
+    ) -> tuple[Decision, FlavorChoice, str]:
+        """Place `job` in the flavor its quota chose, and when that flavor's clusters have no
+        room, in the next flavor whose quota takes it, and so on: a federation's flavors are
+        often whole clusters, and one full region should not hold a job another could run.
+        The decision, the flavor, and (not placed) why."""
+        tried: list[str] = []
+        while True:
+            placed = self._place(batch, job, key, choice)
+            if placed.cluster is not None or not choice.flavor:
+                return placed, choice, "" if placed.cluster is not None else placed.summary()
+            tried.append(choice.flavor)
+            following = self.tree.assign(job.queue, wanted, tried)
+            if isinstance(following, QuotaMisfit) or not following.flavor:
+                why = placed.summary()
+                if len(tried) > 1:
+                    why = f"no room in flavors {', '.join(tried)}; in {tried[-1]}: {why}"
+                return placed, choice, why
+            choice = following
 
     def _place(self, batch: BatchPlacement, job: JobRequest, key: Hashable, choice: FlavorChoice) -> Decision:
         """Place `job` restricted to its flavor's clusters, GPU product and node labels."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from fedplane.core.queues import (
@@ -294,8 +294,11 @@ class QuotaTree:
             return None
         return _available(node, fr)
 
-    def assign(self, queue: str, demand: Mapping[str, int]) -> FlavorChoice | QuotaMisfit:
-        """The flavor whose quota takes `demand`, tried in the queue's order, or why none can.
+    def assign(
+        self, queue: str, demand: Mapping[str, int], skip: Collection[str] = ()
+    ) -> FlavorChoice | QuotaMisfit:
+        """The flavor whose quota takes `demand`, tried in the queue's order, or why none can;
+        flavors in `skip` (tried already: their clusters had no room) are passed over.
 
         A flavor fits when every resource of the demand that it names fits what is available.
         A flavor that names none of the demand's resources is no choice for it (a cpu-only job
@@ -314,6 +317,8 @@ class QuotaTree:
             if not any(demand.get(resource, 0) > 0 for resource in resources):
                 continue
             named = True
+            if flavor in skip:
+                continue
             borrows = False
             short: Shortfall | None = None
             for resource in resources:

@@ -64,6 +64,7 @@ from fedplane.core.queues import (
     ResourceQuota,
 )
 from fedplane.core.quota import QuotaMisfit
+from fedplane.runtime import gcpolicy
 
 GPU = "nvidia.com/gpu"
 GIB = 2**30
@@ -805,6 +806,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--{name}: must be at least 1")
     if args.running < args.clusters * PREEMPT_NODES:
         parser.error(f"--running: at least {PREEMPT_NODES} per cluster (the platform's jobs)")
+    # As the hub runs its cycles: with the daemons' garbage-collector settings.
+    gcpolicy.for_daemon()
     result = run(args.queues, args.clusters, args.jobs, args.running, args.candidates, args.seed)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
