@@ -381,6 +381,13 @@ class FakeHub(hub_pb2_grpc.JobServiceServicer, hub_pb2_grpc.ClusterServiceServic
         self.change(request.job_id, pb.CANCELLED, "", request.reason)
         return self.jobs[request.job_id]
 
+    def SetJobPriority(self, request: Any, context: Any) -> Any:
+        """Records what it was asked: the class as given, a value as given (the hub resolves classes)."""
+        job = self.jobs[request.job_id]
+        job.status.priority = request.priority if request.WhichOneof("to") == "priority" else 1000
+        job.status.priority_class = request.priority_class
+        return job
+
     def WatchJobs(self, request: Any, context: Any) -> Iterator[hub_pb2.JobEvent]:
         self.watch_calls += 1
         after = request.from_revision or self.revision
@@ -512,6 +519,10 @@ def test_get_list_cancel_and_output_formats(fake_hub: tuple[FakeHub, str]) -> No
     listed = yaml.safe_load(invoke("--hub", target, "list", "-q", "etl", "-o", "yaml").stdout)
     assert [j["spec"]["name"] for j in listed] == ["etl-hourly", "daily-report"]
     assert "unit-tests" in invoke("--hub", target, "list", "--label", "team=platform").stdout
+    lowered = invoke("--hub", target, "priority", "job-2", "--", "-5").stdout.strip()
+    assert lowered.startswith("job job-2 (daily-report): priority -5, ")
+    raised = invoke("--hub", target, "priority", "job-2", "guaranteed").stdout.strip()
+    assert raised.startswith("job job-2 (daily-report): priority 1000")
     cancelled = invoke("--hub", target, "cancel", "job-3", "--reason", "not needed")
     assert cancelled.stdout.strip() == "job job-3 (unit-tests): CANCELLED"
     assert_one_line_error(invoke("--hub", target, "get", "job-99"), "NOT_FOUND: job job-99 not found")
