@@ -130,9 +130,7 @@ async def test_a_waiting_jobs_priority_changes_its_place_and_whom_it_may_preempt
     second = await federation.submit(spec("second", "team-a"))
 
     async def position(job: pb.Job) -> int:
-        explained: pb.Explanation = await federation.jobs.ExplainJob(
-            hub_pb2.ExplainJobRequest(job_id=job.id)
-        )
+        explained: pb.Explanation = await federation.jobs.ExplainJob(hub_pb2.ExplainJobRequest(job_id=job.id))
         return explained.queue_position
 
     assert (await position(first), await position(second)) == (0, 1)
