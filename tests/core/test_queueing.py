@@ -250,3 +250,49 @@ def test_a_job_whose_flavors_clusters_are_full_runs_in_the_next_flavor_its_quota
     assert misfit is not None and misfit.summary().startswith(
         "no room in flavors eu, us; in us: no cluster fits"
     )
+
+
+def test_fair_share_preemption_takes_from_the_queue_whose_share_stays_higher() -> None:
+    from fedplane.core import preemption
+    from fedplane.core.queues import Preemption
+
+    fair = Preemption(fair_share=True)
+    cohort = CohortSpec("org", quotas=(FlavorQuotas("gpu", {GPU: ResourceQuota(16)}),))
+    cfg = config(
+        QueueSpec("a", "org", quotas=(FlavorQuotas("gpu", {GPU: ResourceQuota(0)}),), preemption=fair),
+        QueueSpec("b", "org", quotas=(FlavorQuotas("gpu", {GPU: ResourceQuota(0)}),), preemption=fair),
+        cohorts=(cohort,),
+    )
+    queues = queues_with(cfg, *(job(f"b{i}", "b", i, gpus=4) for i in range(4)))
+    fleet = [cluster("c", gpus=16)]
+    admitted = queues.cycle(fleet, Weights(), 10)
+    assert len(admitted) == 4  # b borrowed the whole cohort while a was idle
+    running = preemption.RunningIndex(
+        preemption.RunningJob(
+            a.job.id,
+            "b",
+            "c",
+            0,
+            a.job.seq,
+            tuple(a.decision.chosen.assignments) if a.decision.chosen else (),
+            {"w": {"cpu": 1000, GPU: 4}},
+            started_at=0.0,
+        )
+        for a in admitted
+    )
+    full = [cluster("c", gpus=0, cores=252)]
+    wanting = job("a0", "a", 10, gpus=4)
+    queues.add(wanting)
+    plan = queues.preempt(wanting, full, running, now=100.0)
+    assert plan is not None and [e.reason for e in plan.evictions] == [preemption.Reason.FAIR_SHARE]
+    # b's share without one job (12 of 16) stays at least a's with its job (4 of 16).
+    assert plan.evictions[0].job_id == "b3"  # the newest
+    # Without fair sharing, a queue above its (zero) nominal quota has nothing to reclaim.
+    queues.configure(
+        config(
+            QueueSpec("a", "org", quotas=(FlavorQuotas("gpu", {GPU: ResourceQuota(0)}),)),
+            QueueSpec("b", "org", quotas=(FlavorQuotas("gpu", {GPU: ResourceQuota(0)}),)),
+            cohorts=(cohort,),
+        )
+    )
+    assert queues.preempt(wanting, full, running, now=100.0) is None
