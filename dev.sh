@@ -46,7 +46,10 @@ case "$cmd" in
     ensure_etcd
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
-    "$VENV/bin/mypy" common/src hub/src agent/src client/src local/src tools tests
+    # mypy's cache beside the other build caches, so that a fresh clone checks in seconds
+    # what took half a minute (it compares sources by hash, wherever the clone is).
+    MYPY_CACHE_DIR="${MYPY_CACHE_DIR:-$HOME/.cache/fedplane/mypy}" \
+      "$VENV/bin/mypy" common/src hub/src agent/src client/src local/src tools tests
     exec "$VENV/bin/pytest" -q "$@"
     ;;
   *)
