@@ -215,6 +215,10 @@ class Queues:
         contended = len(cursors) > 1
         capacity = _capacity(clusters) if contended else {}
         heads: list[tuple[tuple[float, ...], int, int, str]] = []
+        # Each nominated head's demand and flavor, with how many admissions the cycle had made
+        # then: the quota tree changes only by an admission, so an answer is current until one.
+        nominated: dict[str, tuple[dict[str, int], FlavorChoice, int]] = {}
+        admitted: list[Admitted] = []
 
         def nominate(name: str) -> None:
             cursor = cursors[name]
@@ -234,20 +238,22 @@ class Queues:
                     else ()
                 )
                 heapq.heappush(heads, (share, -job.priority, job.seq, name))
+                nominated[name] = (wanted, choice, len(admitted))
                 return
 
         for name in cursors:
             nominate(name)
-        admitted: list[Admitted] = []
         while heads and len(admitted) < limit:
             name = heapq.heappop(heads)[3]
             cursor = cursors[name]
             head = cursor.peek()
             assert head is not None
             job, key = head
-            wanted = demand(job)
-            # Another queue's admission may have taken the quota since this head was nominated.
-            choice = self.tree.assign(name, wanted)
+            wanted, nominated_choice, as_of = nominated[name]
+            choice: FlavorChoice | QuotaMisfit = nominated_choice
+            if as_of != len(admitted):
+                # Another admission may have taken the quota since this head was nominated.
+                choice = self.tree.assign(name, wanted)
             if isinstance(choice, QuotaMisfit):
                 cursor.block(choice)
             else:
