@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fedplane's two entry points for a fresh machine; each sets up everything it needs.
 #   ./dev.sh up     a local federation (real etcd and NATS, hub, simulated clusters) running the examples
-#   ./dev.sh test   lint, type checks and the whole test suite (builds the cached kube-apiserver if missing)
+#   ./dev.sh test   lint, type checks and the whole test suite (first builds the servers it runs: see ensure_test_tools)
 # Both first build etcd 3.6 once into ~/.cache/fedplane (tools/build_etcd.sh) where Go is installed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,6 +33,25 @@ ensure_etcd() {
   fi
 }
 
+ensure_test_tools() {
+  # The servers the tests run for real that PyPI does not ship: kube-apiserver, Jaeger v2 and helm
+  # are built once from the Go modules into ~/.cache/fedplane (minutes each on 2 cores, with
+  # progress; instant once cached), Prometheus and promtool come from Debian's package.
+  tools/build_kube_apiserver.sh >/dev/null
+  tools/build_go_tool.sh jaeger github.com/jaegertracing/jaeger/cmd/jaeger "${FEDPLANE_JAEGER_VERSION:-v1.76.0}" >/dev/null
+  tools/build_go_tool.sh helm helm.sh/helm/v3/cmd/helm "${FEDPLANE_HELM_VERSION:-v3.22.0}" >/dev/null
+  if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "dev.sh: installing Debian's prometheus package (Prometheus and promtool for the metrics tests)" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }
+    else
+      echo "dev.sh: the metrics tests need Prometheus: run 'apt-get install prometheus' as root" >&2
+      exit 2
+    fi
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -44,6 +63,7 @@ case "$cmd" in
   test)
     ensure_env
     ensure_etcd
+    ensure_test_tools
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     # mypy's cache beside the other build caches, so that a fresh clone checks in seconds

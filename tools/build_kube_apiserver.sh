@@ -12,6 +12,7 @@
 #   FEDPLANE_KUBE_VERSION      Kubernetes release (default: the pinned one below)
 # The Go module and build caches stay where Go puts them by default, so rebuilds reuse them.
 set -euo pipefail
+TOOLS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 KUBE_VERSION="${FEDPLANE_KUBE_VERSION:-v1.35.4}"
 CACHE_ROOT="${FEDPLANE_CACHE:-${HOME}/.cache/fedplane}"
@@ -60,14 +61,21 @@ staging_modules="$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\) => \./stag
 } > go.mod
 
 # Resolve the command's package graph (fills go.sum), then build a stripped, reproducible binary.
-go get "k8s.io/kubernetes/cmd/kube-apiserver@${KUBE_VERSION}" >&2
+echo "build_kube_apiserver: resolving modules" >&2
+if ! go get "k8s.io/kubernetes/cmd/kube-apiserver@${KUBE_VERSION}" 2>&1 | { grep -v "^go: \\(downloading\\|added\\|upgraded\\|finding\\)" || true; } >&2; then
+    echo "build_kube_apiserver: cannot fetch k8s.io/kubernetes@${KUBE_VERSION}" >&2
+    exit 1
+fi
 mkdir -p "${OUT_DIR}"
 # Stamp the release into /version (a module build otherwise reports v0.0.0-master).
 minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
 vpkg=k8s.io/component-base/version
 ldflags="-s -w -X ${vpkg}.gitVersion=${KUBE_VERSION} -X ${vpkg}.gitMajor=1 -X ${vpkg}.gitMinor=${minor}"
 ldflags+=" -X ${vpkg}.gitTreeState=clean -X ${vpkg}.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-go build -trimpath -ldflags="${ldflags}" -o "${BIN}.tmp.$$" k8s.io/kubernetes/cmd/kube-apiserver >&2
+# shellcheck source=tools/go_progress.sh
+source "${TOOLS_DIR}/go_progress.sh"
+go_build_with_progress build_kube_apiserver "${BIN}.tmp.$$" k8s.io/kubernetes/cmd/kube-apiserver \
+    -trimpath -ldflags="${ldflags}"
 mv -f "${BIN}.tmp.$$" "${BIN}"  # atomic: concurrent builds never see half a binary
 
 echo "build_kube_apiserver: built ${BIN} in $(( $(date +%s) - start ))s" >&2
