@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tools" / "build_kube_apiserver.sh"
 
 ADMIN_USER = "fedplane-test-admin"
-# The agent's identity as the deploy/agent ServiceAccount would present it, so the shipped
-# ClusterRoleBinding applies to the static token unchanged.
+# The agent's identity as the Helm chart's ServiceAccount presents it (release fedplane in
+# fedplane-system), so the chart's ClusterRoleBinding applies to the static token unchanged.
 AGENT_NAMESPACE = "fedplane-system"
 AGENT_SERVICE_ACCOUNT = "fedplane-agent"
 AGENT_USER = f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}"
@@ -274,25 +274,6 @@ class Admin:
 
     def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("patch", path, body, content_type="application/merge-patch+json")
-
-    def apply_yaml(self, text: str) -> list[dict[str, Any]]:
-        """Create every document of a manifest file (the kinds deploy/agent uses)."""
-        rbac = "/apis/rbac.authorization.k8s.io/v1"
-        paths = {
-            "Namespace": "/api/v1/namespaces",
-            "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
-            "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-            "ClusterRole": f"{rbac}/clusterroles",
-            "ClusterRoleBinding": f"{rbac}/clusterrolebindings",
-            "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
-        }
-        created = []
-        for doc in yaml.safe_load_all(text):
-            if not doc:
-                continue
-            namespace = doc["metadata"].get("namespace", "default")
-            created.append(self.create(paths[doc["kind"]].format(ns=namespace), doc))
-        return created
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

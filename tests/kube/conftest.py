@@ -6,13 +6,14 @@ the first build's minutes do not count against any test's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kube import apiserver
+from tests.kube import apiserver, helm
 
 _KUBE_DIR = Path(__file__).parent
 _binary: Path | None = None
@@ -33,6 +34,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _binary = apiserver.build_binary()
     except Exception as exc:
         _build_error = str(exc)
+    # helm too (tests/kube/test_helm.py), before any timeout runs; a failure shows in its tests.
+    with contextlib.suppress(Exception):
+        helm.binary()
 
 
 @pytest.fixture(scope="session")

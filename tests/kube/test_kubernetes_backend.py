@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from fedplane.agent.backend import BackendError, CreateRequest, WorkloadEvent, WorkloadRef
@@ -39,15 +38,14 @@ from fedplane.agent.kubernetes_backend import (
     project_workload,
 )
 from fedplane.client.spec import default_manifest
-from fedplane.runtime.config import AgentConfig, ConfigError, from_mapping
+from fedplane.runtime.config import AgentConfig, ConfigError
 from fedplane.v1 import types_pb2 as pb
 from tests.federation import Federation
-from tests.kube import apiserver
+from tests.kube import apiserver, helm
 from tests.kube.apiserver import Admin, KubeAPIServer
 
 pytestmark = pytest.mark.kube
 
-REPO = Path(__file__).resolve().parents[2]
 GiB = 2**30
 
 
@@ -299,7 +297,7 @@ def our_jobs(admin: Admin, namespace: str, hub_id: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ pure parts
 
 
-def test_config_from_mapping_and_shipped_configmap() -> None:
+def test_config_from_mapping() -> None:
     config = KubernetesBackendConfig.from_mapping(
         {"type": "kubernetes", "namespace": "batch", "kueue-local-queue": "team-a", "resync_seconds": 30}
     )
@@ -308,12 +306,7 @@ def test_config_from_mapping_and_shipped_configmap() -> None:
         KubernetesBackendConfig.from_mapping({"namepsace": "x"})
     with pytest.raises(ConfigError, match="fluid_bytes"):
         KubernetesBackendConfig.from_mapping({"fluid_bytes": "some"})
-    # The example agent config in deploy/agent is valid for the daemon and the backend.
-    configmap = yaml.safe_load((REPO / "deploy/agent/configmap.yaml").read_text())
-    agent = from_mapping(AgentConfig, yaml.safe_load(configmap["data"]["agent.yaml"]))
-    settings = {k: v for k, v in agent.backend.items() if k != "type"}
-    settings.setdefault("hub_id", agent.hub_id)
-    assert KubernetesBackendConfig.from_mapping(settings).namespace == "default"
+    # The Helm chart's agent configs load too: tests/kube/test_helm.py.
 
 
 def test_names_labels_and_quantities() -> None:
@@ -857,14 +850,24 @@ async def test_watch_relists_after_410_gone(
 
 @pytest.fixture(scope="module")
 def agent_rbac(admin: Admin) -> None:
-    """Apply deploy/agent as shipped (once: cluster-scoped objects)."""
+    """Install the Helm chart's agent as an operator would (once: cluster-scoped objects):
+    release fedplane in fedplane-system, whose ServiceAccount the agent's token stands for."""
     try:
         admin.get("/apis/rbac.authorization.k8s.io/v1/clusterroles/fedplane-agent")
         return
     except ApiException:
         pass
-    for name in ("namespace.yaml", "rbac.yaml", "configmap.yaml", "deployment.yaml"):
-        admin.apply_yaml((REPO / "deploy/agent" / name).read_text())
+    objects = helm.template(
+        helm.CHART / "ci" / "agent-values.yaml",
+        release="fedplane",
+        namespace=apiserver.AGENT_NAMESPACE,
+        set_values=["metrics.serviceMonitor.enabled=false"],
+    )
+    admin.create(
+        "/api/v1/namespaces",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": apiserver.AGENT_NAMESPACE}},
+    )
+    helm.apply(admin, objects, dry_run=False)
 
 
 async def test_backend_works_with_exactly_the_shipped_rbac(
