@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from fedplane.local import servers as embedded
 
@@ -40,6 +44,83 @@ def test_a_bad_simulated_backend_setting_is_named(tmp_path: Path) -> None:
     assert "backend.nodez: unknown setting" in line
 
 
+# Settings the loader takes but the agent cannot use: each is one line naming the file and the
+# setting, exit 2, through either entry point (`fedplane agent` and the agent distribution's own).
+AGENT_MISTAKES = [
+    pytest.param(
+        "fedplane.client",
+        "cluster: GPU_EU\n",
+        "agent.yaml: cluster: 'GPU_EU' must be a DNS label",
+        id="cluster",
+    ),
+    pytest.param(
+        "fedplane.agent",
+        "cluster: edge\nbackend: {type: slurm}\n",
+        "agent.yaml: backend.type: unknown backend 'slurm' (use simulated or kubernetes)",
+        id="backend-type",
+    ),
+    pytest.param(
+        "fedplane.client",
+        "cluster: edge\nbackend: {type: simulated, nodes: [{name: big, resources: {memory: lots}}]}\n",
+        "agent.yaml: backend.nodes[0] (big): memory: 'lots' is not a quantity",
+        id="quantity",
+    ),
+    pytest.param(
+        "fedplane.agent",
+        "cluster: edge\ntaints: [edge=true:Sometimes]\n",
+        "agent.yaml: taints[0]: invalid taint",
+        id="taint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("module", "config", "expected"), AGENT_MISTAKES)
+def test_an_agent_setting_it_cannot_use_is_one_line(
+    tmp_path: Path, module: str, config: str, expected: str
+) -> None:
+    (tmp_path / "agent.yaml").write_text(config)
+    args = ("agent", "--config", "agent.yaml") if module == "fedplane.client" else ("--config", "agent.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    # Nothing else on stderr: no traceback, and no log line before the refusal.
+    (line,) = result.stderr.splitlines()
+    prefix = "error: " if module == "fedplane.client" else "fedplane-agent: "
+    assert line.startswith(prefix + expected), line
+
+
+def test_an_agent_without_nats_says_where_it_tries_and_keeps_saying_it(tmp_path: Path) -> None:
+    port = embedded.free_port()  # nothing listens there
+    (tmp_path / "agent.yaml").write_text(
+        f"cluster: edge\nnats_url: nats://trial:secret@127.0.0.1:{port}\ninsecure: true\n"
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "fedplane.agent", "--config", "agent.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stderr is not None
+        said: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while len(said) < 2 and time.monotonic() < deadline:
+            line = agent.stderr.readline()
+            assert line, f"the agent exited ({agent.wait()}) while NATS was down"
+            if "cannot reach NATS; retrying" in line:
+                said.append(json.loads(line))
+        assert len(said) == 2, "the agent went quiet while NATS was down"
+        for event in said:
+            assert event["server"] == f"nats://127.0.0.1:{port}"  # its address, not its password
+            assert event["level"] == "warning" and "Connect call failed" in event["error"]
+        assert said[1]["attempts"] > said[0]["attempts"]
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+
 def test_a_hub_without_etcd_says_so(tmp_path: Path) -> None:
     port = embedded.free_port()  # nothing listens there
     (tmp_path / "hub.yaml").write_text(
@@ -64,10 +145,11 @@ def test_out_of_range_settings_are_refused_at_start_all_at_once(tmp_path: Path) 
     # or by marking every cluster unready: the hub refuses them before it connects anywhere.
     (tmp_path / "hub.yaml").write_text(
         "etcd_max_txn_ops: 0\ncluster_unknown_after_seconds: 0\n"
-        "weights: {cost: -1}\nbatch_window_seconds: 0\n"
+        "weights: {cost: -1}\nbatch_window_seconds: 0\ntelemetry: {exporter: jaeger}\n"
     )
     line = one_error_line(run("hub", "--config", "hub.yaml", cwd=tmp_path))
     assert "etcd_max_txn_ops: 0 is out of range; it must be at least 3" in line
+    assert "telemetry.exporter: 'jaeger' is not one of otlp, console, none" in line
     assert "cluster_unknown_after_seconds: 0.0 is out of range; it must be above 0" in line
     assert "weights.cost: -1.0 is out of range" in line
     assert "batch_window_seconds" not in line  # 0 is a valid window

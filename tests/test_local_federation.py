@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +55,12 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    # 50051 taken (by this test, or by whatever already has it): `up` serves elsewhere, and the
+    # CLI still finds it without flags, through the context file it writes.
+    taken = socket.socket()
+    with contextlib.suppress(OSError):
+        taken.bind(("127.0.0.1", 50051))
+        taken.listen()
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     (jobs / "quick.yaml").write_text(JOB)
@@ -101,8 +109,10 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [*cli, "queues", "-o", "yaml"], env=env, capture_output=True, text=True, timeout=60
     )
     assert queues.returncode == 0 and "name: team" in queues.stdout, queues.stderr
-    admin = context.load(tmp_path / "config" / "fedplane" / "context.yaml")
+    default_context = tmp_path / "config" / "fedplane" / "context.yaml"
+    admin = context.load(default_context)
     assert admin.ca_file and admin.token
+    assert admin.hub.startswith("127.0.0.1:") and admin.hub != "127.0.0.1:50051"
     tokenless = tmp_path / "tokenless.yaml"
     context.write(tokenless, admin.hub, ca_file=admin.ca_file)
     refused = subprocess.run(
@@ -116,3 +126,6 @@ def test_up_runs_jobs_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 0, rest.decode(errors="replace")[-2000:]
     assert "federation stopped" in rest.decode(errors="replace")
     assert processes_mentioning(str(data)) == []
+    taken.close()
+    # Gone with the federation: the CLI goes back to its default hub, not to a port now closed.
+    assert not default_context.exists()

@@ -38,7 +38,7 @@ from fedplane.agent.backend import (
 )
 from fedplane.core import quantity
 from fedplane.core.model import Taint
-from fedplane.runtime.config import SimulatedBackendConfig
+from fedplane.runtime.config import ConfigError, SimulatedBackendConfig
 from fedplane.v1 import types_pb2 as pb
 
 DURATION_ANNOTATION = "fedplane.io/simulated-duration"
@@ -169,12 +169,15 @@ class SimulatedBackend(Backend):
         self.config = config
         self.random = random.Random(config.seed)
         self.nodes: dict[str, _SimNode] = {}
-        for shape in config.nodes:
-            allocatable = quantity.parse_map(shape.resources)
+        for index, shape in enumerate(config.nodes):
+            try:
+                allocatable = quantity.parse_map(shape.resources)
+                taints = [Taint.parse(t) for t in shape.taints]
+            except ValueError as exc:
+                raise ConfigError(f"backend.nodes[{index}] ({shape.name}): {exc}") from None
             labels = dict(shape.labels)
             if shape.gpu_type:
                 labels[quantity.GPU_PRODUCT_LABEL] = shape.gpu_type
-            taints = [Taint.parse(t) for t in shape.taints]
             for i in range(shape.count):
                 name = f"{shape.name}-{i}" if shape.count > 1 else shape.name
                 node = pb.Node(
@@ -185,10 +188,12 @@ class SimulatedBackend(Backend):
                 )
                 node.allocatable.quantities.update(allocatable)
                 self.nodes[name] = _SimNode(node, dict(allocatable))
-        self._datasets = [
-            pb.DatasetPresence(id=name, bytes=quantity.parse("storage", size))
-            for name, size in sorted(config.datasets.items())
-        ]
+        self._datasets = []
+        for name, size in sorted(config.datasets.items()):
+            try:
+                self._datasets.append(pb.DatasetPresence(id=name, bytes=quantity.parse("storage", size)))
+            except ValueError as exc:
+                raise ConfigError(f"backend.datasets.{name}: {exc}") from None
         self.workloads: dict[str, _SimWorkload] = {}
         # Workloads started per job id (a job dispatched once must show 1): capacity-planning stats.
         self.started: Counter[str] = Counter()

@@ -10,6 +10,7 @@ docs/security.md says how to bootstrap real credentials.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -118,7 +119,21 @@ class LocalSecurity:
             written.append(self._context(default, hub))
         return written
 
+    def remove_context(self) -> None:
+        """Remove the CLI's default context if it is still the one written here (another `up`
+        may have written its own since): once this federation stops, the CLI must not go on
+        looking for its hub, with its CA and token, instead of the default one."""
+        default = context.default_path()
+        with contextlib.suppress(OSError):
+            if default.read_text().startswith(self._mark):
+                default.unlink()
+
+    @property
+    def _mark(self) -> str:
+        """The first line of a context file written here."""
+        return f"{WRITTEN_BY_UP} ({self.directory})\n"
+
     def _context(self, path: Path, hub: str) -> Path:
         context.write(path, hub, ca_file=str(self.ca.cert_file), token=self.admin_token)
-        path.write_text(f"{WRITTEN_BY_UP} ({self.directory})\n" + path.read_text())
+        path.write_text(self._mark + path.read_text())
         return path
