@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import io
 import json
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from fedplane.runtime import logs
 
@@ -41,3 +44,38 @@ def test_debug_level_writes_debug_lines() -> None:
     logs.get("fedplane.test").debug("detail", why="asked")
     assert json.loads(out.getvalue())["why"] == "asked"
     assert logs.debug_enabled()
+
+
+def test_a_line_names_the_current_span_unless_it_names_a_trace_of_its_own() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", file=out)
+    log = logs.get("fedplane.test")
+    current = SpanContext(
+        trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0x00F067AA0BA902B7, is_remote=False
+    )
+    with trace.use_span(NonRecordingSpan(current)):
+        log.info("workload created", job_id="j1", cluster="c1")
+        log.info("job dispatched", job_id="j2", trace_id="0af7651916cd43dd8448eb211c80319c")
+    log.info("hub serving")
+    inside, own, outside = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (inside["trace_id"], inside["span_id"]) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    # A span id from the current trace would point into another trace than the line names.
+    assert own["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and "span_id" not in own
+    assert "trace_id" not in outside and "span_id" not in outside
+
+
+def test_bound_keys_reach_every_line_of_their_context_and_a_line_own_keys_win() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", file=out)
+    log = logs.get("fedplane.test")
+
+    def agent() -> None:
+        logs.bind(cluster="c1")
+        log.info("agent started")
+        log.info("orphan query dropped", cluster="c2")
+
+    contextvars.copy_context().run(agent)
+    log.info("elsewhere")
+    started, dropped, elsewhere = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (started["cluster"], dropped["cluster"]) == ("c1", "c2")
+    assert "cluster" not in elsewhere

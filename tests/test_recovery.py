@@ -106,7 +106,7 @@ async def test_one_trace_follows_a_job_through_hub_and_agent(federation: Federat
     names = {s.name for s in in_trace}
     assert "/fedplane.v1.JobService/SubmitJob" in names
     agent_span = next(s for s in in_trace if s.name == "agent.create")
-    assert agent_span.attributes is not None and agent_span.attributes["job.id"] == response.job.id
+    assert agent_span.attributes is not None and agent_span.attributes[telemetry.JOB_ID] == response.job.id
 
 
 async def test_agent_deletes_workloads_the_hub_no_longer_assigns_and_nothing_else(

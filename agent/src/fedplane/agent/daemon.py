@@ -29,11 +29,13 @@ from opentelemetry import trace
 from fedplane.agent import decisions
 from fedplane.agent.backend import Backend, BackendError, CreateRequest, WorkloadEvent
 from fedplane.agent.decisions import CREATE, DELETE, DELETE_AHEAD, DUPLICATE, Workload
+from fedplane.agent.metrics import AgentMetrics
 from fedplane.agent.outbox import Outbox
 from fedplane.agent.state import AgentState, Limits
 from fedplane.core.model import Taint
 from fedplane.runtime import bus, entry, gcpolicy, logs, natsjwt, tasks, telemetry, timestamps
-from fedplane.runtime.config import AgentConfig, load_agent
+from fedplane.runtime.config import AgentConfig, ConfigError, StartupError, load_agent
+from fedplane.runtime.metrics import MetricsServer
 from fedplane.runtime.version import __version__
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
@@ -87,10 +89,7 @@ def make_backend(config: AgentConfig) -> Backend:
 
 class Agent:
     def __init__(self, config: AgentConfig, backend: Backend) -> None:
-        if not bus.valid_cluster_name(config.cluster):
-            raise ValueError(
-                f"cluster: {config.cluster!r} must be a DNS label (lowercase letters, digits, '-')"
-            )
+        self.check_cluster_name(config.cluster)
         self.config = config
         self.cluster = config.cluster
         self.backend = backend
@@ -134,9 +133,21 @@ class Agent:
         self.js: bus.JetStream | None = None
         self.connected = asyncio.Event()
         self._stopping = False
+        # Prometheus metrics in a registry of this agent's own, served on metrics.listen.
+        self.metrics = AgentMetrics(self.cluster)
+        self.metrics.watch(self)
+        self.metrics_server: MetricsServer | None = None
+
+    @staticmethod
+    def check_cluster_name(name: str) -> None:
+        """Refuse a name that cannot be a NATS subject token and a label value."""
+        if not bus.valid_cluster_name(name):
+            raise ValueError(f"cluster: {name!r} must be a DNS label (lowercase letters, digits, '-')")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.config.metrics.listen:  # first: a taken port fails before anything starts
+            self.metrics_server = await self.metrics.serve(self.config.metrics.listen)
         await self.backend.start(self._on_workload_event, self._changed.set)
         await self._resume_limits()
         self._changed.set()
@@ -178,6 +189,8 @@ class Agent:
         await tasks.bounded(self.backend.stop(), 10, "backend stop")
         if self.nc is not None:
             await tasks.bounded(bus.close(self.nc), 5, "NATS close")
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()
@@ -204,7 +217,8 @@ class Agent:
             )
             sent = time.monotonic()
             try:
-                await bus.publish_report(self.js, "heartbeat", self.cluster, beat.SerializeToString())
+                with self.metrics.publishing("heartbeat"):
+                    await bus.publish_report(self.js, "heartbeat", self.cluster, beat.SerializeToString())
             except Exception as exc:
                 self._no_contact(exc)
             else:
@@ -230,7 +244,11 @@ class Agent:
     def _no_contact(self, exc: Exception) -> None:
         if self.in_contact:
             self.in_contact = False
-            log.warning("cut off from the hub: heartbeat not stored; working offline", error=str(exc))
+            log.warning(
+                "cut off from the hub: heartbeat not stored; working offline",
+                cluster=self.cluster,
+                error=str(exc),
+            )
         else:
             log.debug("heartbeat not sent", error=str(exc))
 
@@ -255,6 +273,7 @@ class Agent:
         log.warning(
             "fencing workload: cut off from the hub past its fence",
             job_id=job_id,
+            cluster=self.cluster,
             generation=generation,
             cut_off_seconds=round(cut_off, 1),
             fence_after_seconds=self.state.limits[workload].fence_after_seconds,
@@ -289,8 +308,10 @@ class Agent:
     async def publish_reports(self, datasets_unchanged_too: bool = True) -> None:
         """Publish the inventory, and the data-locality report if it changed (or when asked)."""
         assert self.js is not None
-        snapshot = await self.backend.inventory()
-        datasets = await self.backend.datasets()
+        with self.metrics.backend_call("inventory"):
+            snapshot = await self.backend.inventory()
+        with self.metrics.backend_call("datasets"):
+            datasets = await self.backend.datasets()
         self._seq += 1
         inventory = agent_pb.Inventory(
             cluster=self.cluster,
@@ -331,11 +352,14 @@ class Agent:
         Different jobs are handled concurrently; one job's commands stay in order, and after
         one fails its later ones wait for the redelivery (commands are idempotent).
         """
+        self.metrics.command_messages(msgs)
         by_job: dict[str, list[tuple[int, agent_pb.DispatchCommand]]] = {}
         for index, msg in enumerate(msgs):
             if not bus.from_command_stream(msg, self.cluster):
                 log.warning(
-                    "command message dropped: not from this cluster's command stream", subject=msg.subject
+                    "command message dropped: not from this cluster's command stream",
+                    cluster=self.cluster,
+                    subject=msg.subject,
                 )
                 continue
             for command in bus.dispatch_commands_in(msg):
@@ -356,12 +380,18 @@ class Agent:
             f"agent.{command.WhichOneof('action') or ''}",
             command.trace_context,
             kind=trace.SpanKind.CONSUMER,
-            attributes={"job.id": command.job_id, "cluster": self.cluster, "generation": command.generation},
+            attributes={
+                telemetry.JOB_ID: command.job_id,
+                telemetry.CLUSTER: self.cluster,
+                "generation": command.generation,
+            },
         ) as trace_ctx:
             try:
                 return await self.handle(command, trace_ctx)
             except Exception:
-                log.exception("command failed; will be redelivered", job_id=command.job_id)
+                log.exception(
+                    "command failed; will be redelivered", job_id=command.job_id, cluster=self.cluster
+                )
                 return False
 
     async def handle(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
@@ -369,16 +399,30 @@ class Agent:
         job_id, generation = command.job_id, command.generation
         known = self.generations.get(job_id, 0)
         action = decisions.decide_command(command, known)
+        self.metrics.command(action)
         if action is CREATE:
             return await self._create(command, trace_ctx)
         if action is DELETE or action is DELETE_AHEAD:
             if action is DELETE_AHEAD:
                 self._remember(job_id, generation)
             self._traces.setdefault(job_id, trace_ctx)
-            await self.backend.delete(job_id, generation, command.delete.reason)
-            log.info("workload deleted", job_id=job_id, generation=generation, reason=command.delete.reason)
+            with self.metrics.backend_call("delete"):
+                await self.backend.delete(job_id, generation, command.delete.reason)
+            log.info(
+                "workload deleted",
+                job_id=job_id,
+                cluster=self.cluster,
+                generation=generation,
+                reason=command.delete.reason,
+            )
         elif action is DUPLICATE:
-            log.info("duplicate or stale dispatch ignored", job_id=job_id, generation=generation, known=known)
+            log.info(
+                "duplicate or stale dispatch ignored",
+                job_id=job_id,
+                cluster=self.cluster,
+                generation=generation,
+                known=known,
+            )
         return True
 
     async def _create(self, command: agent_pb.DispatchCommand, trace_ctx: dict[str, str]) -> bool:
@@ -395,23 +439,28 @@ class Agent:
             self.state.set_limits(workload, Limits(accepted.max_run_seconds, accepted.fence_after_seconds))
         error: BackendError | None = None
         try:
-            await self.backend.create(request)
+            with self.metrics.backend_call("create"):
+                await self.backend.create(request)
         except BackendError as exc:
             error = exc
         except BaseException:
+            self.metrics.created("error")
             self.state.forget([workload])
             raise
         outcome = accepted if error is None else decisions.decide_created(command, error)
+        self.metrics.created("retry" if outcome.retry else "created" if outcome.report is None else "failed")
         if outcome.retry:
             self.state.forget([workload])
-            log.warning("backend refused workload for now", job_id=job_id, error=str(error))
+            log.warning(
+                "backend refused workload for now", job_id=job_id, cluster=self.cluster, error=str(error)
+            )
             return False
         self._remember(job_id, generation)
         if outcome.report is not None:
             self.state.forget([workload])
             self._report(outcome.report)
             return True
-        log.info("workload created", job_id=job_id, generation=generation)
+        log.info("workload created", job_id=job_id, cluster=self.cluster, generation=generation)
         return True
 
     def _remember(self, job_id: str, generation: int) -> None:
@@ -425,7 +474,9 @@ class Agent:
         try:
             present = {(w.job_id, w.generation) for w in await self.backend.list_workloads()}
         except Exception as exc:
-            log.warning("workload limits not checked against the cluster", error=str(exc))
+            log.warning(
+                "workload limits not checked against the cluster", cluster=self.cluster, error=str(exc)
+            )
             present = set(self.state.limits)
         self.state.forget([w for w in self.state.limits if w not in present])
         now = time.time()
@@ -454,7 +505,8 @@ class Agent:
         touched. Returns the job ids deleted.
         """
         assert self.nc is not None
-        workloads = await self.backend.list_workloads()
+        with self.metrics.backend_call("list_workloads"):
+            workloads = await self.backend.list_workloads()
         if not workloads:
             return []
         refs = [agent_pb.WorkloadRef(job_id=w.job_id, generation=w.generation) for w in workloads]
@@ -467,7 +519,12 @@ class Agent:
                 await bus.request(self.nc, "gc", self.cluster, query.SerializeToString(), within=10)
             )
             for orphan in reply.orphans:
-                log.warning("deleting orphaned workload", job_id=orphan.job_id, generation=orphan.generation)
+                log.warning(
+                    "deleting orphaned workload",
+                    job_id=orphan.job_id,
+                    cluster=self.cluster,
+                    generation=orphan.generation,
+                )
                 await self.backend.delete(orphan.job_id, orphan.generation, ORPHAN_REASON)
                 deleted.append(orphan.job_id)
         return deleted
@@ -514,6 +571,7 @@ class Agent:
         log.warning(
             "workload exceeded its maximum run time",
             job_id=job_id,
+            cluster=self.cluster,
             generation=generation,
             limit_seconds=limit,
         )
@@ -532,7 +590,13 @@ class Agent:
                 await self.backend.delete(job_id, generation, reason)
             except Exception:
                 # Nobody awaits this task: say why the workload runs on.
-                log.exception("stopping a workload failed", why=why, job_id=job_id, generation=generation)
+                log.exception(
+                    "stopping a workload failed",
+                    why=why,
+                    job_id=job_id,
+                    cluster=self.cluster,
+                    generation=generation,
+                )
                 if unmark is not None:
                     unmark.pop(workload, None)
 
@@ -553,7 +617,11 @@ class Agent:
         with telemetry.child_span(
             "agent.status",
             self._traces.get(event.job_id),
-            attributes={"job.id": event.job_id, "state": pb.JobState.Name(event.state)},
+            attributes={
+                telemetry.JOB_ID: event.job_id,
+                telemetry.CLUSTER: self.cluster,
+                "state": pb.JobState.Name(event.state),
+            },
         ) as trace_ctx:
             self.outbox.put(update, trace_ctx)
         if event.state in decisions.TERMINAL:
@@ -570,13 +638,35 @@ class Agent:
             added = batch.updates.add()
             added.CopyFrom(update)
             added.trace_context.update(trace_ctx)
-        await bus.publish_status_batch(self.js, self.cluster, batch.SerializeToString())
+        with self.metrics.publishing("status"):
+            await bus.publish_status_batch(
+                self.js, self.cluster, batch.SerializeToString(), trace=batch.updates[0].trace_context
+            )
         return [None] * len(items)
 
 
-async def run(config: AgentConfig) -> None:
-    agent = Agent(config, make_backend(config))
-    await agent.start()
+def check(config: AgentConfig) -> Backend:
+    """The agent's backend, once every setting the agent itself reads is known to be usable: a
+    cluster name that is no DNS label, a taint, an unknown backend or a quantity that does not
+    parse is a ConfigError, reported in one line before anything is logged or connected."""
+    try:
+        Agent.check_cluster_name(config.cluster)
+        for index, taint in enumerate(config.taints):
+            try:
+                Taint.parse(taint)
+            except ValueError as exc:
+                raise ConfigError(f"taints[{index}]: {exc}") from None
+        return make_backend(config)
+    except ValueError as exc:  # ConfigError, QuantityError and the backends' own checks
+        raise ConfigError(str(exc)) from None
+
+
+async def run(config: AgentConfig, backend: Backend | None = None) -> None:
+    agent = Agent(config, backend or check(config))
+    try:
+        await agent.start()
+    except BackendError as exc:  # a Kubernetes config or API the backend cannot use
+        raise StartupError(f"cluster {config.cluster}: backend: {exc}") from None
     await tasks.stop_event().wait()
     log.info("agent stopping", cluster=config.cluster)
     await agent.stop()
@@ -584,14 +674,20 @@ async def run(config: AgentConfig) -> None:
 
 def main(config_path: str) -> None:
     config = load_agent(config_path)
+    try:
+        backend = check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
     logs.configure(config.telemetry.log_level, config.telemetry.log_format)
+    # One cluster per agent process: every line carries it, the backend's and the NATS client's too.
+    logs.bind(cluster=config.cluster)
     gcpolicy.for_daemon()
     telemetry.configure(
         f"fedplane-agent-{config.cluster}", config.telemetry.exporter, config.telemetry.endpoint or None
     )
     started = time.monotonic()
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, backend))
     finally:
         telemetry.shutdown()
         log.info("agent exited", uptime_seconds=round(time.monotonic() - started, 1))

@@ -41,6 +41,8 @@ class Outbox:
         self._wake = asyncio.Event()
         # Leading lines of the log on disk that JetStream has acknowledged.
         self._sent = 0
+        # Updates JetStream has stored since start (a metric).
+        self.published = 0
         if path is not None and path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             self._sent = min(self._read_sent(), len(lines))
@@ -124,6 +126,7 @@ class Outbox:
                 self._queue.popleft()
             if sent:
                 self._acknowledged(sent)
+                self.published += sent
                 delay = retry_delay
             if not self._queue:
                 self._ready.clear()

@@ -739,6 +739,12 @@ def up(
             min=0,
         ),
     ] = 0,
+    jaeger: Annotated[
+        bool,
+        typer.Option(
+            "--jaeger", help="Also run Jaeger (built by tools/build_go_tool.sh) and send it every trace."
+        ),
+    ] = False,
 ) -> None:
     """Start a local federation (etcd, NATS, hub, simulated clusters) and run jobs on it."""
     if jobs is not None and not jobs.is_dir():
@@ -748,7 +754,11 @@ def up(
 
     def start(module: ModuleType) -> None:
         kwargs: dict[str, Any] = {"jobs_dir": jobs, "data_dir": data_dir, "keep_running": keep_running}
-        for name, value, default in (("clusters", clusters, None), ("edge", edge, 0)):
+        for name, value, default in (
+            ("clusters", clusters, None),
+            ("edge", edge, 0),
+            ("jaeger", jaeger, False),
+        ):
             if value != default:
                 if name not in inspect.signature(module.main).parameters:
                     _fail(f"--{name} is not supported by this version of fedplane.local")

@@ -232,6 +232,8 @@ def job_detail(job: pb.Job) -> RenderableType:
     info.add_row("Revision", str(job.revision))
     if job.idempotency_key:
         info.add_row("Idempotency key", job.idempotency_key)
+    if job.trace_id:
+        info.add_row("Trace", job.trace_id)
     if status.HasField("placement_score"):
         info.add_row("Placement", score_text(status.placement_score))
     for ps in job.spec.pod_sets:

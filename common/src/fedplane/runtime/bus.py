@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import re
 import ssl
+import time
+import urllib.parse
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -312,6 +314,75 @@ def _authorization_refused(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
 
 
+def without_credentials(url: str) -> str:
+    """`url` (one or several, comma-separated) without user names and passwords, for the log."""
+    parts = []
+    for one in url.split(","):
+        split = urllib.parse.urlsplit(one.strip())
+        host = split.netloc.rpartition("@")[2]
+        parts.append(urllib.parse.urlunsplit(split._replace(netloc=host)) if split.netloc else one.strip())
+    return ",".join(parts)
+
+
+# A daemon that cannot reach NATS says so at once, then at doubling intervals up to this many
+# seconds apart, for as long as it tries: never silent, never a line a second for hours.
+UNREACHABLE_REPORT_MAX_SECONDS = 10.0
+
+
+class _Attempts:
+    """The failed attempts of one connection to reach NATS (nats-py retries by itself, forever,
+    and tells only its error callback), said in the log while they last."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.server = without_credentials(url)
+        self.name = name
+        self.connected = False
+        self.ever_connected = False
+        self._failures = 0
+        self._since = 0.0
+        self._next_report = 0.0
+        self._gap = 1.0
+
+    def failed(self, exc: BaseException) -> None:
+        why = str(exc) or type(exc).__name__
+        if self.connected:  # an error on a live connection (a slow consumer, a permission)
+            log.debug("NATS error", connection=self.name, error=why)
+            return
+        now = time.monotonic()
+        if not self._failures:
+            self._since, self._next_report, self._gap = now, now, 1.0
+        self._failures += 1
+        if now < self._next_report:
+            return
+        self._next_report = now + self._gap
+        self._gap = min(self._gap * 2, UNREACHABLE_REPORT_MAX_SECONDS)
+        log.warning(
+            "NATS refused this identity; retrying (an agent waits for approval)"
+            if _authorization_refused(exc)
+            else "cannot reach NATS; retrying",
+            server=self.server,
+            connection=self.name,
+            error=why,
+            attempts=self._failures,
+            waiting_seconds=round(now - self._since, 1),
+        )
+
+    def up(self) -> None:
+        if self._failures and not self.ever_connected:
+            log.info(
+                "connected to NATS",
+                server=self.server,
+                connection=self.name,
+                attempts=self._failures + 1,
+                waited_seconds=round(time.monotonic() - self._since, 1),
+            )
+        self.connected = self.ever_connected = True
+        self._failures = 0
+
+    def down(self) -> None:
+        self.connected = False
+
+
 async def connect(
     url: str,
     name: str,
@@ -324,16 +395,20 @@ async def connect(
     """Connect, retrying the first connection too: an edge agent may start while its link is
     down, and an agent asking to join is refused until an administrator approves it."""
 
+    attempts = _Attempts(url, name)
+
     async def disconnected() -> None:
+        attempts.down()
         if on_disconnect:
             await on_disconnect()
 
     async def reconnected() -> None:
+        attempts.up()
         if on_reconnect:
             await on_reconnect()
 
     async def error(exc: Exception) -> None:
-        pass
+        attempts.failed(exc)
 
     options: dict[str, Any] = {}
     if credentials.seed:
@@ -362,7 +437,7 @@ async def connect(
         reraise=True,
     ):
         with attempt:
-            return await nats.connect(
+            connection = await nats.connect(
                 url,
                 name=name,
                 max_reconnect_attempts=-1,
@@ -373,6 +448,8 @@ async def connect(
                 error_cb=error,
                 **options,
             )
+            attempts.up()
+            return connection
     raise AssertionError("unreachable")
 
 
@@ -552,9 +629,14 @@ def stored_at(msg: Message) -> float | None:
 # ---------------------------------------------------------------------- commands (hub -> agent)
 
 
-def command_batch_message(cluster: str, batch: bytes) -> tuple[str, bytes, dict[str, str]]:
-    """A serialized DispatchBatch for `cluster`, as the (subject, payload, headers) publish_all takes."""
-    return subject("cmd", cluster), batch, headers("DispatchBatch")
+def command_batch_message(
+    cluster: str, batch: bytes, trace: Mapping[str, str] | None = None
+) -> tuple[str, bytes, dict[str, str]]:
+    """A serialized DispatchBatch for `cluster`, as the (subject, payload, headers) publish_all takes.
+
+    `trace`: the W3C context for the headers, its first command's (each command carries its own
+    in the payload; the headers, for tools that read only them, can name one trace)."""
+    return subject("cmd", cluster), batch, headers("DispatchBatch", trace=trace)
 
 
 def command_consumer_config() -> ConsumerConfig:
@@ -601,9 +683,19 @@ def dispatch_commands_in(msg: Incoming) -> list[agent_pb.DispatchCommand]:
 # ---------------------------------------------------------------------- status (agent -> hub)
 
 
-async def publish_status_batch(js: JetStream, cluster: str, batch: bytes, ack_wait: float = 10.0) -> None:
-    """Publish a serialized StatusBatch; returns once JetStream has stored it, raises otherwise."""
-    await js.publish(subject("status", cluster), batch, headers=headers("StatusBatch"), timeout=ack_wait)
+async def publish_status_batch(
+    js: JetStream,
+    cluster: str,
+    batch: bytes,
+    ack_wait: float = 10.0,
+    trace: Mapping[str, str] | None = None,
+) -> None:
+    """Publish a serialized StatusBatch; returns once JetStream has stored it, raises otherwise.
+
+    `trace`: the W3C context for the headers, its first update's (as for commands)."""
+    await js.publish(
+        subject("status", cluster), batch, headers=headers("StatusBatch", trace=trace), timeout=ack_wait
+    )
 
 
 def status_consumer_config() -> ConsumerConfig:

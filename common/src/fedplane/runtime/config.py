@@ -36,6 +36,14 @@ class TelemetryConfig:
 
 
 @dataclasses.dataclass
+class MetricsConfig:
+    """Prometheus metrics over HTTP (docs/operations.md, Metrics)."""
+
+    # host:port of the metrics endpoint (port 0 picks one); empty: no metrics server.
+    listen: str = ""
+
+
+@dataclasses.dataclass
 class WeightsConfig:
     data_locality: float = 3.0
     headroom: float = 1.0
@@ -238,6 +246,7 @@ class HubConfig:
     # without it the hub refuses to start unauthenticated; with it, it says so loudly.
     insecure: bool = False
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
 
 @dataclasses.dataclass
@@ -297,6 +306,7 @@ class AgentConfig:
     # Connect to NATS without an identity (a development setup; the hub must be insecure too).
     insecure: bool = False
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def simulated(self) -> SimulatedBackendConfig:
         settings = {k: v for k, v in self.backend.items() if k != "type"}
@@ -346,6 +356,24 @@ _RANGES: dict[str, tuple[float, bool, float]] = {
 }
 
 
+# The values a setting may take, checked by name as the ranges are: refused at load, not by a
+# traceback when telemetry starts.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "exporter": ("otlp", "console", "none"),
+    "log_format": ("json", "console"),
+    "log_level": ("debug", "info", "warning", "warn", "error", "critical"),
+}
+
+
+def _not_a_choice(name: str, value: Any, where: str) -> str | None:
+    allowed = _CHOICES.get(name)
+    if allowed is None or not isinstance(value, str):
+        return None
+    if value in allowed or (name == "log_level" and value.lower() in allowed):  # logging's own case
+        return None
+    return f"{where}: {value!r} is not one of {', '.join(allowed)}"
+
+
 def _out_of_range(name: str, value: Any, where: str) -> str | None:
     """Why `value` is no good for setting `name`, or None (a 0 batch size fails at the first write,
     long after start-up, so the loader refuses it)."""
@@ -382,7 +410,7 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
         except ConfigError as exc:  # a nested section's problems, all of them
             problems.append(str(exc))
             continue
-        why = _out_of_range(name, kwargs[name], here)
+        why = _out_of_range(name, kwargs[name], here) or _not_a_choice(name, kwargs[name], here)
         if why:
             problems.append(why)
     if problems:

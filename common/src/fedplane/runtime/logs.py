@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines (or console for people) carrying the current trace id.
+"""structlog set-up: JSON lines (or console for people) carrying the current trace and span ids.
 
 The hub logs a line per dispatched job, so a log call's cost is part of its throughput:
 JSON is rendered by orjson and written as bytes, and each module's logger is bound once per
@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-from fedplane.runtime.telemetry import current_trace_id
+from fedplane.runtime.telemetry import current_ids
 
 # Bumped by configure(): loggers bound under an older configuration bind again.
 _generation = 0
@@ -26,10 +26,14 @@ _level = logging.INFO
 _stream: TextIO | None = None
 
 
-def _add_trace_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    trace_id = current_trace_id()
-    if trace_id and "trace_id" not in event:
-        event["trace_id"] = trace_id
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The current span's ids, unless the line names a trace of its own (a job's, logged where
+    its span is not current): a span id from elsewhere would point into another trace."""
+    if "trace_id" not in event:
+        trace_id, span_id = current_ids()
+        if trace_id:
+            event["trace_id"] = trace_id
+            event["span_id"] = span_id
     return event
 
 
@@ -79,7 +83,7 @@ def configure(level: str | None = None, fmt: str | None = None, file: TextIO | N
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _add_timestamp,
-            _add_trace_id,
+            _add_trace_ids,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -88,6 +92,12 @@ def configure(level: str | None = None, fmt: str | None = None, file: TextIO | N
         cache_logger_on_first_use=False,
     )
     _generation += 1
+
+
+def bind(**keys: Any) -> None:
+    """Keys every later line of this context carries (a daemon binds its agent's cluster once, so
+    the lines of code that does not know it carry it too); a line's own keys win."""
+    structlog.contextvars.bind_contextvars(**keys)
 
 
 def debug_enabled() -> bool:

@@ -2,8 +2,9 @@
 
 One trace follows a job: the client's submit (gRPC metadata), the hub's placement and
 dispatch (the submit's context is stored with the job, since placement happens later in
-another task), the NATS command (message headers), the agent's handling and the status
-update back (headers again).
+another task), the NATS command, the agent's handling and the status update back. On NATS each
+command and status update carries its own context in the payload (a message batches many), and
+the message's headers carry its first item's, for tools that read only headers.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 TRACER_NAME = "fedplane"
+# The span attributes naming a job and a cluster: a tracing backend finds a job's spans by them
+# (in Jaeger's search: tag fedplane.job_id=<job id>).
+JOB_ID = "fedplane.job_id"
+CLUSTER = "fedplane.cluster"
 _configured = False
 # Whether per-job spans are made: only once configure() has somewhere to send them.
 _recording = False
 _tracer: trace.Tracer | None = None
-# The trace id of the job being handled when no span is made for it (see child_span).
-_passthrough_trace_id: ContextVar[str] = ContextVar("fedplane_trace_id", default="")
+# The trace and span ids of the job being handled when no span is made for it (see child_span).
+_passthrough_ids: ContextVar[tuple[str, str]] = ContextVar("fedplane_trace_ids", default=("", ""))
 
 
 def configure(
@@ -48,6 +53,17 @@ def configure(
     _configured = True
     exporter = exporter or os.environ.get("FEDPLANE_TRACES_EXPORTER", "none")
     _recording = exporter != "none" or extra_exporter is not None
+    trace.set_tracer_provider(make_provider(service_name, exporter, endpoint, extra_exporter))
+
+
+def make_provider(
+    service_name: str,
+    exporter: str = "none",
+    endpoint: str | None = None,
+    extra_exporter: SpanExporter | None = None,
+) -> TracerProvider:
+    """A tracer provider exporting as `configure` says, not installed: for a program (or a test)
+    that traces its own calls beside a provider already in place."""
     # With nowhere to send spans, sample none: trace ids still propagate (and reach the logs),
     # but no span records attributes or events, which costs real CPU per job at high rates.
     sampler = ALWAYS_OFF if exporter == "none" and extra_exporter is None else None
@@ -64,7 +80,7 @@ def configure(
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
         provider.add_span_processor(SimpleSpanProcessor(extra_exporter))
-    trace.set_tracer_provider(provider)
+    return provider
 
 
 def shutdown() -> None:
@@ -99,11 +115,11 @@ def child_span(
     the trace id still reaches the next hop and this hop's log lines, at no cost per job.
     """
     if not _recording:
-        token = _passthrough_trace_id.set(trace_id_of(parent or {}))
+        token = _passthrough_ids.set(ids_of(parent or {}))
         try:
             yield dict(parent or {})
         finally:
-            _passthrough_trace_id.reset(token)
+            _passthrough_ids.reset(token)
         return
     with tracer().start_as_current_span(name, context=extract(parent), kind=kind, attributes=attributes):
         yield inject()
@@ -127,39 +143,50 @@ def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(carrier or {}))
 
 
-def current_trace_id() -> str:
+def current_ids() -> tuple[str, str]:
+    """The trace and span ids of the current span (hex, as W3C writes them), else of the job
+    being handled without a span (see child_span), else empty."""
     ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else _passthrough_trace_id.get()
+    if ctx.is_valid:
+        return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+    return _passthrough_ids.get()
+
+
+def current_trace_id() -> str:
+    return current_ids()[0]
+
+
+def ids_of(carrier: Mapping[str, str]) -> tuple[str, str]:
+    """The trace and span ids in a W3C context (traceparent "00-<trace id>-<span id>-<flags>"),
+    if valid; empty otherwise."""
+    parts = carrier.get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1].strip("0") and len(parts[2]) == 16:
+        return parts[1], parts[2]
+    return "", ""
 
 
 def trace_id_of(carrier: Mapping[str, str]) -> str:
-    """The trace id in a W3C context (traceparent "00-<trace id>-<span id>-<flags>"), if valid."""
-    parts = carrier.get("traceparent", "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and parts[1].strip("0"):
-        return parts[1]
-    return ""
+    """The trace id in a W3C context, if valid: where to find the job's trace."""
+    return ids_of(carrier)[0]
 
 
-def _untraced_streams() -> Any:
-    """Leave long-lived watch streams untraced.
-
-    One span per watch says nothing useful. The aio stream interceptors also log "Failed to
-    detach context" whenever a stream is closed early (opentelemetry-python-contrib#2357).
-    """
-    from opentelemetry.instrumentation.grpc import filters
-
-    return filters.negate(filters.method_name("WatchJobs"))
+def log_ids(carrier: Mapping[str, str]) -> dict[str, str]:
+    """`trace_id` and `span_id` for a log line about the work `carrier` continues (none if invalid)."""
+    trace_id, span_id = ids_of(carrier)
+    return {"trace_id": trace_id, "span_id": span_id} if trace_id else {}
 
 
-def grpc_client_interceptors() -> list[Any]:
-    """Interceptors that start a client span and put its context in the call's metadata."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+def grpc_client_interceptors(tracer_provider: TracerProvider | None = None) -> list[Any]:
+    """Interceptors that start a client span and put its context in the call's metadata.
 
-    return list(aio_client_interceptors(filter_=_untraced_streams()))  # type: ignore[no-untyped-call]
+    `tracer_provider`: where the spans go (default: the process's, see configure)."""
+    from fedplane.runtime import grpctracing
+
+    return grpctracing.client_interceptors(tracer_provider)
 
 
 def grpc_server_interceptor() -> Any:
     """Server interceptor that continues the caller's trace from the call's metadata."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from fedplane.runtime import grpctracing
 
-    return aio_server_interceptor(filter_=_untraced_streams())  # type: ignore[no-untyped-call]
+    return grpctracing.server_interceptor()

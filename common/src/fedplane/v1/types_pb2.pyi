@@ -827,6 +827,7 @@ class Job(_message.Message):
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     idempotency_key: _builtins.str
     revision: _builtins.int
@@ -836,6 +837,11 @@ class Job(_message.Message):
     submitted_by: _builtins.str
     """Who submitted it: the authenticated caller's name (empty: a hub without authentication).
     Its idempotency key is scoped to this name (output only).
+    """
+    trace_id: _builtins.str
+    """The id of the job's trace (W3C, 32 hex digits): its submit, placement and dispatch, the
+    agent's handling and the status updates, in a tracing backend such as Jaeger; also the
+    `trace_id` of the log lines about the job (output only).
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
@@ -861,10 +867,11 @@ class Job(_message.Message):
         pending_reason: _builtins.str = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         submitted_by: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "pending_reason", b"pending_reason", "revision", b"revision", "spec", b"spec", "status", b"status", "submitted_by", b"submitted_by", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "pending_reason", b"pending_reason", "revision", b"revision", "spec", b"spec", "status", b"status", "submitted_by", b"submitted_by", "trace_context", b"trace_context", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,7 +20,7 @@ from fedplane.hub.events import Change, EventLog, WatchFellBehind
 from fedplane.hub.store import NO_FENCE, RevisionCompacted
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
 from fedplane.hub.validation import refusal, validate_spec
-from fedplane.runtime import logs
+from fedplane.runtime import logs, telemetry
 from fedplane.v1 import hub_pb2 as hub_pb
 from fedplane.v1 import types_pb2 as pb
 
@@ -141,7 +141,12 @@ class HubApi:
                 self.commands.queue(job, delete_command(job, reason))
             else:
                 table.wake.set()
-            log.info("job cancel requested", job_id=job_id, state=sm.state_name(written.state))
+            log.info(
+                "job cancel requested",
+                job_id=job_id,
+                cluster=written.cluster,
+                state=sm.state_name(written.state),
+            )
             return table.job_out(written)
         raise HubError("ABORTED", f"job {job_id} kept changing; try again")
 
@@ -180,6 +185,7 @@ class HubApi:
             log.info(
                 "job priority changed",
                 job_id=job_id,
+                cluster=written.cluster,
                 priority=priority,
                 priority_class=priority_class,
                 state=sm.state_name(written.state),
@@ -305,6 +311,7 @@ class HubApi:
         if record is None:
             return None  # deleted since
         job = record.spec_record
+        job.trace_id = telemetry.trace_id_of(job.trace_context)
         job.ClearField("trace_context")
         job.status.ParseFromString(change.status_blob)
         job.revision = change.revision

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
 from opentelemetry import trace
 
+from fedplane.hub.metrics import UNWIRED, HubMetrics
 from fedplane.runtime import bus, logs, telemetry
 from fedplane.v1 import agent_pb2 as agent_pb
 from fedplane.v1 import types_pb2 as pb
@@ -64,6 +66,8 @@ class CommandSender:
     Placement never waits for JetStream: while one batch awaits its acks the next collects,
     so under load each batch is larger, not later. A command stays queued until stored.
     """
+
+    metrics: HubMetrics = UNWIRED
 
     def __init__(self, js: bus.JetStream, batch: int = 10_000, retry_delay: float = 1.0) -> None:
         self.js = js
@@ -128,8 +132,8 @@ class CommandSender:
                     context=telemetry.extract(ctx),
                     kind=trace.SpanKind.PRODUCER,
                     attributes={
-                        "job.id": command.job_id,
-                        "cluster": cluster,
+                        telemetry.JOB_ID: command.job_id,
+                        telemetry.CLUSTER: cluster,
                         "generation": command.generation,
                     },
                 )
@@ -143,8 +147,11 @@ class CommandSender:
             for chunk in _chunks(entries):
                 batch = agent_pb.DispatchBatch(commands=[command for _, (_, command, _) in chunk])
                 chunks.append(chunk)
-                messages.append(bus.command_batch_message(cluster, batch.SerializeToString()))
+                first = batch.commands[0].trace_context
+                messages.append(bus.command_batch_message(cluster, batch.SerializeToString(), first))
+        started = time.perf_counter()
         results = await bus.publish_all(self.js, messages)
+        self.metrics.command_round(time.perf_counter() - started, sum(1 for e in results if e is not None))
         failed = [
             entry
             for chunk, error in zip(chunks, results, strict=True)

@@ -52,6 +52,8 @@ class EventLog:
         self.revision = 0
         self._watchers: set[_Watcher] = set()
         self._backlog = watcher_backlog
+        # Watchers cut off for falling behind, ever (a metric).
+        self.fell_behind = 0
 
     def publish(self, event: Change) -> None:
         self.revision = max(self.revision, event.revision)
@@ -59,6 +61,10 @@ class EventLog:
         for watcher in self._watchers:
             if not watcher.behind:
                 watcher.offer(event)
+
+    def backlogs(self) -> list[int]:
+        """Each open watcher's queued events: how far behind it is (a metric)."""
+        return [watcher.queue.qsize() for watcher in self._watchers]
 
     def close(self) -> None:
         for watcher in self._watchers:
@@ -98,6 +104,7 @@ class EventLog:
                 item = await watcher.queue.get()
                 if item is None:
                     if watcher.behind:
+                        self.fell_behind += 1
                         raise WatchFellBehind(f"the watch fell behind at revision {last}; resume from it")
                     return
                 if fresh(item) and wanted(item):

@@ -38,7 +38,7 @@ from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, delete_command
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
-from fedplane.runtime import logs, timestamps
+from fedplane.runtime import logs, telemetry, timestamps
 from fedplane.runtime.config import HubConfig
 from fedplane.v1 import types_pb2 as pb
 
@@ -242,6 +242,7 @@ class GangTimeouts:
                     generation=generation,
                     attempts=move.attempts,
                     max_attempts=self.max_attempts,
+                    **telemetry.log_ids(job.trace_context),
                 )
             else:
                 log.info(
@@ -251,6 +252,7 @@ class GangTimeouts:
                     generation=generation,
                     attempts=move.attempts,
                     not_before=_iso(move.not_before),
+                    **telemetry.log_ids(job.trace_context),
                 )
         if landed:
             self.table.capacity_changed()  # the freed room may take shapes that fit nowhere

@@ -49,6 +49,7 @@ from fedplane.hub.intake import Intake
 from fedplane.hub.leader import Leadership, default_replica_id, hub_status
 from fedplane.hub.liveness import Liveness
 from fedplane.hub.lost import LostClusterJobs
+from fedplane.hub.metrics import HubMetrics
 from fedplane.hub.queuebook import QueueBook, unfinished_jobs
 from fedplane.hub.reports import ClusterReports
 from fedplane.hub.retention import Retention
@@ -125,6 +126,12 @@ class Hub:
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._subs: list[bus.Subscription] = []
         self._stopping = False
+        # The parts count into the hub's own metrics; its state is read at each scrape.
+        self.metrics = HubMetrics()
+        store.on_txn = self.metrics.etcd_txn
+        self.intake.metrics = self.scheduler.metrics = self.metrics
+        self.commands.metrics = self.statuses.metrics = self.leadership.metrics = self.metrics
+        self.metrics.watch(self)
 
     @classmethod
     async def start(cls, config: HubConfig, clock: Clock = SYSTEM) -> Hub:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from fedplane.core.queues import QueueConfig
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
+from fedplane.hub.metrics import UNWIRED, HubMetrics
 from fedplane.hub.table import JobRecord, JobTable, NewJob
 from fedplane.hub.validation import queue_problems, refusal, validate_spec
 from fedplane.runtime import logs, telemetry, timestamps
@@ -31,6 +32,8 @@ def new_job_id(now: float) -> str:
 
 
 class Intake:
+    metrics: HubMetrics = UNWIRED
+
     def __init__(
         self,
         table: JobTable,
@@ -158,6 +161,7 @@ class Intake:
                 else (JobRecord.stored(outcome), False)
                 for job, outcome in zip(writing, created, strict=True)
             ]
+            self.metrics.submitted.inc(sum(1 for _, new in stored if new))
             start = 0
             for jobs, future in groups:
                 if not future.done():

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedplane.hub.etcdpb import rpc_pb2 as rpc
+from fedplane.hub.metrics import UNWIRED, HubMetrics
 from fedplane.hub.store import Fence, Store, _Txn
 from fedplane.runtime import logs, tasks
 from fedplane.runtime.version import __version__
@@ -98,6 +99,8 @@ class Leadership:
     `on_follow` must stop every leader-only task at once (it is awaited before anything else
     happens); `on_lead` starts them.
     """
+
+    metrics: HubMetrics = UNWIRED
 
     def __init__(
         self,
@@ -220,6 +223,7 @@ class Leadership:
         fence = Fence(key, int(response.header.revision))
         log.info("leading", replica=self.me.id, fencing_revision=fence.revision)
         self.fence = fence
+        self.metrics.leader_changes.inc()
         try:
             await self.on_lead(fence)
         except Exception:

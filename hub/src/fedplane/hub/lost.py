@@ -36,7 +36,7 @@ from fedplane.hub.clusters import ClusterRegistry, ClusterState
 from fedplane.hub.commands import CommandQueue, delete_command
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import JobRecord, JobTable, StatusWrite
-from fedplane.runtime import logs
+from fedplane.runtime import logs, telemetry
 from fedplane.runtime.config import DisconnectConfig, HubConfig
 from fedplane.v1 import types_pb2 as pb
 
@@ -352,5 +352,6 @@ class LostClusterJobs:
                 action=action,
                 state=sm.state_name(moved),
                 reason=outcome.why,
+                **telemetry.log_ids(job.trace_context),
             )
         return lost_race

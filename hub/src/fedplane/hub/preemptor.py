@@ -22,7 +22,7 @@ from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, delete_command
 from fedplane.hub.table import HOLDING, JobRecord, JobTable, StatusWrite
-from fedplane.runtime import logs
+from fedplane.runtime import logs, telemetry
 from fedplane.v1 import types_pb2 as pb
 
 log = logs.get("fedplane.hub")
@@ -202,6 +202,7 @@ class Preemptor:
                 reason=eviction.reason.name,
                 preemptor=preemptor,
                 state=sm.state_name(written.state),
+                **telemetry.log_ids(job.trace_context),
             )
         return done
 

@@ -9,6 +9,7 @@ idle hub places a job at once and a busy one in large batches.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from fedplane.core import dispatch as sm
@@ -20,6 +21,7 @@ from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
 from fedplane.hub.commands import CommandQueue, create_command
 from fedplane.hub.lost import DisconnectPolicies
+from fedplane.hub.metrics import UNWIRED, HubMetrics, entered_pending
 from fedplane.hub.preemptor import Preemptor
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import HOLDING, JobTable, StatusWrite
@@ -32,6 +34,8 @@ S = sm.S
 
 
 class Scheduler:
+    metrics: HubMetrics = UNWIRED
+
     def __init__(
         self,
         table: JobTable,
@@ -102,7 +106,9 @@ class Scheduler:
         limit = self.max_per_round
         views = self.registry.views(now)
         with telemetry.tracer().start_as_current_span("hub.place_batch", attributes={"queued": len(queue)}):
+            started = time.perf_counter()
             placed = queue.cycle(views, self.weights, limit)
+            self.metrics.placement_cycle.observe(time.perf_counter() - started)
         if len(placed) >= limit:
             table.wake.set()  # more may fit: carry on right after this batch is written
         writes: list[StatusWrite] = []
@@ -138,6 +144,7 @@ class Scheduler:
     ) -> None:
         """Write the round's dispatches in one CAS batch, then reserve, command and log what landed."""
         table, queue, jobs = self.table, self.table.queue, self.table.jobs
+        waits: list[float] = []  # how long each job that landed waited (a metric)
         for write, written in zip(writes, await table.write(writes), strict=True):
             request, decision, job = chosen[write.job_id]
             if written is None:
@@ -151,19 +158,26 @@ class Scheduler:
                 continue
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
+            # The dispatch's log line names the job's trace, and in it the job's placement span
+            # when there is one (else the submit's).
+            trace_ids = telemetry.log_ids(job.trace_context)
             if telemetry.recording():
                 # The job's own placement span, in its submit's trace: the round that decided it.
-                telemetry.tracer().start_span(
+                span = telemetry.tracer().start_span(
                     "hub.place",
                     context=telemetry.extract(job.trace_context),
                     start_time=round_start,
                     attributes={
-                        "job.id": write.job_id,
-                        "cluster": decision.cluster,
+                        telemetry.JOB_ID: write.job_id,
+                        telemetry.CLUSTER: decision.cluster,
                         "score": verdict.score.total,
                         "clusters.considered": len(decision.verdicts),
                     },
-                ).end()
+                )
+                span.end()
+                if trace_ids:
+                    trace_ids["span_id"] = format(span.get_span_context().span_id, "016x")
+            waits.append(max(0.0, now - entered_pending(job)))
             cluster = self.registry.clusters[decision.cluster]
             cluster.reserve(request, write.status.generation, verdict.assignments)
             fence = self.policies.fence_after_seconds(job.spec, self.registry, cluster)
@@ -171,11 +185,12 @@ class Scheduler:
             log.info(
                 "job dispatched",
                 job_id=write.job_id,
-                trace_id=telemetry.trace_id_of(job.trace_context),
                 cluster=decision.cluster,
                 generation=write.status.generation,
                 score=verdict.score.total,
                 # The write's etcd revision: it tells a dispatch made before a takeover (below
                 # the new leader's fencing revision) from one after.
                 revision=written.revision,
+                **trace_ids,
             )
+        self.metrics.dispatches(waits)

@@ -17,6 +17,7 @@ from fedplane.hub.identity import Authenticator, ConfigFileError
 from fedplane.hub.service import ClusterService, HubService, JobService, QueueService
 from fedplane.runtime import entry, gcpolicy, logs, tasks, telemetry
 from fedplane.runtime.config import ConfigError, HubConfig, StartupError, TlsConfig, load_hub, unsecured
+from fedplane.runtime.metrics import MetricsServer, parse_listen
 from fedplane.v1 import hub_pb2, hub_pb2_grpc
 
 log = logs.get("fedplane.hub")
@@ -43,11 +44,20 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
 class HubServer:
     """A started hub and its gRPC server; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, hub: Hub, server: grpc.aio.Server, port: int, health: HealthServicer) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        server: grpc.aio.Server,
+        port: int,
+        health: HealthServicer,
+        metrics: MetricsServer | None = None,
+    ) -> None:
         self.hub = hub
         self.server = server
         self.port = port
         self.health = health
+        # The Prometheus endpoint (metrics.listen), if any.
+        self.metrics = metrics
 
     @classmethod
     async def start(cls, config: HubConfig) -> HubServer:
@@ -59,6 +69,8 @@ class HubServer:
             authenticator = Authenticator.of(config.auth, config.tls.require_client_cert)
         except ConfigFileError as exc:
             raise StartupError(str(exc)) from None
+        if config.metrics.listen:
+            parse_listen(config.metrics.listen)  # a malformed address, before connecting anywhere
         hub = await Hub.start(config)
         # No SO_REUSEPORT (gRPC turns it on by default): a second hub on the same port must fail
         # to start, not silently share the port and half the calls.
@@ -95,6 +107,14 @@ class HubServer:
         if port == 0:
             await hub.stop()
             raise StartupError(f"cannot listen on {config.listen}: {why}")
+        metrics = None
+        if config.metrics.listen:
+            try:
+                metrics = await hub.metrics.serve(config.metrics.listen)
+            except StartupError:
+                await hub.stop()
+                await server.stop(None)
+                raise
         await server.start()
         for name in ["", *SERVICE_NAMES]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -106,12 +126,14 @@ class HubServer:
             tls="mutual" if config.tls.require_client_cert else "on" if credentials else "off",
             auth="on" if authenticator else "off (every caller may do everything)",
         )
-        return cls(hub, server, port, health)
+        return cls(hub, server, port, health, metrics)
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.hub.stop()
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
 
 
 async def serve(config: HubConfig) -> None:

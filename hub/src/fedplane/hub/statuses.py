@@ -18,6 +18,7 @@ from fedplane.core import dispatch as sm
 from fedplane.hub import records
 from fedplane.hub.clock import Clock
 from fedplane.hub.clusters import ClusterRegistry
+from fedplane.hub.metrics import UNWIRED, HubMetrics
 from fedplane.hub.store import FenceLost
 from fedplane.hub.table import JobTable, StatusWrite
 from fedplane.runtime import bus, logs, telemetry
@@ -38,6 +39,8 @@ class StatusMessage(bus.Incoming, bus.Ackable, Protocol):
 
 
 class StatusIntake:
+    metrics: HubMetrics = UNWIRED
+
     def __init__(
         self,
         table: JobTable,
@@ -85,7 +88,7 @@ class StatusIntake:
             message=update.message,
         )
         if isinstance(outcome, sm.Ignored):
-            log.debug("status update ignored", job_id=update.job_id, why=outcome.why)
+            log.debug("status update ignored", job_id=update.job_id, cluster=update.cluster, why=outcome.why)
             return False
         if status is None:
             # Parsed once per job and batch, and only when an update applies; the batch owns
@@ -105,6 +108,7 @@ class StatusIntake:
     async def apply_batch(self, msgs: Sequence[StatusMessage]) -> None:
         """Apply the updates in a batch of messages with one etcd write per job, then ack or nak."""
         now = self.clock.time()
+        self.metrics.status_messages(msgs)
         pending: dict[str, _Pending] = {}
         msgs_by_job: dict[str, set[int]] = {}
         # Without a span to make or a debug line to write, no per-update trace context is set up.
@@ -120,7 +124,7 @@ class StatusIntake:
                     # A cluster may speak only for itself: what it says of another is dropped.
                     log.warning(
                         "status update dropped: it names another cluster than its subject",
-                        subject_cluster=sender,
+                        cluster=sender,
                         claimed_cluster=update.cluster,
                         job_id=update.job_id,
                     )
@@ -131,8 +135,8 @@ class StatusIntake:
                         update.trace_context,
                         kind=trace.SpanKind.CONSUMER,
                         attributes={
-                            "job.id": update.job_id,
-                            "cluster": update.cluster,
+                            telemetry.JOB_ID: update.job_id,
+                            telemetry.CLUSTER: update.cluster,
                             "state": sm.state_name(update.state),
                         },
                     )
@@ -149,10 +153,12 @@ class StatusIntake:
         held_at = {w.job_id: jobs[w.job_id].cluster for w in writes if w.job_id in jobs}
         freed = False
         lost: set[int] = set()
+        applied: list[pb.JobStatus] = []
         for write, record in zip(writes, await self.table.write(writes), strict=True):
             if record is None:
                 lost |= msgs_by_job[write.job_id]
                 continue
+            applied.append(write.status)
             written = write.status.state
             if sm.is_terminal(written) or written == sm.S.PENDING:
                 state = self.registry.clusters.get(write.status.cluster or held_at.get(write.job_id, ""))
@@ -166,6 +172,7 @@ class StatusIntake:
                         cluster=held_at.get(write.job_id, ""),
                         generation=write.status.generation,
                     )
+        self.metrics.statuses(applied, now)
         await bus.ack_or_nak(msgs, lost, delay=0.1)
         if freed:
             self.table.capacity_changed()

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -253,6 +254,10 @@ def check_fence(response: Any, fence: Fence) -> None:
         raise FenceLost(fence)
 
 
+def _no_hook(_seconds: float, _error: EtcdError | None) -> None:
+    pass
+
+
 class Store:
     """JobStore on etcd."""
 
@@ -264,6 +269,8 @@ class Store:
         # etcd's --max-txn-ops (128 unless the server says otherwise): writes are batched up to it.
         self.max_txn_ops = max_txn_ops
         self.rpc_timeout = rpc_timeout
+        # Told of every transaction: how long it took, and its error if it failed (the hub's metrics).
+        self.on_txn: Callable[[float, EtcdError | None], None] = _no_hook
 
     @classmethod
     async def connect(
@@ -344,8 +351,17 @@ class Store:
     async def _txn(self, txn: _Txn) -> Any:
         """Send one transaction (see _Txn); failures are raised as EtcdErrors."""
         client = self.client
-        with client.errors():
-            return await client.kv.Txn(txn.request, timeout=self.rpc_timeout, metadata=client.metadata)
+        started = time.perf_counter()
+        try:
+            with client.errors():
+                response = await client.kv.Txn(
+                    txn.request, timeout=self.rpc_timeout, metadata=client.metadata
+                )
+        except EtcdError as exc:
+            self.on_txn(time.perf_counter() - started, exc)
+            raise
+        self.on_txn(time.perf_counter() - started, None)
+        return response
 
     # jobs
     def _create_ops(self, job: JobToCreate, txn: _Txn) -> None:

@@ -23,6 +23,7 @@ from fedplane.core.model import JobRequest
 from fedplane.core.queueing import Queues, demand
 from fedplane.hub import convert
 from fedplane.hub.store import NO_FENCE, Fence, FenceLost, JobStore, StoredJob
+from fedplane.runtime import telemetry
 from fedplane.v1 import types_pb2 as pb
 
 S = sm.S
@@ -359,6 +360,7 @@ class JobTable:
         """The job as the API shows it; `job` is the record's job when the caller holds it parsed."""
         job = job if job is not None else record.job
         job.revision = record.revision
+        job.trace_id = telemetry.trace_id_of(job.trace_context)
         job.ClearField("trace_context")
         if job.status.state == S.PENDING:
             job.pending_reason = self.pending_reason(record.id)

@@ -8,6 +8,8 @@ Ctrl-C stops everything; no process is left behind.
 With `--edge N`, the last N clusters are an edge site: labelled as edge, their agents connect
 to a leaf nats-server of their own, a leaf node of the hub's nats-server, whose link runs
 through a CutLink that SIGUSR1 cuts and restores, to watch the site work on while cut off.
+
+With `--jaeger`, Jaeger v2 runs beside it (fedplane.local.jaeger) and every span goes there.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from fedplane.client.sdk import FedplaneClient
 from fedplane.client.spec import load_file
 from fedplane.hub.server import HubServer
 from fedplane.local import servers as embedded
+from fedplane.local.jaeger import Jaeger, start_jaeger
 from fedplane.local.link import CutLink
 from fedplane.local.security import LocalSecurity
 from fedplane.runtime import logs, natsjwt, tasks, telemetry
-from fedplane.runtime.config import AgentConfig, HubConfig, from_mapping
+from fedplane.runtime.config import AgentConfig, HubConfig, MetricsConfig, StartupError, from_mapping
 from fedplane.v1 import types_pb2 as pb
 
 # Three clusters of different shapes: a regional GPU cluster, a regional CPU cluster and an edge site.
@@ -201,6 +204,8 @@ async def run(
             implicit_queues=True,
             nats_url=f"nats://{nats.address}",
             cluster_unknown_after_seconds=5.0,
+            # Prometheus metrics on a free loopback port, printed below (as each agent's).
+            metrics=MetricsConfig(listen="127.0.0.1:0"),
             edge_cluster_unknown_after_seconds=10.0,
             edge_cluster_lost_after_seconds=60.0,
         )
@@ -256,9 +261,11 @@ async def run(
         for agent_config in configs:
             if agent_config not in at_edge:
                 security.agent_config(agent_config)
+            agent_config.metrics.listen = "127.0.0.1:0"
             agent = Agent(agent_config, SimulatedBackend(agent_config.simulated()))
             await agent.start()
             agents.append(agent)
+        console.print(f"  metrics: {_metrics_addresses(hub_server, agents)}")
         async with FedplaneClient(target, tls=security.client_tls, token=security.admin_token) as client:
             queue_file = jobs_dir / "queues.yaml" if jobs_dir is not None else None
             if queue_file is not None and queue_file.exists():
@@ -281,6 +288,7 @@ async def run(
                 await stop.wait()
             return status
     finally:
+        security.remove_context()
         if link is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
@@ -294,6 +302,12 @@ async def run(
             await link.close()
         nats.stop()
         etcd.stop()
+
+
+def _metrics_addresses(hub: HubServer, agents: list[Agent]) -> str:
+    """Where Prometheus can scrape the hub and each agent."""
+    served = [("hub", hub.metrics), *((agent.cluster, agent.metrics_server) for agent in agents)]
+    return ", ".join(f"{name} {server.url}" for name, server in served if server is not None)
 
 
 def _toggle_on_sigusr1(link: CutLink, console: Console) -> None:
@@ -362,12 +376,27 @@ async def _follow(client: FedplaneClient, board: JobBoard, stop: asyncio.Event, 
     return 1 if any(j.status.state == pb.FAILED for j in board.jobs) else 0
 
 
+def _start_jaeger(data_dir: Path, console: Console) -> Jaeger:
+    """`--jaeger`: Jaeger beside the federation, every span exported to it (in memory: the traces
+    go when the federation stops)."""
+    try:
+        traces = start_jaeger(data_dir)
+    except embedded.EmbeddedError as exc:
+        raise StartupError(f"--jaeger: {exc}") from None
+    console.print(
+        f"  traces: Jaeger {traces.ui_url}, a job's trace at {traces.api_url('TRACE_ID')} (its id:"
+        f" [cyan]fedplane get JOB[/], Trace); spans go in by OTLP gRPC at {traces.otlp_endpoint}"
+    )
+    return traces
+
+
 def main(
     jobs_dir: Path | None = None,
     data_dir: Path | None = None,
     keep_running: bool = False,
     clusters: int = 3,
     edge: int = 0,
+    jaeger: bool = False,
 ) -> None:
     if not 0 <= edge <= clusters:
         raise SystemExit(f"--edge {edge}: must be between 0 and the number of clusters ({clusters})")
@@ -377,7 +406,6 @@ def main(
     root.mkdir(parents=True, exist_ok=True)
     log_file = (root / "fedplane.log").open("a")
     logs.configure("info", "json", file=log_file)
-    telemetry.configure("fedplane-local")
     jobs_dir = jobs_dir or default_jobs_dir()
     # Parse every spec before starting anything, so a bad file costs nothing.
     specs: list[tuple[pb.JobSpec, str]] = []
@@ -387,10 +415,18 @@ def main(
     async def main_async() -> int:
         return await run(specs, jobs_dir, root, keep_running, clusters, console, tasks.stop_event(), edge)
 
+    traces: Jaeger | None = None
     try:
+        if jaeger:
+            traces = _start_jaeger(root / "jaeger", console)
+        telemetry.configure(
+            "fedplane-local", "otlp" if traces else None, traces.otlp_endpoint if traces else None
+        )
         code = asyncio.run(main_async())
     finally:
-        telemetry.shutdown()
+        telemetry.shutdown()  # the last spans reach Jaeger before it stops
+        if traces is not None:
+            traces.stop()
         log_file.close()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
