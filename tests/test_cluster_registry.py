@@ -173,7 +173,7 @@ OPERATIONS = [
 ]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_cached_views_equal_fresh_ones_whatever_happens(data: st.DataObject) -> None:
     draw = data.draw

@@ -80,7 +80,7 @@ GROUPS = [
 GROUP_ORDERS = [tuple(p) for n in (1, 2, 3) for p in itertools.permutations(GROUPS, n)][::3]
 GROUP_LISTS = [()] * len(GROUP_ORDERS) + GROUP_ORDERS
 
-PROPERTIES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTIES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # A node's shape: free cpu cores, free memory GiB, GPUs, allocatable surplus (None = unknown),

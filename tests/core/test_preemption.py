@@ -451,7 +451,7 @@ def _key(result: Plan, world: World) -> tuple[int, int, str]:
     return (len(result.evictions), max(priority[e.job_id] for e in result.evictions), result.cluster)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_a_plan_is_one_cluster_of_allowed_victims_that_makes_the_gang_fit_and_no_more(world: World) -> None:
     result = world.plan()
