@@ -250,19 +250,6 @@ def log_events(path: Path, event: str) -> list[dict[str, object]]:
     return found
 
 
-def test_logs_are_json_with_the_job_and_its_trace(daemons: Daemons, tmp_path: Path) -> None:
-    spec = tmp_path / "job.yaml"
-    spec.write_text(JOB)
-    fedplane("submit", str(spec), "--wait", hub=daemons.hub)
-    (job,) = json.loads(fedplane("list", "-o", "json", hub=daemons.hub).stdout)
-
-    dispatched = [e for e in log_events(tmp_path / "hub.out", "job dispatched") if e["job_id"] == job["id"]]
-    created = [e for e in log_events(tmp_path / "gpu-a.out", "workload created") if e["job_id"] == job["id"]]
-    assert len(dispatched) == 1 and len(created) == 1
-    assert dispatched[0]["trace_id"] and dispatched[0]["trace_id"] == created[0]["trace_id"]
-    assert dispatched[0]["level"] == "info" and "timestamp" in dispatched[0]
-
-
 def test_a_crashed_hub_loses_no_job_and_dispatches_none_twice(daemons: Daemons, tmp_path: Path) -> None:
     many = tmp_path / "many.yaml"
     many.write_text(

@@ -127,13 +127,9 @@ async def test_cut_an_edge_site_off_for_longer_than_its_lost_timeout(tmp_path: P
     assert double.counts["completed_twice"] == len(finished_offline)
 
 
-async def test_restart_nats_server(tmp_path: Path) -> None:
-    outcome = await run("restart-nats", tmp_path)
-    assert all(final(c).state == SUCCEEDED for c in outcome.history.values())
-
-
-async def test_restart_etcd(tmp_path: Path) -> None:
-    outcome = await run("restart-etcd", tmp_path)
+async def test_restart_nats_server_then_etcd(tmp_path: Path) -> None:
+    # One federation for both restarts (each alone is a scenario of `fedplane chaos` too).
+    outcome = await run("restart-nats-then-etcd", tmp_path)
     assert all(final(c).state == SUCCEEDED for c in outcome.history.values())
 
 

@@ -68,6 +68,13 @@ async def restart_etcd(h: Harness, obs: Observations, down_for: float) -> None:
     await h.restart_etcd(down_for)
 
 
+async def restart_nats_then_etcd(h: Harness, obs: Observations, down_for: float) -> None:
+    """Both stores of the federation, one after the other, under one stream of submissions."""
+    await h.restart_nats(down_for)
+    await asyncio.sleep(1.0)
+    await h.restart_etcd(down_for)
+
+
 async def pause_leader(h: Harness, obs: Observations, paused_for: float) -> None:
     """SIGSTOP the leading hub for `paused_for` (past its lease), then SIGCONT it, and read what
     it says and logs once it runs again."""
@@ -218,6 +225,14 @@ def _scenarios() -> dict[str, Scenario]:
             single,
             steady,
             lambda h, obs: restart_etcd(h, obs, down_for=1.5),
+            cooldown=3.0,
+        ),
+        Scenario(
+            "restart-nats-then-etcd",
+            "kill -9 nats-server and start it again, then the same for etcd, under one load",
+            single,
+            steady,
+            lambda h, obs: restart_nats_then_etcd(h, obs, down_for=1.5),
             cooldown=3.0,
         ),
         Scenario(
