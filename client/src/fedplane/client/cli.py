@@ -776,7 +776,7 @@ class BenchOutput(StrEnum):
 @app.command()
 def bench(
     clusters: Annotated[
-        int, typer.Option("--clusters", help="Simulated clusters (agents sharing one fleet process).")
+        int, typer.Option("--clusters", help="Member clusters (simulated: agents sharing one fleet process).")
     ] = 10,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes per cluster.")] = 100,
     node_cpu: Annotated[int, typer.Option("--node-cpu", help="CPUs per node.")] = 64,
@@ -832,6 +832,14 @@ def bench(
             help="With --queues: generous (quota never blocks) or tight (jobs wait for quota).",
         ),
     ] = "generous",
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="simulated (one fleet process), or kubernetes: each cluster a real kube-apiserver and "
+            "etcd with its own agent; a job counts as dispatched when its Job exists (no kubelet runs).",
+        ),
+    ] = "simulated",
 ) -> None:
     """Benchmark a local federation on real etcd and NATS: throughput, latency, hub CPU and memory."""
     # Imported here: the benchmark pulls in the agent and the servers, which other commands never need.
@@ -857,6 +865,7 @@ def bench(
         secure=secure,
         queues=queues,
         queue_quota=queue_quota,
+        backend=backend,
     )
     problems = params.problems()
     if problems:

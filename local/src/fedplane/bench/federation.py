@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,9 +40,10 @@ from typing import Any
 
 import yaml
 
-from fedplane.bench import loadgen
+from fedplane.bench import kube, loadgen
 from fedplane.bench.fleet import cluster_name
 from fedplane.client.sdk import FedplaneClient, FedplaneError
+from fedplane.local import kubeapiserver
 from fedplane.local import servers as embedded
 from fedplane.local.security import LocalSecurity
 from fedplane.runtime.version import __version__
@@ -69,6 +70,9 @@ STARTUP_TIMEOUT = 120.0
 FINISH_ALLOWANCE = loadgen.READ_TIMEOUT + 60.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 Progress = Callable[[str], None]
+# `--backend kubernetes`: called with the result and the member clusters by name before they
+# stop, to check the Jobs in them (tests/kube/test_kube_bench.py).
+Inspect = Callable[[dict[str, Any], Mapping[str, kubeapiserver.KubeAPIServer]], Awaitable[None]]
 
 
 class BenchError(RuntimeError):
@@ -110,6 +114,9 @@ class BenchParams:
     # The tree's quotas: "generous" never blocks (the figure is the queueing layer's cost);
     # "tight" holds half the measured jobs' pods, so jobs also wait for quota.
     queue_quota: str = "generous"
+    # simulated: one fleet process of simulated clusters. kubernetes: each cluster a real
+    # kube-apiserver and etcd with its own agent process (`fedplane.bench.kube`).
+    backend: str = "simulated"
 
     @property
     def capacity_cpus(self) -> int:
@@ -136,6 +143,7 @@ class BenchParams:
             concurrency=self.concurrency,
             max_in_flight=self.max_in_flight,
             timeout=self.timeout,
+            backend=self.backend,
         )
 
     def problems(self) -> list[str]:
@@ -154,6 +162,13 @@ class BenchParams:
             out.append(f"--queues: at most {MAX_QUEUES} (got {self.queues})")
         if self.queue_quota not in QUEUE_QUOTAS:
             out.append(f"--queue-quota: one of {', '.join(QUEUE_QUOTAS)} (got {self.queue_quota!r})")
+        if self.backend == "kubernetes" and self.clusters > kube.MAX_CLUSTERS:
+            out.append(
+                f"--clusters: at most {kube.MAX_CLUSTERS} with --backend kubernetes "
+                f"(each is a kube-apiserver, an etcd and an agent; got {self.clusters})"
+            )
+        if self.backend == "kubernetes" and self.queued:
+            out.append("--queued: not supported with --backend kubernetes")
         if self.queues and self.queued and self.drain_seconds:
             # The load's jobs are then told apart from the backlog left queued by their queue,
             # which a run over many queues cannot do (it polls every queue's counts).
@@ -368,6 +383,16 @@ class Sampler:
         return out
 
 
+def peak_memory(sampler: Sampler) -> dict[str, int | None]:
+    """Each process's peak resident set: VmHWM while it runs, else the most sampled (an upper
+    bound of what they need together, since each peaks at its own time)."""
+    out: dict[str, int | None] = {}
+    for name, pid in sampler.pids.items():
+        sampled = max((rss[name] for _, _, rss in sampler.samples if name in rss), default=None)
+        out[name] = memory(pid).get("VmHWM") or sampled
+    return out
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 
@@ -398,7 +423,9 @@ def run(params: BenchParams, progress: Progress | None = None) -> dict[str, Any]
     return asyncio.run(run_async(params, progress))
 
 
-async def run_async(params: BenchParams, progress: Progress | None = None) -> dict[str, Any]:
+async def run_async(
+    params: BenchParams, progress: Progress | None = None, inspect: Inspect | None = None
+) -> dict[str, Any]:
     problems = params.problems()
     if problems:
         raise BenchError("; ".join(problems))
@@ -406,14 +433,21 @@ async def run_async(params: BenchParams, progress: Progress | None = None) -> di
     root = Path(tempfile.mkdtemp(prefix="fedplane-benchmark-"))
     children: list[Child] = []
     servers: list[embedded.ServerProcess] = []
+    members = Members()
     limit = STARTUP_TIMEOUT + params.timeout * (2 if params.queued else 1) + FINISH_ALLOWANCE
     started = time.time()
     try:
         async with bounded(limit):
-            result = await _bench(params, root, children, servers, say)
+            result = await _bench(params, root, children, servers, members, say, inspect)
     finally:
         say("stopping the federation")
+        kube.stop_watches(list(members.watches.values()))
         stop_children(children)
+        for member in members.servers.values():
+            member.terminate()
+        for member in members.servers.values():
+            member.stop()
+        kube.join_watches(list(members.watches.values()))
         for server in reversed(servers):
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -422,12 +456,89 @@ async def run_async(params: BenchParams, progress: Progress | None = None) -> di
     return result
 
 
+@dataclass
+class Members:
+    """`--backend kubernetes`: the member apiservers and the watches on their Jobs, by cluster."""
+
+    servers: dict[str, kubeapiserver.KubeAPIServer] = field(default_factory=dict)
+    watches: dict[str, kube.JobWatch] = field(default_factory=dict)
+
+
+async def _launch_members(params: BenchParams, root: Path, members: Members, say: Progress) -> None:
+    """Start every member's etcd and kube-apiserver, without waiting for the apiservers (they
+    get ready while the hub starts). Run from the main thread (the servers' parent-death signal)."""
+    try:
+        binary = await asyncio.to_thread(kubeapiserver.build_binary)
+    except kubeapiserver.KubeAPIServerError as exc:
+        raise BenchError(str(exc).splitlines()[0]) from None
+    say(f"starting {params.clusters} kube-apiservers, each on its own etcd ({binary})")
+    for i in range(params.clusters):
+        name = kube.cluster_name(i)
+        try:
+            members.servers[name] = kubeapiserver.launch(binary, root / name)
+        except subprocess.CalledProcessError as exc:  # openssl, making the apiserver's keys
+            raise BenchError(f"cannot start the kube-apiserver of {name}: {exc}") from None
+
+
+async def _start_members(
+    params: BenchParams,
+    root: Path,
+    nats_url: str,
+    security: LocalSecurity | None,
+    members: Members,
+    children: list[Child],
+    pids: dict[str, int],
+    say: Progress,
+) -> list[Child]:
+    """Once the launched apiservers are ready: one agent each, the Job watches and the fake
+    Nodes; returns the agents."""
+    try:
+        await asyncio.gather(
+            *(asyncio.to_thread(s.wait_ready, STARTUP_TIMEOUT) for s in members.servers.values())
+        )
+    except kubeapiserver.KubeAPIServerError as exc:
+        raise BenchError(str(exc).splitlines()[0]) from None
+    agents: list[Child] = []
+    for i, (name, server) in enumerate(members.servers.items()):
+        config = kube.agent_config(
+            name,
+            server,
+            nats_url,
+            params.heartbeat,
+            bootstrap_token_file=str(security.nats.bootstrap_token_file) if security is not None else "",
+            nats_ca_file=str(security.ca.cert_file) if security is not None else "",
+        )
+        path = kube.write_agent_config(root / f"agent-{name}.yaml", config)
+        agent = spawn(
+            f"agent {name}", [sys.executable, "-m", "fedplane.client", "agent", "--config", str(path)], root
+        )
+        children.append(agent)
+        agents.append(agent)
+        pids[f"agent-{i}"] = agent.pid
+        pids[f"kube-apiserver-{i}"] = server.process.pid
+        pids[f"kube-etcd-{i}"] = server.etcd.process.pid
+        watch = kube.JobWatch(server)
+        watch.start()
+        members.watches[name] = watch
+    # While the agents start: they report the Nodes as their watches see them appear.
+    say(f"creating {params.nodes} fake Nodes of {params.node_cpu} cpus per cluster (no kubelet runs)")
+    await asyncio.gather(
+        *(
+            kube.create_nodes(s, params.nodes, params.node_cpu, params.node_memory)
+            for s in members.servers.values()
+        )
+    )
+    return agents
+
+
 async def _bench(
     params: BenchParams,
     root: Path,
     children: list[Child],
     servers: list[embedded.ServerProcess],
+    members: Members,
     say: Progress,
+    inspect: Inspect | None = None,
 ) -> dict[str, Any]:
     run_id = f"b{int(time.time() * 1000):x}"
     say(f"starting etcd and NATS in {root}" + (" (secured)" if params.secure else ""))
@@ -436,13 +547,16 @@ async def _bench(
     if security is not None:
         etcd, secured = security.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)
-        settings = security.hub_settings(secured)
+        # The bench submits to one implicit queue, secured or not.
+        settings = {**security.hub_settings(secured), "implicit_queues": True}
     else:
         etcd = embedded.start_etcd(root / "etcd", extra_args=ETCD_ARGS)
         servers.append(etcd)
         settings["etcd_endpoint"] = etcd.address
     nats = security.start_nats(root / "nats") if security is not None else embedded.start_nats(root / "nats")
     servers.append(nats)
+    if params.backend == "kubernetes":
+        await _launch_members(params, root, members, say)
     port = embedded.free_port()
     hub_address = f"127.0.0.1:{port}"
     ca_file = str(security.ca.cert_file) if security is not None else ""
@@ -467,21 +581,29 @@ async def _bench(
     hub = spawn("hub", [sys.executable, "-m", "fedplane.client", "hub", "--config", str(config)], root)
     children.append(hub)
     await wait_listening(hub, "127.0.0.1", port)
-    say(f"starting {params.clusters} simulated clusters x {params.nodes} nodes")
-    fleet_args = _fleet_args(params, f"nats://{nats.address}")
-    if security is not None:
-        fleet_args.append(f"--bootstrap-token-file={security.nats.bootstrap_token_file}")
-        fleet_args.append(f"--nats-ca-file={security.ca.cert_file}")
-    fleet = spawn("fleet", fleet_args, root)
-    children.append(fleet)
-    sampler = Sampler(
-        {"hub": hub.pid, "fleet": fleet.pid, "etcd": etcd.process.pid, "nats": nats.process.pid}
-    )
+    pids = {"hub": hub.pid, "etcd": etcd.process.pid, "nats": nats.process.pid}
+    if params.backend == "kubernetes":
+        agents = await _start_members(
+            params, root, f"nats://{nats.address}", security, members, children, pids, say
+        )
+        watched = (hub, *agents)
+        names = list(members.servers)
+    else:
+        say(f"starting {params.clusters} simulated clusters x {params.nodes} nodes")
+        fleet_args = _fleet_args(params, f"nats://{nats.address}")
+        if security is not None:
+            fleet_args.append(f"--bootstrap-token-file={security.nats.bootstrap_token_file}")
+            fleet_args.append(f"--nats-ca-file={security.ca.cert_file}")
+        fleet = spawn("fleet", fleet_args, root)
+        children.append(fleet)
+        pids["fleet"] = fleet.pid
+        watched = (hub, fleet)
+        names = [cluster_name(i) for i in range(params.clusters)]
+    sampler = Sampler(pids)
     sampling = asyncio.create_task(sampler.run(), name="bench-sampler")
     try:
         async with params.load_params(hub_address, run_id, ca_file, token).client() as client:
-            names = [cluster_name(i) for i in range(params.clusters)]
-            await wait_ready(client, names, params.nodes, (hub, fleet))
+            await wait_ready(client, names, params.nodes, watched)
             say(f"{params.clusters} clusters ready")
             if params.queues:
                 await client.apply_queue_objects(queue_objects(params))
@@ -498,8 +620,22 @@ async def _bench(
                 f"{f'{params.rate:g} jobs/s' if params.rate else 'as fast as accepted'}, "
                 f"batch {params.batch_size}, gangs {','.join(map(str, params.gangs))}"
             )
-            result = await _load(client, load, root, children, sampler, (hub, fleet), say)
+            result = await _load(client, load, root, children, sampler, watched, say)
             hub_memory = memory(hub.pid)
+            workloads = None
+            if members.watches:
+                sends: dict[str, float] = json.loads((root / "sends.json").read_text())
+                watches = list(members.watches.values())
+                await kube.catch_up(watches, len(sends))
+                workloads = kube.figures(members.watches, sends)
+                result["latency_ms"]["submit_to_workload_created"] = workloads.pop(
+                    "submit_to_workload_created"
+                )
+                say(
+                    f"{workloads['created']:,} Jobs created in {len(watches)} clusters "
+                    f"({workloads['duplicated']} duplicated, {workloads['missing']} missing)"
+                )
+            peaks = peak_memory(sampler)
     finally:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -507,22 +643,32 @@ async def _bench(
     window = result.get("window", {})
     begin = window.get("first_send") or (sampler.samples[0][0] if sampler.samples else time.time())
     end = window.get("last_running") or window.get("settled") or time.time()
+    if workloads is not None:
+        # No job runs: the window ends at the last workload created.
+        end = max(
+            (t for t in (window.get("last_dispatched"), workloads.get("last_created")) if t), default=end
+        )
     resources = sampler.window(begin, end)
     hub_figures = {
         **resources["hub"],
         "peak_rss_bytes": hub_memory.get("VmHWM"),
         "rss_end_bytes": hub_memory.get("VmRSS"),
     }
-    return {
+    out = {
         "params": {**asdict(params), "gangs": list(params.gangs)},
         "capacity": {"cpus": params.capacity_cpus, "pods_needed": params.pods_needed},
         "results": {k: v for k, v in result.items() if k != "params"},
         "hub": hub_figures,
         "resources": {"window_s": round(end - begin, 3), **resources},
+        "memory": {"peak_rss_bytes": peaks, "peak_rss_sum_bytes": sum(v for v in peaks.values() if v)},
+        "workloads": workloads,
         "backlog": backlog,
         "versions": versions(),
         "machine": machine(),
     }
+    if inspect is not None:
+        await inspect(out, members.servers)
+    return out
 
 
 def _fleet_args(params: BenchParams, nats_url: str) -> list[str]:
@@ -602,6 +748,8 @@ async def _load(
         f"--timeout={load.timeout}",
         f"--out={out}",
     ]
+    if load.backend != "simulated":
+        args += [f"--backend={load.backend}", f"--sends-out={root / 'sends.json'}"]
     if load.ca_file:
         args.append(f"--ca-file={load.ca_file}")
     if load.token:

@@ -43,6 +43,10 @@ STAGES = (
 )
 # A job in one of these states has not yet been started by its cluster.
 UNSETTLED = ("PENDING", "DISPATCHED", "ADMITTED")
+# Into real member clusters (`--backend kubernetes`) no kubelet runs, so jobs never start: a job
+# is settled once ADMITTED, which the agent reports when the workload object exists.
+UNSETTLED_KUBERNETES = ("PENDING", "DISPATCHED")
+BACKENDS = ("simulated", "kubernetes")
 POLL_INTERVAL = 0.25
 PAGE_SIZE = 1000
 # SubmitJobs takes at most 10,000 jobs, and a reply of more than ~5,000 jobs would pass gRPC's
@@ -74,6 +78,15 @@ class LoadParams:
     # A hub with TLS and token authentication (bench --secure): its CA and the token.
     ca_file: str = ""
     token: str = ""
+    # simulated: jobs run (a Job manifest without a pod template is enough); kubernetes: a
+    # complete batch/v1 Job, settled when ADMITTED (the workload exists).
+    backend: str = "simulated"
+    # If set: write {job id: send time} here, to time the workloads' creation against.
+    sends_out: str = ""
+
+    @property
+    def unsettled(self) -> tuple[str, ...]:
+        return UNSETTLED_KUBERNETES if self.backend == "kubernetes" else UNSETTLED
 
     def client(self) -> FedplaneClient:
         tls = Tls(ca_file=self.ca_file) if self.ca_file else None
@@ -106,6 +119,8 @@ class LoadParams:
             out.append(f"--max-in-flight: must be at least 1 (got {self.max_in_flight})")
         if not math.isfinite(self.timeout) or self.timeout <= 0:
             out.append(f"--timeout: must be a positive number of seconds (got {self.timeout})")
+        if self.backend not in BACKENDS:
+            out.append(f"--backend: one of {', '.join(BACKENDS)} (got {self.backend!r})")
         return out
 
     def gang(self, index: int) -> int:
@@ -140,15 +155,31 @@ def parse_gangs(text: str) -> tuple[int, ...]:
     return gangs
 
 
-def job_spec(run_id: str, gang: int, duration: float, queue: str, priority: int = 0) -> pb.JobSpec:
-    """A gang of `gang` pods of 1 cpu each that all start together and run `duration` seconds."""
+def job_spec(
+    run_id: str, gang: int, duration: float, queue: str, priority: int = 0, *, kubernetes: bool = False
+) -> pb.JobSpec:
+    """A gang of `gang` pods of 1 cpu each that all start together and run `duration` seconds;
+    `kubernetes`: with the pod template a real kube-apiserver requires of a Job."""
     pod_set = pb.PodSet(name="w", count=gang, min_count=gang)
     pod_set.requests.quantities["cpu"] = 1000
-    manifest = {
+    manifest: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": "bench", "annotations": {DURATION_ANNOTATION: str(float(duration))}},
     }
+    if kubernetes:
+        container = {
+            "name": "w",
+            "image": "busybox",
+            "command": ["sleep", str(max(1, round(duration)))],
+            "resources": {"requests": {"cpu": "1"}},
+        }
+        manifest["spec"] = {
+            "parallelism": gang,
+            "completions": gang,
+            "backoffLimit": 0,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [container]}},
+        }
     return pb.JobSpec(
         name="bench",
         queue=queue,
@@ -236,8 +267,9 @@ class LoadGenerator:
         self.params = params
         self.subs = Submissions(params.jobs)
         self.queue_names = queue_names(params.queue, params.queues)
+        kubernetes = params.backend == "kubernetes"
         self.specs = {
-            (g, queue): job_spec(params.run_id, g, params.duration, queue)
+            (g, queue): job_spec(params.run_id, g, params.duration, queue, kubernetes=kubernetes)
             for g in set(params.gangs)
             for queue in self.queue_names
         }
@@ -345,7 +377,7 @@ class LoadGenerator:
             except FedplaneError:
                 stats = None  # a busy hub may time a poll out; the deadline bounds the wait
             if stats is not None:
-                unsettled = sum(stats.by_state.get(name, 0) for name in UNSETTLED)
+                unsettled = sum(stats.by_state.get(name, 0) for name in self.params.unsettled)
                 if stats.total >= expected and unsettled == 0:
                     return True, time.time()
             if loop.time() >= deadline:
@@ -368,6 +400,9 @@ class LoadGenerator:
         else:
             await self.closed_loop(deadline)
         accepted = len(self.subs.accepted)
+        if self.params.sends_out:
+            sends = {self.subs.ids[i]: self.subs.send[i] for i in self.subs.accepted}
+            await asyncio.to_thread(Path(self.params.sends_out).write_text, json.dumps(sends))
         settled, settled_at = await self.settle(accepted, deadline)
         async with asyncio.timeout(READ_TIMEOUT):
             jobs = await self.read()
@@ -501,6 +536,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
     parser.add_argument("--out", default="-", help="result JSON file ('-' = stdout)")
     parser.add_argument("--ca-file", default="", help="the hub's CA (TLS)")
     parser.add_argument("--token-file", default="", help="a file holding the bearer token")
+    parser.add_argument(
+        "--backend", default="simulated", help="simulated, or kubernetes (real Jobs, settled when ADMITTED)"
+    )
+    parser.add_argument("--sends-out", default="", help="write {job id: send time} JSON here")
     args = parser.parse_args(argv)
     try:
         gangs = parse_gangs(args.gangs)
@@ -521,6 +560,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LoadParams, str]:
         timeout=args.timeout,
         ca_file=args.ca_file,
         token=Path(args.token_file).read_text().strip() if args.token_file else "",
+        backend=args.backend,
+        sends_out=args.sends_out,
     )
     problems = params.problems()
     if problems:

@@ -13,6 +13,8 @@ _LATENCIES = (
     ("submit_to_accepted", "submit → accepted"),
     ("submit_to_dispatched", "submit → dispatched (ADMITTED)"),
     ("submit_to_running", "submit → running"),
+    # --backend kubernetes: when the bench's watch saw the Job in the member cluster.
+    ("submit_to_workload_created", "submit → workload created (Job seen)"),
     ("accepted_to_dispatched", "accepted → dispatched"),
 )
 # Stage by stage, from the hub's transition times.
@@ -116,8 +118,9 @@ def latency_table(result: Mapping[str, Any]) -> Table:
 def resource_table(result: Mapping[str, Any]) -> Table:
     resources = result["resources"]
     hub = result["hub"]
+    last = "last workload created" if result.get("workloads") else "last job running"
     table = Table(
-        title=f"Processes, first send to last job running ({resources['window_s']:.1f}s)",
+        title=f"Processes, first send to {last} ({resources['window_s']:.1f}s)",
         header_style="bold",
         title_justify="left",
     )
@@ -126,7 +129,10 @@ def resource_table(result: Mapping[str, Any]) -> Table:
     table.add_column("CORES", justify="right")
     table.add_column("MAX RSS (sampled)", justify="right")
     table.add_column("PEAK RSS", justify="right")
-    for name in _PROCESSES:
+    # Then the member clusters' processes (agent-0, kube-apiserver-0, kube-etcd-0, ...).
+    others = sorted(k for k in resources if k != "window_s" and k not in _PROCESSES)
+    peaks = (result.get("memory") or {}).get("peak_rss_bytes") or {}
+    for name in (*_PROCESSES, *others):
         row = resources.get(name)
         if row is None:
             continue
@@ -135,9 +141,32 @@ def resource_table(result: Mapping[str, Any]) -> Table:
             _number(row["cpu_seconds"], 1),
             _number(row["cores"], 2),
             _bytes(row["rss_max_sampled_bytes"]),
-            _bytes(hub["peak_rss_bytes"]) if name == "hub" else "",
+            _bytes(hub["peak_rss_bytes"])
+            if name == "hub"
+            else _bytes(peaks.get(name))
+            if name in peaks
+            else "",
         )
+    total = (result.get("memory") or {}).get("peak_rss_sum_bytes")
+    if total:
+        table.caption = f"memory need: {_bytes(total)}, the sum of every process's peak RSS"
     return table
+
+
+def workloads_text(workloads: Mapping[str, Any]) -> Text:
+    """--backend kubernetes: the Jobs the bench saw created, and whether each job got exactly one."""
+    clusters = ", ".join(f"{name} {n:,}" for name, n in workloads["created_per_cluster"].items())
+    text = Text(
+        f"{workloads['created']:,} Jobs created in the member clusters ({clusters}), "
+        f"{_number(workloads['created_per_s_sustained'])}/s sustained; no kubelet runs, so none ran"
+    )
+    problems = [
+        f"{workloads[key]:,} {key}" for key in ("duplicated", "missing", "unexpected") if workloads[key]
+    ]
+    problems += [f"watch on {name} failed: {error}" for name, error in workloads["watch_errors"].items()]
+    if problems:
+        text.append("\n" + "; ".join(problems), style="bold red")
+    return text
 
 
 def outcome_text(result: Mapping[str, Any]) -> Text:
@@ -194,6 +223,8 @@ def render(result: Mapping[str, Any]) -> RenderableType:
     if result.get("backlog"):
         parts.append(backlog_table(result["backlog"]))
     parts += [throughput_table(result), latency_table(result), resource_table(result), outcome_text(result)]
+    if result.get("workloads"):
+        parts.append(workloads_text(result["workloads"]))
     v = result["versions"]
     m = result["machine"]
     parts.append(
