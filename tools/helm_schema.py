@@ -23,7 +23,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from fedplane.agent.kubernetes_backend import KubernetesBackendConfig
+from fedplane.agent.kubernetes_backend import MAX_CONCURRENT_REQUESTS, KubernetesBackendConfig
 from fedplane.runtime import config as cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,9 @@ LABEL_VALUE = {"pattern": "^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"}
 EXTRA: dict[tuple[type, str], dict[str, Any]] = {
     (KubernetesBackendConfig, "resync_seconds"): {"exclusiveMinimum": 0},
     (KubernetesBackendConfig, "watch_timeout_seconds"): {"exclusiveMinimum": 0},
+    (KubernetesBackendConfig, "max_concurrent_requests"): {"minimum": 1, "maximum": MAX_CONCURRENT_REQUESTS},
+    (KubernetesBackendConfig, "qps"): {"minimum": 0},
+    (KubernetesBackendConfig, "burst"): {"minimum": 1},
     (KubernetesBackendConfig, "hub_id"): LABEL_VALUE,
     (cfg.AgentConfig, "hub_id"): LABEL_VALUE,
     (cfg.HubConfig, "hub_id"): LABEL_VALUE,

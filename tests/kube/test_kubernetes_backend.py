@@ -10,8 +10,9 @@ import asyncio
 import datetime
 import json
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,9 @@ def test_config_from_mapping() -> None:
         KubernetesBackendConfig.from_mapping({"namepsace": "x"})
     with pytest.raises(ConfigError, match="fluid_bytes"):
         KubernetesBackendConfig.from_mapping({"fluid_bytes": "some"})
+    for bad in ({"max_concurrent_requests": 0}, {"qps": -1}, {"qps": "inf"}, {"burst": 0}):
+        with pytest.raises(ConfigError, match=f"^backend.{next(iter(bad))}: "):
+            KubernetesBackendConfig.from_mapping(bad)
     # The Helm chart's agent configs load too: tests/kube/test_helm.py.
 
 
@@ -584,6 +588,63 @@ async def test_create_adopts_after_restart_without_duplicates(
     with pytest.raises(BackendError) as refused:
         await second.backend.create(create_request("jforeign"))
     assert refused.value.permanent and refused.value.reason == "NameConflict"
+
+
+async def test_creates_are_paced_by_qps(
+    make_backend: Make, admin: Admin, namespace: str, hub_id: str
+) -> None:
+    """A low qps paces a burst of creates (client-go's default 5/s is what throttled MultiKueue)."""
+    harness = await make_backend(qps=20, burst=2)
+    jobs = [new_job_id() for _ in range(12)]
+    began = time.monotonic()
+    await asyncio.gather(*(harness.backend.create(create_request(j)) for j in jobs))
+    elapsed = time.monotonic() - began
+    # 2 at once, then 10 at 20/s: half a second at least (unpaced they take a few ms each).
+    assert elapsed >= 0.45, elapsed
+    assert len(our_jobs(admin, namespace, hub_id)) == len(jobs)
+
+
+class _CountingBackend(KubernetesBackend):
+    """Counts the creates in flight at once."""
+
+    def __init__(self, config: KubernetesBackendConfig) -> None:
+        super().__init__(config)
+        self.lock = threading.Lock()
+        self.in_flight = self.peak = 0
+
+    def post(self, path: str, obj: Mapping[str, Any]) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            super().post(path, obj)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+async def test_concurrent_creates_stay_within_the_pool(
+    kube: KubeAPIServer, admin: Admin, namespace: str, hub_id: str
+) -> None:
+    config = KubernetesBackendConfig(
+        kubeconfig=str(kube.admin_kubeconfig_path),
+        namespace=namespace,
+        hub_id=hub_id,
+        max_concurrent_requests=3,
+    )
+    backend = _CountingBackend(config)
+    await backend.start(lambda event: None, lambda: None)
+    try:
+        jobs = [new_job_id() for _ in range(30)]
+        creating = asyncio.gather(*(backend.create(create_request(j)) for j in jobs))
+        # Each create's first step hands its request to the pool: the event loop is not blocked.
+        await asyncio.sleep(0)
+        assert not creating.done()
+        await creating
+        assert backend.peak == 3
+        assert len(our_jobs(admin, namespace, hub_id)) == len(jobs)
+    finally:
+        await backend.stop()
 
 
 async def test_status_success_maps_running_then_succeeded_once(
