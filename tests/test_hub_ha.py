@@ -170,3 +170,40 @@ def _cordoned(hub: HubServer, name: str) -> Callable[[], Awaitable[bool]]:
         return state is not None and state.admin.cordoned
 
     return check
+
+
+async def test_a_lone_hub_that_loses_its_lease_mid_round_places_the_round_when_it_leads_again(
+    servers: tuple[embedded.ServerProcess, embedded.ServerProcess], tmp_path: Path
+) -> None:
+    """The bench's overloaded hub: a placement round whose fenced write etcd refuses (the
+    lease ran out under it) must leave its jobs queued, not admitted to nowhere, so that they
+    are placed once the hub leads again. Three times in a row."""
+    etcd, nats = servers
+    # A keepalive a second: right after one, the hub learns of a revoke by a refused write.
+    fed = Federation(etcd, nats, tmp_path, hub_config(etcd, nats, replica_id="solo", leader_lease_seconds=3))
+    server = await fed.start_hub()
+    hub = server.hub
+    other = EtcdClient(etcd.address)
+    try:
+        await eventually(_leads(server), 5, "the hub leading")
+        await fed.start_agent(sim_agent_config("c1", fed.nats_url, nodes=[cpu_nodes(4)], duration=60))
+        await fed.wait_clusters_ready(["c1"])
+        for attempt in range(3):
+            await eventually(_renewed_since(server, hub.leadership._renewed), 3, "a keepalive")
+            await other.revoke_lease(hub.leadership.lease_id)
+            jobs = await asyncio.gather(*(fed.submit(job_spec(f"j{attempt}-{i}")) for i in range(8)))
+            await eventually(lambda: _not(hub.leadership.leading), 5, "the hub stepping down")
+            await eventually(_leads(server), 5, "the hub leading again")
+            for job in jobs:
+                placed = await fed.wait_state(job.id, {pb.DISPATCHED, pb.ADMITTED, pb.RUNNING}, timeout=4)
+                assert placed.status.cluster == "c1"
+    finally:
+        await other.close()
+        await fed.close()
+
+
+def _renewed_since(hub: HubServer, renewed: float) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return hub.hub.leadership._renewed != renewed
+
+    return check

@@ -143,18 +143,20 @@ class Scheduler:
         round_start: int,
     ) -> None:
         """Write the round's dispatches in one CAS batch, then reserve, command and log what landed."""
-        table, queue, jobs = self.table, self.table.queue, self.table.jobs
         waits: list[float] = []  # how long each job that landed waited (a metric)
-        for write, written in zip(writes, await table.write(writes), strict=True):
+        try:
+            landed = await self.table.write(writes)
+        except BaseException:
+            # Refused (this replica no longer leads), failed, or cancelled as it stepped down:
+            # the cycle took these jobs out of the queue, and nothing else puts a job that stays
+            # PENDING back, so this replica would never place them when it leads again.
+            for request, _, _ in chosen.values():
+                self._unadmit(request)
+            raise
+        for write, written in zip(writes, landed, strict=True):
             request, decision, job = chosen[write.job_id]
             if written is None:
-                # Raced with another writer (a cancel): decide again if the job still waits,
-                # and give back the quota it was admitted with unless it is on a cluster anyway.
-                current = jobs.get(write.job_id)
-                if current is not None and current.state == S.PENDING:
-                    table.requeue(request)
-                elif current is None or current.state not in HOLDING:
-                    queue.release(write.job_id)
+                self._unadmit(request)  # raced with another writer (a cancel)
                 continue
             verdict = decision.chosen
             assert verdict is not None and decision.cluster is not None
@@ -194,3 +196,12 @@ class Scheduler:
                 **trace_ids,
             )
         self.metrics.dispatches(waits)
+
+    def _unadmit(self, request: JobRequest) -> None:
+        """A job the cycle admitted but whose dispatch did not land: decide again if it still
+        waits, and give back the quota it was admitted with unless it is on a cluster anyway."""
+        current = self.table.jobs.get(request.id)
+        if current is not None and current.state == S.PENDING:
+            self.table.requeue(request)
+        elif current is None or current.state not in HOLDING:
+            self.table.queue.release(request.id)
