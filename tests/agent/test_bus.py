@@ -159,6 +159,36 @@ async def test_status_batches_reach_the_hubs_consumer(hub_js: bus.JetStream) -> 
         await batches.aclose()
 
 
+async def test_a_status_batch_with_a_forged_trace_context_is_stored_with_only_w3c_headers(
+    hub_js: bus.JetStream,
+) -> None:
+    """A workload's trace context comes from the command that made it, which a peer may have
+    forged; as headers it once failed every publish of the batch, which held up the agent's
+    outbox for good (found by tests/test_fuzz_nats.py)."""
+    parent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    for forged in (
+        {"traceparent": parent + "\r\nFedplane-Type: DispatchBatch", "tracestate": "k=v"},
+        {"traceparent": parent, "tracestate": "k=v\n", "Nats-Msg-Id": "x", "bad key": "\x00"},
+    ):
+        update = agent_pb.StatusUpdate(cluster="edge", job_id="a", state=pb.RUNNING, trace_context=forged)
+        batch = agent_pb.StatusBatch(updates=[update]).SerializeToString()
+        await bus.publish_status_batch(hub_js, "edge", batch, ack_wait=5, trace=forged)
+    stopping = False
+    batches = bus.consume_statuses(hub_js, lambda: stopping)
+    try:
+        msgs = await next_batch(batches)
+        while len(msgs) < 2:
+            msgs += await next_batch(batches)
+        assert [dict(m.headers or {}) for m in msgs] == [
+            {bus.MSG_TYPE_HEADER: "StatusBatch"},
+            {bus.MSG_TYPE_HEADER: "StatusBatch", "traceparent": parent},
+        ]
+        await bus.ack_or_nak(msgs, (), delay=0.1)
+    finally:
+        stopping = True
+        await batches.aclose()
+
+
 async def test_a_subscriber_reads_each_clusters_latest_report_then_new_ones(hub_js: bus.JetStream) -> None:
     for cluster, sequence in (("a", 1), ("a", 2), ("b", 7)):
         inventory = agent_pb.Inventory(cluster=cluster, sequence=sequence)

@@ -453,11 +453,33 @@ async def connect(
     raise AssertionError("unreachable")
 
 
+# The W3C trace context as header values: a context given with a message comes from a job's
+# record or an update a peer sent, so it may carry anything; only these shapes reach a header.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,510}[\x21-\x7e])?")
+
+
+def header_trace(trace: Mapping[str, str]) -> dict[str, str]:
+    """`trace`'s traceparent and tracestate, when they are W3C-shaped; nothing else.
+
+    A header carrying a line break or a stray field would corrupt the NATS protocol line or be
+    refused, and an agent's status batch whose publish never succeeds holds up every later one.
+    """
+    parent = trace.get("traceparent", "")
+    if not _TRACEPARENT.fullmatch(parent):
+        return {}
+    out = {"traceparent": parent}
+    state = trace.get("tracestate", "")
+    if state and _TRACESTATE.fullmatch(state):
+        out["tracestate"] = state
+    return out
+
+
 def headers(
     msg_type: str, msg_id: str | None = None, trace: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """Message headers: type, dedup id, and the trace context (current span unless given)."""
-    out = dict(trace) if trace is not None else telemetry.inject()
+    out = header_trace(trace) if trace is not None else telemetry.inject()
     out[MSG_TYPE_HEADER] = msg_type
     if msg_id:
         out["Nats-Msg-Id"] = msg_id
