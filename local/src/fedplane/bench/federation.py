@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from fedplane.bench import kube, loadgen
+from fedplane.bench import kube, loadgen, procstat
 from fedplane.bench.fleet import cluster_name
 from fedplane.client.sdk import FedplaneClient, FedplaneError
 from fedplane.local import kubeapiserver
@@ -68,7 +68,6 @@ STOP_GRACE = 10.0
 STARTUP_TIMEOUT = 120.0
 # Reading the run back and stopping everything, on top of --timeout.
 FINISH_ALLOWANCE = loadgen.READ_TIMEOUT + 60.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 Progress = Callable[[str], None]
 # `--backend kubernetes`: called with the result and the member clusters by name before they
 # stop, to check the Jobs in them (tests/kube/test_kube_bench.py).
@@ -308,13 +307,11 @@ def stop_children(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    """User + system CPU time of a process so far; None once it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        return procstat.cpu_seconds(pid)
     except OSError:
         return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def memory(pid: int) -> dict[str, int]:

@@ -26,24 +26,14 @@ from typing import Any
 
 from fedplane.agent.backend import CreateRequest, WorkloadEvent
 from fedplane.agent.kubernetes_backend import KubernetesBackend, KubernetesBackendConfig
+from fedplane.bench.procstat import cpu_seconds, stat_cpu_seconds
 from fedplane.client.spec import default_manifest
 from fedplane.local import kubeapiserver
 from fedplane.runtime import logs
 from fedplane.runtime.config import ConfigError
 from fedplane.v1 import types_pb2 as pb
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 HUB_ID = "bench"
-
-
-def _stat_cpu(path: str) -> float:
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (its threads included)."""
-    return _stat_cpu(f"/proc/{pid}/stat")
 
 
 def thread_cpu() -> dict[str, float]:
@@ -59,7 +49,7 @@ def thread_cpu() -> dict[str, float]:
         else:
             role = "other"
         with contextlib.suppress(OSError):
-            roles[role] = roles.get(role, 0.0) + _stat_cpu(f"/proc/self/task/{thread.native_id}/stat")
+            roles[role] = roles.get(role, 0.0) + stat_cpu_seconds(f"/proc/self/task/{thread.native_id}/stat")
     return roles
 
 

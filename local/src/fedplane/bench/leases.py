@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from fedplane.bench.procstat import cpu_seconds
 from fedplane.hub.clock import SYSTEM
 from fedplane.hub.clusters import ClusterRegistry, health_thresholds
 from fedplane.hub.liveness import Liveness
@@ -33,12 +34,6 @@ from fedplane.local import servers
 from fedplane.runtime import bus, logs
 from fedplane.runtime.config import HubConfig
 from fedplane.v1 import agent_pb2 as agent_pb
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def heartbeat_message(cluster: str) -> bus.Message:

@@ -12,10 +12,8 @@ its UI is a placeholder page, and a trace is read through the HTTP API (`api_url
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -180,23 +178,8 @@ def start_jaeger(
     deadline = time.monotonic() + timeout
     try:
         for port in (otlp_port, query_port):
-            _wait_listening(jaeger, port, deadline)
+            embedded.wait_listening(jaeger.server, port, deadline)
     except BaseException:
         jaeger.stop()
         raise
     return jaeger
-
-
-def _wait_listening(jaeger: Jaeger, port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if jaeger.server.process.poll() is not None:
-            tail = jaeger.server.log_path.read_text(errors="replace")[-2000:]
-            raise embedded.EmbeddedError(
-                f"jaeger exited with {jaeger.server.process.returncode} at start:\n{tail}"
-            )
-        with contextlib.suppress(OSError), socket.create_connection((jaeger.host, port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise embedded.EmbeddedError(
-        f"jaeger did not listen on {jaeger.host}:{port} in time (log: {jaeger.server.log_path})"
-    )

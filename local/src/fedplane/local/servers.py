@@ -161,16 +161,8 @@ def _spawn(name: str, args: list[str], data_dir: Path, host: str, port: int, tim
     log_path = data_dir / f"{name}.log"
     process = spawn_logged(args, log_path)
     server = ServerProcess(name, process, host, port, data_dir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise EmbeddedError(f"{name} exited with {process.returncode} at start:\n{tail}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return server
-        time.sleep(0.05)
-    server.stop()
-    raise EmbeddedError(f"{name} did not listen on {host}:{port} within {timeout}s (log: {log_path})")
+    wait_listening(server, port, time.monotonic() + timeout)
+    return server
 
 
 @dataclass(frozen=True)
@@ -295,7 +287,7 @@ def start_nats(
     server.leafnode_port = leaf_port
     server.identities = auth
     if leaf_port:
-        _wait_listening(server, leaf_port, timeout)
+        wait_listening(server, leaf_port, time.monotonic() + timeout)
     return server
 
 
@@ -362,13 +354,16 @@ def _spawn_with_config(
     return _spawn(name, [find_binary("nats-server"), "-c", str(path)], data_dir, host, port, timeout)
 
 
-def _wait_listening(server: ServerProcess, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def wait_listening(server: ServerProcess, port: int, deadline: float) -> None:
+    """Return once `server` accepts connections on `port`; stop it and say why (its log's tail,
+    when it exited) if it does not by `deadline` (time.monotonic())."""
     while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            tail = server.log_path.read_text(errors="replace")[-2000:]
+            raise EmbeddedError(f"{server.name} exited with {server.process.returncode} at start:\n{tail}")
         with contextlib.suppress(OSError), socket.create_connection((server.host, port), timeout=0.2):
             return
-        if server.process.poll() is not None:
-            break
         time.sleep(0.05)
     server.stop()
-    raise EmbeddedError(f"{server.name} did not listen on {server.host}:{port} (log: {server.log_path})")
+    where = f"{server.host}:{port}"
+    raise EmbeddedError(f"{server.name} did not listen on {where} in time (log: {server.log_path})")
